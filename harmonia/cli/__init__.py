@@ -1,0 +1,73 @@
+"""The `harmonia` command. Each stage's commands live in their own module of this package and register on the
+groups defined here, so adding a stage never touches another's commands."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import os
+import sys
+
+import typer
+
+from harmonia.config import ConfigError, Settings, load_settings
+
+app = typer.Typer(help="Harmonia: map clinical source codes to OMOP standard concepts.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+db_app = typer.Typer(help="The database: migrate, status, stop.", no_args_is_help=True)
+vocab_app = typer.Typer(help="The OMOP vocabulary.", no_args_is_help=True)
+embed_app = typer.Typer(help="Embed valid standard concepts (no subcommand), or train the embedder.",
+                        invoke_without_command=True)
+retrieve_app = typer.Typer(help="Retrieval tuning.", no_args_is_help=True)
+reranker_app = typer.Typer(help="The local classifier reranker.", no_args_is_help=True)
+bench_app = typer.Typer(help="Acceptance benchmark: curate, run, calibrate.", no_args_is_help=True)
+user_app = typer.Typer(help="Reviewers and their API tokens.", no_args_is_help=True)
+config_app = typer.Typer(help="Show the effective configuration.", no_args_is_help=True)
+for name, sub in (("db", db_app), ("vocab", vocab_app), ("embed", embed_app), ("retrieve", retrieve_app),
+                  ("reranker", reranker_app), ("bench", bench_app), ("user", user_app), ("config", config_app)):
+    app.add_typer(sub, name=name)
+
+_overrides: dict[str, object] = {}
+
+
+@app.callback()
+def _root(
+    data_dir: str = typer.Option(None, "--data-dir", help="Overrides the data_dir setting."),
+    database_url: str = typer.Option(None, "--database-url", help="Overrides the database_url setting."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log more."),
+) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if data_dir:
+        _overrides["data_dir"] = data_dir
+        os.environ["HARMONIA_DATA_DIR"] = data_dir  # so the default config file is looked up there too
+    if database_url:
+        _overrides["database_url"] = database_url
+
+
+def settings(**extra: object) -> Settings:
+    try:
+        return load_settings({**_overrides, **{k: v for k, v in extra.items() if v is not None}})
+    except ConfigError as exc:
+        fail(str(exc))
+        raise  # unreachable
+
+
+def fail(message: str, code: int = 1) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+# Stage modules; a missing one is simply not offered.
+COMMAND_MODULES = ["core", "llm", "bench", "reranker", "worker", "review", "retrieval"]
+for _mod in COMMAND_MODULES:
+    if importlib.util.find_spec(f"harmonia.cli.{_mod}") is not None:
+        importlib.import_module(f"harmonia.cli.{_mod}")
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)

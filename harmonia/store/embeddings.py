@@ -1,0 +1,144 @@
+"""SQL for concept embeddings and vector search. pgvector's type and operator are always schema-qualified
+(public.vector, OPERATOR(public.<=>)) so a connection whose search_path lacks `public` works."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import numpy as np
+import psycopg
+from psycopg import sql
+
+# Model keys and dimensions go into the SQL text as literals, not parameters: the partial HNSW index
+# (WHERE model = '<key>') is only usable when the planner sees the constant, and a cached generic plan would not.
+
+
+def index_name(model_key: str) -> str:
+    return "concept_embedding_hnsw_" + hashlib.sha1(model_key.encode()).hexdigest()[:12]
+
+
+def register_model(conn: psycopg.Connection, model_key: str, model_name: str, dim: int) -> None:
+    row = conn.execute("SELECT dim FROM vocab.embedding_model WHERE model = %s", (model_key,)).fetchone()
+    if row and row[0] != dim:
+        raise ValueError(f"model {model_key} was registered with dimension {row[0]}, now reports {dim}")
+    if not row:
+        conn.execute("INSERT INTO vocab.embedding_model (model, model_name, dim) VALUES (%s, %s, %s)",
+                     (model_key, model_name, dim))
+
+
+def model_dim(conn: psycopg.Connection, model_key: str) -> int | None:
+    row = conn.execute("SELECT dim FROM vocab.embedding_model WHERE model = %s", (model_key,)).fetchone()
+    return row[0] if row else None
+
+
+def concepts_to_embed(conn: psycopg.Connection, model_key: str, vocabularies: Sequence[str] | None
+                      ) -> list[tuple[int, str]]:
+    """Valid standard concepts of the vocabularies (None: all) lacking a current embedding for this model."""
+    q = """SELECT c.concept_id, c.concept_name FROM vocab.concept c
+           LEFT JOIN vocab.concept_embedding e ON e.concept_id = c.concept_id AND e.model = %s
+           WHERE c.standard_concept = 'S' AND c.invalid_reason IS NULL
+             AND (e.concept_id IS NULL OR e.text_md5 <> md5(c.concept_name))"""
+    params: list = [model_key]
+    if vocabularies is not None:
+        q += " AND c.vocabulary_id = ANY(%s)"
+        params.append(list(vocabularies))
+    # Similar lengths share a batch: far less padding, so encoding runs faster.
+    q += " ORDER BY length(c.concept_name), c.concept_id"
+    return conn.execute(q, params).fetchall()
+
+
+def vector_literal(v: np.ndarray | Sequence[float]) -> str:
+    return "[" + ",".join(f"{x:.7g}" for x in np.asarray(v, dtype=np.float32).tolist()) + "]"
+
+
+def write_batch(conn: psycopg.Connection, model_key: str, ids: Sequence[int], texts: Sequence[str],
+                vectors: np.ndarray) -> int:
+    """Upsert one batch with COPY into a temp table, in its own transaction: a crash loses at most one batch."""
+    with conn.transaction():
+        conn.execute("CREATE TEMP TABLE IF NOT EXISTS _emb_in (concept_id integer, text_md5 text, "
+                     "embedding text) ON COMMIT DELETE ROWS")
+        with conn.cursor().copy("COPY _emb_in (concept_id, text_md5, embedding) FROM STDIN") as copy:
+            for cid, text, vec in zip(ids, texts, vectors, strict=True):
+                copy.write_row((cid, hashlib.md5(text.encode()).hexdigest(), vector_literal(vec)))
+        cur = conn.execute(
+            """INSERT INTO vocab.concept_embedding (concept_id, model, text_md5, embedding)
+               SELECT concept_id, %s, text_md5, embedding::public.vector FROM _emb_in
+               ON CONFLICT (concept_id, model) DO UPDATE
+               SET text_md5 = EXCLUDED.text_md5, embedding = EXCLUDED.embedding""", (model_key,))
+        return cur.rowcount
+
+
+def delete_orphans(conn: psycopg.Connection, model_key: str, vocabularies: Sequence[str] | None) -> int:
+    """Embeddings of concepts that are gone, no longer valid standard, or outside the configured vocabularies."""
+    q = """DELETE FROM vocab.concept_embedding e WHERE e.model = %s AND NOT EXISTS (
+             SELECT 1 FROM vocab.concept c WHERE c.concept_id = e.concept_id
+             AND c.standard_concept = 'S' AND c.invalid_reason IS NULL"""
+    params: list = [model_key]
+    if vocabularies is not None:
+        q += " AND c.vocabulary_id = ANY(%s)"
+        params.append(list(vocabularies))
+    q += ")"
+    with conn.transaction():
+        return conn.execute(q, params).rowcount
+
+
+def ensure_index(conn: psycopg.Connection, model_key: str, dim: int, *, m: int = 16, ef_construction: int = 128,
+                 maintenance_work_mem: str = "1GB") -> str:
+    """The model's partial HNSW cosine index; built once, kept up to date by later inserts."""
+    name = index_name(model_key)
+    with conn.transaction():
+        conn.execute(sql.SQL("SET LOCAL maintenance_work_mem = {}").format(sql.Literal(maintenance_work_mem)))
+        conn.execute(sql.SQL(
+            "CREATE INDEX IF NOT EXISTS {} ON vocab.concept_embedding USING hnsw "
+            "((embedding::public.vector({})) public.vector_cosine_ops) WITH (m = {}, ef_construction = {}) "
+            "WHERE model = {}").format(sql.Identifier(name), sql.Literal(dim), sql.Literal(m),
+                                       sql.Literal(ef_construction), sql.Literal(model_key)))
+        conn.execute("UPDATE vocab.embedding_model SET index_name = %s WHERE model = %s", (name, model_key))
+    conn.execute("ANALYZE vocab.concept_embedding")
+    return name
+
+
+def count(conn: psycopg.Connection, model_key: str) -> int:
+    return conn.execute("SELECT count(*) FROM vocab.concept_embedding WHERE model = %s",
+                        (model_key,)).fetchone()[0]
+
+
+SEARCH_COLUMNS = ("concept_id", "concept_name", "domain_id", "vocabulary_id", "concept_class_id",
+                  "concept_code", "similarity")
+
+
+def vector_search(conn: psycopg.Connection, model_key: str, dim: int, query: np.ndarray, k: int, *,
+                  ef_search: int = 200, domains: Sequence[str] | None = None,
+                  vocabularies: Sequence[str] | None = None, exact: bool = False) -> list[tuple]:
+    """Top-k valid standard concepts by cosine similarity. `exact` skips the index (for recall checks)."""
+    filters = [sql.SQL("c.standard_concept = 'S'"), sql.SQL("c.invalid_reason IS NULL")]
+    params: list = []
+    if domains:
+        filters.append(sql.SQL("c.domain_id = ANY(%s)"))
+        params.append(list(domains))
+    if vocabularies:
+        filters.append(sql.SQL("c.vocabulary_id = ANY(%s)"))
+        params.append(list(vocabularies))
+    dist = sql.SQL("(e.embedding::public.vector({dim})) OPERATOR(public.<=>) %s::public.vector({dim})").format(
+        dim=sql.Literal(dim))
+    q = sql.SQL("""SELECT c.concept_id, c.concept_name, c.domain_id, c.vocabulary_id, c.concept_class_id,
+                          c.concept_code, 1 - ({dist}) AS similarity
+                   FROM vocab.concept_embedding e JOIN vocab.concept c ON c.concept_id = e.concept_id
+                   WHERE e.model = {model} AND {filters}
+                   ORDER BY {dist} LIMIT {k}""").format(
+        dist=dist, model=sql.Literal(model_key), filters=sql.SQL(" AND ").join(filters), k=sql.Literal(k))
+    lit = vector_literal(query)
+    with conn.transaction():
+        if exact:
+            conn.execute("SET LOCAL enable_indexscan = off")
+            conn.execute("SET LOCAL enable_bitmapscan = off")
+        else:
+            conn.execute(sql.SQL("SET LOCAL hnsw.ef_search = {}").format(sql.Literal(max(ef_search, k))))
+            # Filters drop rows after the index scan; iterative scans keep reading until k rows pass.
+            conn.execute("SET LOCAL hnsw.iterative_scan = relaxed_order")
+        rows = conn.execute(q, [lit, *params, lit]).fetchall()
+    if not exact:
+        # relaxed_order may return slightly out of order; order by the exact similarity it computed.
+        rows.sort(key=lambda r: -r[6])
+    return rows
