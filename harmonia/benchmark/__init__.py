@@ -1,0 +1,1 @@
+"""The acceptance benchmark: curate sets from 'Maps to' ground truth, run the pipeline on them, calibrate."""
