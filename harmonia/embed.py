@@ -89,7 +89,9 @@ class Embedder:
 
     @cached_property
     def dim(self) -> int:
-        d = self.model.get_sentence_embedding_dimension()
+        m = self.model
+        get = getattr(m, "get_embedding_dimension", None) or m.get_sentence_embedding_dimension
+        d = get()
         if not d:
             d = int(self.model.encode(["x"]).shape[1])
         return int(d)

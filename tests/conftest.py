@@ -8,6 +8,8 @@ by model and vocabulary) so a second local run starts in seconds. CI starts from
 from __future__ import annotations
 
 import hashlib
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,11 +27,17 @@ TEMPLATE_DB = "harmonia_template"
 
 
 @pytest.fixture(scope="session")
-def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[db.EmbeddedServer]:
-    pgdata = tmp_path_factory.mktemp("pg") / "pgdata"
+def pg_server() -> Iterator[db.EmbeddedServer]:
+    # Not under pytest's basetemp: pytest prunes old numbered basetemps, which would delete the data directory
+    # of a server that another, concurrent pytest run is still using.
+    root = Path(tempfile.mkdtemp(prefix="harmonia-test-pg-"))
+    pgdata = root / "pgdata"
     server = db.start_embedded(pgdata)
     yield server
-    db.stop_embedded(pgdata)
+    try:
+        db.stop_embedded(pgdata)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def make_settings(url: str, data_dir: Path, **overrides: object) -> Settings:

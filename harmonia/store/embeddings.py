@@ -137,7 +137,9 @@ def vector_search(conn: psycopg.Connection, model_key: str, dim: int, query: np.
             conn.execute(sql.SQL("SET LOCAL hnsw.ef_search = {}").format(sql.Literal(max(ef_search, k))))
             # Filters drop rows after the index scan; iterative scans keep reading until k rows pass.
             conn.execute("SET LOCAL hnsw.iterative_scan = relaxed_order")
-        rows = conn.execute(q, [lit, *params, lit]).fetchall()
+        # prepare=False: psycopg prepares a statement after 5 runs and would reuse that plan even where the
+        # settings above call for another (an exact search silently served by the index).
+        rows = conn.execute(q, [lit, *params, lit], prepare=False).fetchall()
     if not exact:
         # relaxed_order may return slightly out of order; order by the exact similarity it computed.
         rows.sort(key=lambda r: -r[6])
