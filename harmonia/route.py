@@ -48,7 +48,7 @@ def route(term: SourceTerm, candidates: Sequence[Candidate], result: RerankResul
         reason = "no_candidates"
     elif result.no_match or top is None:
         reason = "no_match"
-    elif confidence >= threshold:
+    elif confidence >= threshold and result.ranked[0].concept_id in by_id:  # a dropped top-1's confidence is void
         reason = "approved"
     else:
         reason = "low_confidence"

@@ -4,6 +4,7 @@ column, extra columns kept). Bad rows are reported by line and skipped; nothing 
 from __future__ import annotations
 
 import csv
+import gzip
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,8 @@ def _pick(header: list[str], names: tuple[str, ...]) -> str | None:
 
 def read_source_csv(path: Path, default_vocab: str = "local") -> SourceFile:
     raw = Path(path).read_bytes()
+    if raw[:2] == b"\x1f\x8b":  # gzip
+        raw = gzip.decompress(raw)
     if raw.startswith(b"\xef\xbb\xbf"):
         raw = raw[3:]
     # surrogateescape keeps undecodable bytes visible per row instead of failing the whole file

@@ -174,7 +174,7 @@ def map_file(path: Path = typer.Argument(..., exists=True, dir_okay=False, help=
              reranker: str = typer.Option(None, help="none | llm | classifier (default: the setting)."),
              progress: bool = typer.Option(True)) -> None:
     """Map a file of source codes: retrieve -> rerank -> route -> persist; prints a reconciling summary."""
-    from harmonia.pipeline import MapSummary, Pipeline, map_terms
+    from harmonia.pipeline import MapSummary, map_terms
     from harmonia.sources import SourceFileError, read_source_csv
 
     s = settings(reranker=reranker)
@@ -186,7 +186,7 @@ def map_file(path: Path = typer.Argument(..., exists=True, dir_okay=False, help=
     for p in src.problems:
         typer.secho(f"skipped {path.name} {p}", fg=typer.colors.YELLOW, err=True)
     with _conn(s) as conn:
-        pipe = Pipeline.from_settings(conn, s)
+        pipe = _pipeline(conn, s)
         summary = MapSummary(input_rows=src.rows, skipped_invalid=len(src.problems), duplicates=src.duplicates)
         map_terms(conn, pipe, src.terms, summary=summary, progress=progress)
         pipe.reranker.close()
@@ -195,12 +195,31 @@ def map_file(path: Path = typer.Argument(..., exists=True, dir_okay=False, help=
         fail("summary does not reconcile with the input count")
 
 
+def _pipeline(conn, s):  # noqa: ANN001, ANN202
+    """The configured pipeline, or a clear error (no API key, no checkpoint, nothing embedded) and exit 1."""
+    from harmonia.pipeline import Pipeline
+    from harmonia.rerank.providers.base import ProviderError
+    from harmonia.retrieve import RetrievalError
+
+    errors: tuple[type[Exception], ...] = (ProviderError, RetrievalError, ValueError)
+    try:
+        from harmonia.rerank.classifier import CheckpointError
+
+        errors += (CheckpointError,)
+    except ImportError:
+        pass
+    try:
+        return Pipeline.from_settings(conn, s)
+    except errors as exc:
+        fail(f"cannot build the {s.reranker!r} pipeline: {exc}")
+
+
 def _print_summary(summary, reranker: str) -> None:  # noqa: ANN001
     console.print(
         f"input rows {summary.input_rows} = approved {summary.approved} + to review {summary.review} "
         f"(of which errors {summary.errors}) + already mapped {summary.already_mapped} "
         f"+ invalid rows skipped {summary.skipped_invalid} + duplicates {summary.duplicates}   "
-        f"[reranker={reranker}; reasons: {dict(summary.reasons)}]")
+        f"[reranker={reranker}; reasons: {dict(summary.reasons)}]", markup=False)  # [..] is not rich markup
 
 
 # -------------------------------------------------------------------------------------------------- export
@@ -256,6 +275,15 @@ def config_docs(output: Path = typer.Option(None, "-o")) -> None:
 # ---------------------------------------------------------------------------------------------- quickstart
 
 
+_RERANKER_NOTE = {
+    "none": "reranker=none: retrieval order, cosine similarity as confidence; works offline. Set reranker=llm "
+            "(with an API key or a local Ollama) or train the local classifier (`harmonia reranker train`, then "
+            "reranker=classifier) for better rankings.",
+    "llm": "reranker=llm: each term's 50 candidates go to the configured LLM provider through a forced tool call.",
+    "classifier": "reranker=classifier: the local fine-tuned cross-encoder scores the 50 candidates (offline).",
+}
+
+
 def sample_ground_truth(conn, n: int, seed: int, vocabularies: list[str]) -> dict[tuple, dict]:  # noqa: ANN001
     """n source concepts with 'Maps to' targets (any target counts), for scoring the quickstart only."""
     from harmonia.store import vocab as vocab_store
@@ -278,7 +306,7 @@ def quickstart(n: int = typer.Option(200, help="How many sample ICD10 terms to m
     """The main job on the bundled sample: migrate, load, embed, map sample ICD10 terms, score them."""
     from harmonia.embed import Embedder, embed_concepts
     from harmonia.paths import sample_dir
-    from harmonia.pipeline import MapSummary, Pipeline, map_terms
+    from harmonia.pipeline import MapSummary, map_terms
     from harmonia.rerank import SourceTerm
     from harmonia.store import vocab as vocab_store
     from harmonia.vocab import load_vocabulary
@@ -302,10 +330,11 @@ def quickstart(n: int = typer.Option(200, help="How many sample ICD10 terms to m
                             settings=s)
         console.print(f"{embedder.key}: {er.written:,} new, {er.total:,} embedded concepts")
         console.rule(f"4. map {n} ICD10 terms (reranker={s.reranker})")
+        console.print(_RERANKER_NOTE.get(s.reranker, ""))
         truth = sample_ground_truth(conn, n, seed, ["ICD10"])
         terms = [SourceTerm(source_code=e["code"], source_vocab=e["vocab"], source_text=e["name"])
                  for e in truth.values()]
-        pipe = Pipeline.from_settings(conn, s)
+        pipe = _pipeline(conn, s)
         summary = map_terms(conn, pipe, terms, summary=MapSummary(input_rows=len(terms)), skip_existing=False)
         pipe.reranker.close()
     hits1 = hits5 = recall = 0

@@ -1,0 +1,100 @@
+"""LLM reranker figures that need no real provider:
+
+1. call size: characters of the system prompt, the tool definition and the user message for 50 candidates, over
+   random sets of 50 standard concepts from the bundled sample vocabulary (the compact candidate format);
+2. concurrency: wall time of `rerank_many` over N codes against the local stub (benchmark/stub_llm_server.py,
+   OpenAI wire format, each answer delayed --delay s) for several llm_concurrency values, with the rate limiter
+   off and on.
+
+    python benchmark/llm_figures.py [--codes 40] [--delay 0.25] [--sets 200] [--rpm 30]
+
+--rpm adds a run at concurrency 16 under llm_requests_per_minute=RPM (with RPM < codes it takes over a minute:
+the window is 60 s).
+
+Token counts are what a provider reports; the stub's are character/4 guesses, so no token figure is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import gzip
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from stub_llm_server import serve  # noqa: E402
+
+from harmonia.config import load_settings  # noqa: E402
+from harmonia.paths import sample_dir  # noqa: E402
+from harmonia.rerank import SourceTerm  # noqa: E402
+from harmonia.rerank.llm import LLMReranker, Prompt  # noqa: E402
+from harmonia.retrieve import Candidate  # noqa: E402
+
+
+def standard_concepts() -> list[Candidate]:
+    out = []
+    with gzip.open(sample_dir() / "vocab" / "CONCEPT.csv.gz", "rt", encoding="utf-8") as fh:
+        for r in csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE):
+            if r["standard_concept"] == "S" and not r["invalid_reason"]:
+                out.append(Candidate(int(r["concept_id"]), r["concept_name"], r["domain_id"], r["vocabulary_id"],
+                                     r["concept_class_id"], r["concept_code"], 0.5))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--codes", type=int, default=40)
+    ap.add_argument("--delay", type=float, default=0.25)
+    ap.add_argument("--sets", type=int, default=200)
+    ap.add_argument("--rpm", type=int, default=0, help="Also run under this requests-per-minute limit.")
+    a = ap.parse_args()
+
+    server, state = serve(0, delay=a.delay, confidence=0.95)
+    port = server.server_address[1]
+    base = {"reranker": "llm", "llm_provider": "openai", "llm_model": "stub", "llm_api_key_env": "X_STUB_KEY",
+            "llm_base_url": f"http://127.0.0.1:{port}/v1"}
+    env = {"HARMONIA_CONFIG": ""}
+    import os
+
+    os.environ["X_STUB_KEY"] = "stub"
+    prompt = Prompt.load("v1")
+    rr = LLMReranker.from_settings(load_settings(base, env=env))
+    pool = standard_concepts()
+    rng = random.Random(7)
+    sizes = []
+    for i in range(a.sets):
+        cands = rng.sample(pool, 50)
+        sizes.append(len(rr.user_message(SourceTerm(f"S{i}", "ICD10", "Type 2 diabetes mellitus without "
+                                                    "complications"), cands)))
+    tool_chars = len(json.dumps({"name": prompt.tool_name, "description": prompt.tool_description,
+                                 "input_schema": prompt.schema}))
+    print(f"prompt v1-{prompt.hash}: system prompt {len(prompt.system)} chars, tool definition {tool_chars} chars")
+    print(f"user message, 50 candidates ({a.sets} random sets of {len(pool):,} sample standard concepts): "
+          f"mean {statistics.mean(sizes):,.0f} chars, max {max(sizes):,} chars")
+    rr.close()
+
+    items = [(SourceTerm(f"C{i}", "local", f"code {i}"), rng.sample(pool, 50)) for i in range(a.codes)]
+    print(f"\nrerank_many over {a.codes} codes, stub answers in {a.delay}s each (OpenAI wire format, real SDK):")
+    for conc, rpm in [(1, 0), (4, 0), (8, 0), (16, 0)] + ([(16, a.rpm)] if a.rpm else []):
+        s = load_settings({**base, "llm_concurrency": conc, "llm_requests_per_minute": rpm}, env=env)
+        rr = LLMReranker.from_settings(s, use_cache=False)
+        before = state.requests
+        t0 = time.perf_counter()
+        results = rr.rerank_many(items)
+        took = time.perf_counter() - t0
+        rr.close()
+        ok = sum(r.error is None for r in results)
+        print(f"  llm_concurrency={conc:>2} requests_per_minute={rpm or 'off':>4}: {took:6.2f}s "
+              f"({a.codes / took:5.1f} codes/s), {ok}/{a.codes} ok, {state.requests - before} calls, "
+              f"peak in flight {state.max_in_flight}")
+        state.max_in_flight = 0
+    server.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""LLM providers behind one interface (base.Provider). Adding one is a new module and one line in PROVIDERS."""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from harmonia.rerank.providers.base import (
+    RETRYABLE,
+    Provider,
+    ProviderError,
+    ProviderFatal,
+    ProviderResponse,
+    RateLimited,
+    ServerError,
+    Timeout,
+)
+
+if TYPE_CHECKING:
+    from harmonia.config import Settings
+
+# name -> "module:Class"; imported lazily so a missing optional SDK only matters to whoever selects it
+PROVIDERS: dict[str, str] = {
+    "anthropic": "harmonia.rerank.providers.anthropic:AnthropicProvider",
+    "openai": "harmonia.rerank.providers.openai:OpenAIProvider",
+    "ollama": "harmonia.rerank.providers.ollama:OllamaProvider",
+}
+
+
+def provider_class(name: str) -> type[Provider]:
+    if name not in PROVIDERS:
+        raise ValueError(f"setting 'llm_provider': {name!r} is not one of {', '.join(PROVIDERS)}")
+    module, cls = PROVIDERS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def get_provider(settings: Settings, **client_kwargs: Any) -> Provider:
+    """The provider `llm_provider` names. client_kwargs go to the SDK client (e.g. http_client)."""
+    return provider_class(settings.llm_provider)(settings, **client_kwargs)
+
+
+__all__ = ["PROVIDERS", "RETRYABLE", "Provider", "ProviderError", "ProviderFatal", "ProviderResponse",
+           "RateLimited", "ServerError", "Timeout", "get_provider", "provider_class"]

@@ -1,0 +1,68 @@
+"""Anthropic Messages API through the official `anthropic` SDK, the rerank tool forced with tool_choice."""
+
+from __future__ import annotations
+
+import inspect
+from typing import TYPE_CHECKING, Any
+
+import anthropic
+
+from harmonia.rerank.providers.base import (
+    Provider,
+    ProviderFatal,
+    ProviderResponse,
+    RateLimited,
+    ServerError,
+    Timeout,
+    parse_retry_after,
+    read_api_key,
+)
+
+if TYPE_CHECKING:
+    from harmonia.config import Settings
+
+
+# Newer SDKs (and models) dropped sampling parameters from messages.create; send temperature only where accepted.
+_TAKES_TEMPERATURE = "temperature" in inspect.signature(anthropic.resources.messages.Messages.create).parameters
+
+
+class AnthropicProvider(Provider):
+    name = "anthropic"
+
+    def __init__(self, settings: Settings, **kw: Any) -> None:
+        super().__init__(settings)
+        key = read_api_key(settings, "ANTHROPIC_API_KEY")
+        if not key:
+            raise ProviderFatal("no Anthropic API key: set ANTHROPIC_API_KEY, llm_api_key_env or llm_api_key_file "
+                                "(or use reranker = \"none\" offline)")
+        self.client = anthropic.Anthropic(
+            api_key=key, base_url=settings.llm_base_url or None, timeout=settings.llm_timeout_s,
+            max_retries=0, **kw)  # tenacity in harmonia.rerank.llm owns retries
+
+    def call(self, system: str, messages: list[dict[str, str]], tool_schema: dict[str, Any],
+             tool_name: str, tool_description: str = "") -> ProviderResponse:
+        sampling = {"temperature": self.settings.llm_temperature} if _TAKES_TEMPERATURE else {}
+        try:
+            resp = self.client.messages.create(
+                model=self.model, system=system, messages=messages,  # type: ignore[arg-type]
+                max_tokens=self.settings.llm_max_tokens, **sampling,
+                tools=[{"name": tool_name, "description": tool_description, "input_schema": tool_schema}],
+                tool_choice={"type": "tool", "name": tool_name})
+        except anthropic.RateLimitError as exc:
+            raise RateLimited(str(exc), parse_retry_after(exc.response.headers.get("retry-after"))) from exc
+        except anthropic.APITimeoutError as exc:
+            raise Timeout(str(exc)) from exc
+        except anthropic.APIConnectionError as exc:
+            raise Timeout(f"connection failed: {exc}") from exc
+        except anthropic.APIStatusError as exc:
+            if exc.status_code >= 500:  # 500, 503, 529 overloaded
+                raise ServerError(str(exc), parse_retry_after(exc.response.headers.get("retry-after"))) from exc
+            raise ProviderFatal(str(exc)) from exc
+        tool_input = next((b.input for b in resp.content if b.type == "tool_use" and b.name == tool_name), None)
+        text = "".join(b.text for b in resp.content if b.type == "text")
+        return ProviderResponse(tool_input=dict(tool_input) if isinstance(tool_input, dict) else None, text=text,
+                                input_tokens=resp.usage.input_tokens, output_tokens=resp.usage.output_tokens,
+                                raw=resp.model_dump(mode="json"))
+
+    def close(self) -> None:
+        self.client.close()

@@ -1,0 +1,248 @@
+"""The review service's HTTP side: a JSON API (OpenAPI docs at /docs) and the review page at /."""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any, Literal
+
+import psycopg
+from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+from pydantic import BaseModel, Field
+
+from harmonia import __version__
+from harmonia.config import Settings
+from harmonia.export import export_csv
+from harmonia.review import service as svc
+from harmonia.review.auth import current_user, writer
+from harmonia.store import review as store
+
+WEB = pathlib.Path(__file__).resolve().parent.parent / "web"
+INT4_MAX = 2**31 - 1
+INT8_MAX = 2**63 - 1
+
+User = Annotated[dict[str, Any], Depends(current_user)]
+Writer = Annotated[dict[str, Any], Depends(writer)]
+ItemId = Annotated[int, Path(ge=1, le=INT8_MAX, description="A review item's id.")]
+MapId = Annotated[int, Path(ge=1, le=INT8_MAX, description="A concept map row's id.")]
+ConceptId = Annotated[int, Field(ge=0, le=INT4_MAX, description="An OMOP concept_id (0: no matching concept).")]
+
+
+class ApproveIn(BaseModel):
+    rank: int | None = Field(None, ge=1, le=50, description="Which suggestion, 1 = the model's top-1.")
+    concept_id: ConceptId | None = Field(None, description="Or the suggested concept's id.")
+    note: str | None = Field(None, max_length=2000)
+
+
+class ChooseIn(BaseModel):
+    concept_id: ConceptId
+    note: str | None = Field(None, max_length=2000)
+
+
+class NoteIn(BaseModel):
+    note: str | None = Field(None, max_length=2000)
+
+
+class TermIn(BaseModel):
+    source_code: str = Field(min_length=1, max_length=1000)
+    source_vocab: str = Field(min_length=1, max_length=200)
+    source_text: str = Field(min_length=1, max_length=10000)
+    source_frequency: int | None = Field(None, ge=0, le=INT4_MAX)
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+
+class EnqueueIn(BaseModel):
+    terms: list[TermIn] = Field(min_length=1, max_length=10000)
+
+
+def create_app(settings: Settings) -> FastAPI:
+    service = svc.ReviewService(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        service.open()
+        try:
+            yield
+        finally:
+            service.close()
+
+    app = FastAPI(title="Harmonia review service", version=__version__, lifespan=lifespan,
+                  description="Review the router's uncertain suggestions, correct the concept map, export it. "
+                              "Every /api route needs `Authorization: Bearer <token>` (`harmonia user add NAME`); "
+                              "writes need role reviewer or admin.")
+    app.state.service = service
+    app.mount("/static", StaticFiles(directory=WEB / "static"), name="static")
+    templates = Jinja2Templates(directory=WEB / "templates")
+
+    @app.exception_handler(svc.ReviewError)
+    async def _review_error(request: Request, exc: svc.ReviewError) -> JSONResponse:
+        return JSONResponse({"detail": exc.message}, status_code=exc.status)
+
+    @app.exception_handler(psycopg.errors.IntegrityError)
+    async def _integrity(request: Request, exc: psycopg.errors.IntegrityError) -> JSONResponse:
+        # The schema's constraints are the last line; a violation is the caller's input, not a server fault.
+        return JSONResponse({"detail": f"rejected by the database: {exc.diag.message_primary or exc}"},
+                            status_code=422)
+
+    @app.exception_handler(psycopg.errors.DataError)
+    async def _data_error(request: Request, exc: psycopg.errors.DataError) -> JSONResponse:
+        return JSONResponse({"detail": f"invalid value: {exc.diag.message_primary or exc}"}, status_code=422)
+
+    # ------------------------------------------------------------------------------------------------ page
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def page(request: Request) -> HTMLResponse:
+        return templates.TemplateResponse(request, "review.html", {"version": __version__})
+
+    # ------------------------------------------------------------------------------------------------ me
+
+    @app.get("/api/me", tags=["auth"], summary="The user the token belongs to")
+    def me(user: User) -> dict[str, Any]:
+        return {"id": user["id"], "name": user["name"], "role": user["role"],
+                "can_write": user["role"] in ("reviewer", "admin")}
+
+    # ------------------------------------------------------------------------------------------------ review
+
+    @app.get("/api/review/items", tags=["review"], summary="List review items (paginated, oldest first)")
+    def list_items(
+        user: User,
+        status: Annotated[list[Literal["open", "flagged", "resolved"]] | None,
+                          Query(description="Repeatable; default open and flagged.")] = None,
+        source_vocab: str | None = None,
+        domain: Annotated[str | None, Query(description="Domain of the top candidate.")] = None,
+        min_confidence: Annotated[float | None, Query(ge=0, le=1)] = None,
+        max_confidence: Annotated[float | None, Query(ge=0, le=1)] = None,
+        limit: Annotated[int, Query(ge=1, le=500)] = 50,
+        offset: Annotated[int, Query(ge=0)] = 0,
+    ) -> dict[str, Any]:
+        with service.connection() as conn:
+            total, items = store.list_items(conn, statuses=status or ["open", "flagged"], source_vocab=source_vocab,
+                                            domain=domain, min_confidence=min_confidence,
+                                            max_confidence=max_confidence, limit=limit, offset=offset)
+        return {"total": total, "limit": limit, "offset": offset, "items": items}
+
+    @app.get("/api/review/facets", tags=["review"], summary="Source vocabularies and domains in the queue")
+    def facets(user: User) -> dict[str, list[str]]:
+        with service.connection() as conn:
+            return store.item_facets(conn)
+
+    @app.get("/api/review/items/{item_id}", tags=["review"],
+             summary="One item: source details, top-5 with scores and rationales, current map, history")
+    def show_item(item_id: ItemId, user: User) -> dict[str, Any]:
+        with service.connection() as conn:
+            return svc.item_detail(conn, item_id)
+
+    @app.post("/api/review/items/{item_id}/approve", tags=["review"],
+              summary="Approve one of the item's suggestions (by rank or concept_id)")
+    def approve(item_id: ItemId, body: ApproveIn, user: Writer) -> dict[str, Any]:
+        with service.connection() as conn:
+            return svc.decide(conn, item_id, user["id"], "approve", concept_id=body.concept_id, rank=body.rank,
+                              note=body.note)
+
+    @app.post("/api/review/items/{item_id}/choose", tags=["review"],
+              summary="Map the code to another concept (e.g. found with concept search)")
+    def choose(item_id: ItemId, body: ChooseIn, user: Writer) -> dict[str, Any]:
+        with service.connection() as conn:
+            return svc.decide(conn, item_id, user["id"], "choose", concept_id=body.concept_id, note=body.note)
+
+    @app.post("/api/review/items/{item_id}/no-match", tags=["review"],
+              summary="No concept fits: map to concept 0")
+    def no_match(item_id: ItemId, user: Writer, body: NoteIn | None = None) -> dict[str, Any]:
+        with service.connection() as conn:
+            return svc.decide(conn, item_id, user["id"], "no_match", note=body.note if body else None)
+
+    @app.post("/api/review/items/{item_id}/flag", tags=["review"], summary="Flag for a second look")
+    def flag(item_id: ItemId, user: Writer, body: NoteIn | None = None) -> dict[str, Any]:
+        with service.connection() as conn:
+            return svc.flag(conn, item_id, user["id"], note=body.note if body else None)
+
+    # ------------------------------------------------------------------------------------------------ concepts
+
+    @app.get("/api/concepts/search", tags=["concepts"], summary="Search standard concepts (the retriever)")
+    def search(
+        user: User,
+        q: Annotated[str, Query(min_length=1, max_length=1000)],
+        k: Annotated[int, Query(ge=1, le=100)] = 20,
+        domain: Annotated[list[str] | None, Query()] = None,
+        vocabulary: Annotated[list[str] | None, Query()] = None,
+    ) -> dict[str, Any]:
+        results = []
+        if q.strip().isdigit() and int(q) <= INT4_MAX:  # a concept id typed in
+            with service.connection() as conn:
+                results = list(store.concepts_by_ids(conn, [int(q)]).values())
+        try:
+            results += service.search(q, k, domains=domain, vocabularies=vocabulary)
+        except Exception as exc:  # noqa: BLE001 - e.g. no embeddings yet: say so, do not 500
+            if not results:
+                raise HTTPException(503, f"concept search unavailable: {exc}") from exc
+        return {"query": q, "results": results}
+
+    @app.get("/api/concepts/{concept_id}", tags=["concepts"], summary="One concept")
+    def concept(concept_id: Annotated[int, Path(ge=0, le=INT4_MAX)], user: User) -> dict[str, Any]:
+        with service.connection() as conn:
+            found = store.concepts_by_ids(conn, [concept_id]).get(concept_id)
+        if found is None:
+            raise HTTPException(404, f"concept_id {concept_id} does not exist")
+        return found
+
+    # ------------------------------------------------------------------------------------------------ maps
+
+    @app.get("/api/maps", tags=["maps"], summary="List approved maps (paginated)")
+    def list_maps(
+        user: User,
+        source_vocab: str | None = None,
+        decided_by: Literal["auto", "reviewer"] | None = None,
+        q: Annotated[str | None, Query(description="Substring of code, source text or concept name.")] = None,
+        limit: Annotated[int, Query(ge=1, le=500)] = 50,
+        offset: Annotated[int, Query(ge=0)] = 0,
+    ) -> dict[str, Any]:
+        with service.connection() as conn:
+            total, maps = store.list_maps(conn, source_vocab=source_vocab, decided_by=decided_by, search=q,
+                                          limit=limit, offset=offset)
+        return {"total": total, "limit": limit, "offset": offset, "items": maps}
+
+    @app.get("/api/maps/{map_id}", tags=["maps"], summary="One map with its history")
+    def show_map(map_id: MapId, user: User) -> dict[str, Any]:
+        with service.connection() as conn:
+            m = store.get_map(conn, map_id)
+            if m is None:
+                raise HTTPException(404, f"concept map {map_id} not found")
+            return {**m, "history": store.history(conn, m["source_code"], m["source_vocab"])}
+
+    @app.post("/api/maps/{map_id}/revoke", tags=["maps"], summary="Revoke an approved map (its item reopens)")
+    def revoke(map_id: MapId, user: Writer, body: NoteIn | None = None) -> dict[str, Any]:
+        with service.connection() as conn:
+            return svc.revoke(conn, map_id, user["id"], note=body.note if body else None)
+
+    @app.get("/api/history", tags=["maps"], summary="Every change to one code's map")
+    def history(source_code: str, source_vocab: str, user: User) -> list[dict[str, Any]]:
+        with service.connection() as conn:
+            return store.history(conn, source_code, source_vocab)
+
+    @app.get("/api/export/{fmt}", tags=["maps"], summary="Approved maps as Usagi CSV or SOURCE_TO_CONCEPT_MAP",
+             response_class=Response, responses={200: {"content": {"text/csv": {}}}})
+    def export(fmt: Literal["usagi", "stcm"], user: User, source_vocab: str | None = None) -> Response:
+        with service.connection() as conn:
+            text = export_csv(conn, fmt, source_vocab)
+        name = "usagi.csv" if fmt == "usagi" else "source_to_concept_map.csv"
+        return Response(text, media_type="text/csv; charset=utf-8",
+                        headers={"Content-Disposition": f'attachment; filename="{name}"'})
+
+    # ------------------------------------------------------------------------------------------------ queue
+
+    @app.post("/api/source-queue", tags=["queue"], summary="Enqueue source codes for mapping (duplicates skipped)")
+    def enqueue(body: EnqueueIn, user: Writer) -> dict[str, Any]:
+        from harmonia.rerank import SourceTerm
+        from harmonia.store.queue import enqueue as enqueue_terms
+
+        terms = [SourceTerm(source_code=t.source_code, source_vocab=t.source_vocab, source_text=t.source_text,
+                            source_frequency=t.source_frequency, extra=t.extra) for t in body.terms]
+        with service.connection() as conn:
+            counts = enqueue_terms(conn, terms)
+        return {"new": counts.new, "duplicate": counts.duplicate, "ids": counts.ids}
+
+    return app

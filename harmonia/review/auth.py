@@ -1,0 +1,31 @@
+"""Bearer-token auth: reading needs any valid token, writing needs role reviewer or admin."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import Depends, HTTPException, Request, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from harmonia.store import users as user_store
+
+bearer = HTTPBearer(auto_error=False, description="An API token from `harmonia user add NAME`.")
+
+
+def current_user(request: Request, creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> dict[str, Any]:
+    if creds is None or not creds.credentials:
+        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing API token (Authorization: Bearer <token>)",
+                            headers={"WWW-Authenticate": "Bearer"})
+    with request.app.state.service.connection() as conn:
+        user = user_store.user_by_token(conn, creds.credentials)
+    if user is None:
+        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "unknown or disabled API token",
+                            headers={"WWW-Authenticate": "Bearer"})
+    return user
+
+
+def writer(user: dict[str, Any] = Depends(current_user)) -> dict[str, Any]:
+    if user["role"] not in user_store.WRITE_ROLES:
+        raise HTTPException(status.HTTP_403_FORBIDDEN,
+                            f"user {user['name']!r} has role {user['role']!r}; writing needs reviewer or admin")
+    return user

@@ -1,0 +1,185 @@
+"""The LLM reranker's call log, response cache, concurrency and rate limiter (stub provider, real Postgres)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from harmonia.config import Settings, load_settings
+from harmonia.rerank import SourceTerm, make_reranker
+from harmonia.rerank.llm import LLMReranker, Prompt, RateLimiter
+from harmonia.rerank.providers import ProviderFatal
+from tests.conftest import make_settings
+from tests.llm_stubs import AnthropicStub, OpenAIStub, candidates, good_input, user_payload
+
+TERMS = [SourceTerm(f"C{i}", "local", f"term number {i}") for i in range(6)]
+
+
+@pytest.fixture
+def stub() -> Iterator[OpenAIStub]:
+    s = OpenAIStub(("fn", lambda req: ("tool", good_input([user_payload(req)[1][0]["id"]], 0.93))))
+    yield s
+    s.close()
+
+
+def llm_settings(base: Settings | None, stub: OpenAIStub, tmp_path: Path, **kw: object) -> Settings:
+    o = {"reranker": "llm", "llm_provider": "openai", "llm_model": "gpt-stub", "llm_base_url": stub.base_url,
+         "llm_max_retries": 1, "llm_retry_max_wait_s": 0.05, "llm_timeout_s": 2.0, **kw}
+    if base is None:
+        return load_settings(o, env={"HARMONIA_CONFIG": "", "OPENAI_API_KEY": "sk-x"})
+    return make_settings(base.database_url, tmp_path, **o)
+
+
+def test_calls_are_logged_and_cache_hits_cost_no_call(settings: Settings, conn: psycopg.Connection,
+                                                      stub: OpenAIStub, tmp_path: Path) -> None:
+    s = llm_settings(settings, stub, tmp_path)
+    rr = make_reranker(s, conn)
+    assert isinstance(rr, LLMReranker) and rr.log_conn is not None
+    cands = candidates(50)
+    first = rr.rerank_many([(t, cands) for t in TERMS[:3]])
+    assert len(stub.requests) == 3 and all(r.usage["cache_hit"] is False for r in first)
+    assert all(f"prompt=v1-{Prompt.load('v1').hash}" in r.model_version for r in first)
+    rows = conn.execute("SELECT source_code, attempt, input_tokens, output_tokens, latency_ms, error_kind, "
+                        "request -> 'messages' -> 0 ->> 'role', response -> 'usage' ->> 'prompt_tokens', "
+                        "prompt_hash FROM harmonia.llm_call ORDER BY source_code").fetchall()
+    assert [r[0] for r in rows] == ["C0", "C1", "C2"]
+    assert all(r[1] == 1 and r[2] == 1400 and r[3] == 100 and r[4] >= 0 and r[5] is None and r[6] == "user"
+               and r[7] == "1400" and r[8] == rr.prompt.hash for r in rows)
+    # the same inputs again: answered from the cache, no HTTP call, no tokens
+    again = rr.rerank_many([(t, cands) for t in TERMS[:3]])
+    assert len(stub.requests) == 3
+    assert all(r.usage["cache_hit"] is True and r.usage["input_tokens"] == 0 for r in again)
+    assert [r.ranked[0].concept_id for r in again] == [r.ranked[0].concept_id for r in first]
+    assert all(r.confidence == 0.93 for r in again)
+    # a different candidate list is a different input: a call
+    rr.rerank(TERMS[0], cands[:10])
+    assert len(stub.requests) == 4
+    rr.close()
+    # use_cache=False always calls the provider
+    nocache = LLMReranker.from_settings(s, conn, use_cache=False)
+    nocache.rerank(TERMS[0], cands)
+    assert len(stub.requests) == 5
+    nocache.close()
+    assert conn.execute("SELECT count(*) FROM harmonia.llm_cache").fetchone()[0] == 4
+
+
+def test_failed_attempts_are_logged_with_their_error(settings: Settings, conn: psycopg.Connection,
+                                                     tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MY_KEY", "sk-ant-x")
+    bad = AnthropicStub(("status", 503, {"retry-after": "0"}), ("tool", good_input([1000])))
+    try:
+        s = make_settings(settings.database_url, tmp_path, reranker="llm", llm_provider="anthropic",
+                          llm_base_url=bad.base_url, llm_api_key_env="MY_KEY", llm_retry_max_wait_s=0.05)
+        rr = LLMReranker.from_settings(s, conn)
+        r = rr.rerank(TERMS[0], candidates(5))
+        rr.close()
+    finally:
+        bad.close()
+    assert r.error is None and r.usage["retries"] == 1 and r.usage["calls"] == 2
+    rows = conn.execute("SELECT attempt, error_kind, error IS NOT NULL, response IS NULL FROM harmonia.llm_call "
+                        "ORDER BY id").fetchall()
+    assert rows == [(1, "server_error", True, True), (2, None, False, False)]
+    # the key (from llm_api_key_env) went to the provider's auth header, and never into the log
+    assert "sk-ant-x" in (bad.headers[0].get("x-api-key", "") + bad.headers[0].get("authorization", ""))
+    logged = conn.execute("SELECT string_agg(request::text || coalesce(response::text, ''), '') "
+                          "FROM harmonia.llm_call").fetchone()[0]
+    assert "sk-ant-x" not in logged
+
+
+def test_logging_failure_never_breaks_a_run(settings: Settings, conn: psycopg.Connection, stub: OpenAIStub,
+                                            tmp_path: Path) -> None:
+    rr = LLMReranker.from_settings(llm_settings(settings, stub, tmp_path), conn)
+    conn.execute("DROP TABLE harmonia.llm_call")
+    conn.execute("DROP TABLE harmonia.llm_cache")
+    r = rr.rerank(TERMS[0], candidates(5))
+    assert r.error is None and r.ranked[0].concept_id == 1000
+    rr.log_conn.close()  # a dead connection too
+    assert rr.rerank(TERMS[1], candidates(5)).error is None
+    rr.close()
+
+
+def test_rerank_many_runs_concurrently_in_order(tmp_path: Path) -> None:
+    in_flight, peak, lock = [0], [0], threading.Lock()
+
+    def slow(req: dict) -> tuple:
+        with lock:
+            in_flight[0] += 1
+            peak[0] = max(peak[0], in_flight[0])
+        time.sleep(0.2)
+        with lock:
+            in_flight[0] -= 1
+        return ("tool", good_input([user_payload(req)[1][0]["id"]]))
+
+    s = OpenAIStub(("fn", slow))
+    try:
+        rr = LLMReranker.from_settings(llm_settings(None, s, tmp_path, llm_concurrency=3))
+        items = [(SourceTerm(f"K{i}", "local", f"t{i}"), candidates(3, start=100 * (i + 1))) for i in range(7)]
+        t0 = time.monotonic()
+        results = rr.rerank_many(items)
+        took = time.monotonic() - t0
+        rr.close()
+    finally:
+        s.close()
+    assert [r.ranked[0].concept_id for r in results] == [100 * (i + 1) for i in range(7)]
+    assert peak[0] == 3 and took < 7 * 0.2
+
+
+def test_rate_limiter_spaces_requests_and_tokens() -> None:
+    now = [0.0]
+    slept: list[float] = []
+
+    def sleep(dt: float) -> None:
+        slept.append(dt)
+        now[0] += dt
+
+    lim = RateLimiter(requests_per_minute=2, clock=lambda: now[0], sleep=sleep)
+    lim.acquire(10)
+    lim.acquire(10)
+    assert not slept
+    lim.acquire(10)  # the third request in a minute waits for the window to free a slot
+    assert now[0] >= 60.0
+    tok = RateLimiter(tokens_per_minute=1000, clock=lambda: now[0], sleep=sleep)
+    start = now[0]
+    e = tok.acquire(900)
+    tok.settle(e, 300)  # the real count was smaller: room for more
+    tok.acquire(600)
+    assert now[0] == start
+    tok.acquire(500)
+    assert now[0] >= start + 60.0
+    assert RateLimiter().acquire(10**9) is None  # 0 = unlimited
+
+
+def test_without_a_key_the_llm_reranker_says_how_to_set_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    s = load_settings({"reranker": "llm", "llm_provider": "anthropic"}, env={"HARMONIA_CONFIG": ""})
+    with pytest.raises(ProviderFatal, match="ANTHROPIC_API_KEY"):
+        make_reranker(s)
+    assert make_reranker(load_settings({"reranker": "none"}, env={"HARMONIA_CONFIG": ""})).model_version == "none"
+
+
+def test_llm_check_and_stats_commands(fresh_db: str, stub: OpenAIStub, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from harmonia.cli import app
+
+    env = {"HARMONIA_CONFIG": "", "HARMONIA_DATA_DIR": str(tmp_path), "HARMONIA_LLM_PROVIDER": "openai",
+           "HARMONIA_LLM_MODEL": "gpt-stub", "HARMONIA_LLM_BASE_URL": stub.base_url, "OPENAI_API_KEY": "sk-x",
+           "HARMONIA_LLM_PRICE_INPUT_PER_MTOK": "2", "HARMONIA_LLM_PRICE_OUTPUT_PER_MTOK": "10"}
+    r = CliRunner().invoke(app, ["--database-url", fresh_db, "llm", "check", "Essential hypertension", "--json"],
+                           env=env)
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output[r.output.index("{"):])
+    assert out["action"] == "approve" and out["confidence"] == 0.93 and len(out["ranked"]) == 1
+    assert "hypertension" in out["ranked"][0]["concept_name"].lower()
+    assert out["model_version"].startswith("llm:openai/gpt-stub:prompt=v1-")
+    r = CliRunner().invoke(app, ["--database-url", fresh_db, "llm", "stats"], env=env)
+    assert r.exit_code == 0, r.output
+    # one call of 1400 + 100 tokens: 1400 * 2 / 1e6 + 100 * 10 / 1e6 = $0.0038
+    assert "calls 1 (failed 0), input tokens 1,400, output tokens 100" in " ".join(r.output.split())
+    assert "cost $0.0038" in r.output
