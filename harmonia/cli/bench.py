@@ -1,0 +1,228 @@
+"""`harmonia bench curate | run | calibrate`: the acceptance benchmark."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from harmonia import db
+from harmonia.benchmark.split import DEFAULT_SEED
+from harmonia.cli import bench_app, fail, settings
+
+console = Console()
+GATE_EXIT_CODE = 3  # distinct from 1 (error) and 2 (usage) so CI can tell a failed gate apart
+
+
+def _conn(s):  # noqa: ANN001, ANN202
+    conn = db.connect(s, autocommit=True)
+    db.migrate(conn)
+    return conn
+
+
+def _bench_dir(s, out: Path | None) -> Path:  # noqa: ANN001
+    return out if out is not None else s.data_path / "bench"
+
+
+# -------------------------------------------------------------------------------------------------- curate
+
+
+@bench_app.command("curate")
+def curate(seed: int = typer.Option(DEFAULT_SEED, help="Seed of the dev/test split and of the sampling."),
+           out: Path = typer.Option(None, help="Output folder (default: <data_dir>/bench)."),
+           per_vocab: int = typer.Option(500, help="Most sources per source vocabulary in each part of the "
+                                                   "'Maps to' set (0: all). Usagi sets are kept whole."),
+           vocabulary: list[str] = typer.Option(None, "--vocabulary",
+                                                help="Only sources of this vocabulary_id (repeatable)."),
+           usagi: list[Path] = typer.Option(None, "--usagi", help="External ground truth: a Usagi CSV (approved "
+                                                                  "rows; .gz OK). Repeatable."),
+           maps_to: bool = typer.Option(True, "--maps-to/--no-maps-to",
+                                        help="Curate the set from the vocabulary's own 'Maps to' rows."),
+           name: str = typer.Option("maps_to", help="Name of the 'Maps to' set (files NAME.dev.csv, NAME.test.csv)."),
+           ) -> None:
+    """Build dev/test benchmark sets from 'Maps to' ground truth (and Usagi files) as CSV."""
+    from harmonia.benchmark.curate import (
+        BenchSetError,
+        CuratedSet,
+        curate_maps_to_from_db,
+        curate_usagi_from_db,
+        write_set,
+    )
+    from harmonia.store import vocab as vocab_store
+
+    s = settings()
+    out_dir = _bench_dir(s, out)
+    sets: list[CuratedSet] = []
+    with _conn(s) as conn:
+        if vocab_store.counts(conn)["concept"] == 0:
+            fail("no vocabulary loaded: run `harmonia vocab load DIR` (or `harmonia quickstart`) first")
+        try:
+            if maps_to:
+                sets.append(curate_maps_to_from_db(conn, seed=seed, per_vocab=per_vocab or None,
+                                                   vocabularies=vocabulary or None, name=name))
+            sets.extend(curate_usagi_from_db(conn, path, seed=seed) for path in usagi or [])
+        except BenchSetError as exc:
+            fail(str(exc))
+    if not sets:
+        fail("nothing to curate: --maps-to is off and no --usagi file was given")
+    t = Table(title=f"benchmark sets (seed {seed}) in {out_dir}")
+    for col in ("file", "rows", "same name", "multi-target", "per source vocabulary"):
+        t.add_column(col)
+    for cs in sets:
+        for part, rows in cs.parts.items():
+            path = write_set(rows, out_dir / f"{cs.name}.{part}.csv")
+            p = cs.summary[part]
+            biggest = sorted(p["per_vocab"].items(), key=lambda kv: -kv[1])
+            more = f" +{len(biggest) - 3} more" if len(biggest) > 3 else ""
+            t.add_row(path.name, str(p["rows"]), str(p["same_name"]), str(p["multi_target"]),
+                      ", ".join(f"{k}={v}" for k, v in biggest[:3]) + more)
+        summary_path = out_dir / f"{cs.name}.summary.json"
+        summary_path.with_suffix(".tmp").write_text(json.dumps(cs.summary, indent=1))
+        summary_path.with_suffix(".tmp").replace(summary_path)
+        if "rows_dropped_no_valid_target" in cs.summary:
+            console.print(f"{cs.name}: {cs.summary['sources_read']} source codes read; "
+                          f"{cs.summary['rows_dropped_no_valid_target']} dropped (no target is a valid standard "
+                          f"concept of the loaded vocabulary), {cs.summary['targets_dropped_not_in_vocabulary']} "
+                          "such targets dropped")
+    console.print(t)
+    console.print("'same name': sources whose name equals a target's name (flag same_name=1 in the CSV); "
+                  "`bench run --exclude-same-name` scores the rest only.")
+
+
+# ----------------------------------------------------------------------------------------------------- run
+
+
+def _make_pipeline(conn, s, use_cache: bool):  # noqa: ANN001, ANN202
+    from harmonia.embed import Embedder
+    from harmonia.pipeline import Pipeline
+    from harmonia.rerank import make_reranker
+    from harmonia.retrieve import make_retriever
+
+    retriever = make_retriever(conn, Embedder.from_settings(s), s)  # first: no embeddings, no reranker to close
+    reranker = make_reranker(s, conn)
+    if not use_cache:
+        if hasattr(reranker, "use_cache"):
+            reranker.use_cache = False  # LLMReranker: ask afresh (and do not overwrite the cache)
+        elif s.reranker == "llm":
+            reranker.close()
+            raise ValueError("this LLM reranker has no response cache to switch off")
+    return Pipeline(retriever, reranker, s)
+
+
+@bench_app.command("run")
+def run(set_path: Path = typer.Argument(..., help="A set CSV written by `bench curate`."),
+        reranker: str = typer.Option(None, help="none | llm | classifier (default: the reranker setting)."),
+        max_rows: int = typer.Option(None, help="Only the first N rows (sets are shuffled: a random sample)."),
+        concurrency: int = typer.Option(None, help="LLM calls in flight (default: llm_concurrency)."),
+        no_cache: bool = typer.Option(False, "--no-cache", help="Ask the LLM afresh instead of using its cache."),
+        out: Path = typer.Option(None, help="Output folder (default: <data_dir>/bench/runs)."),
+        gate: str = typer.Option(None, help="dev | hard: exit with code 3 when the set misses that gate."),
+        exclude_same_name: bool = typer.Option(False, help="Skip sources whose name equals a target's name."),
+        batch_size: int = typer.Option(None, help="Rows per pipeline call (default: 32, or 4x concurrency)."),
+        progress: bool = typer.Option(True, help="Show a progress bar."),
+        ) -> None:
+    """Run the real pipeline over a set (nothing is persisted) and report top-1, top-5, MRR, recall@K."""
+    from harmonia.benchmark.curate import BenchSetError, read_set
+    from harmonia.benchmark.run import check_gate, markdown, run_set, write_result
+    from harmonia.retrieve import RetrievalError
+
+    if gate is not None and gate not in ("dev", "hard"):
+        fail(f"--gate {gate!r}: use dev or hard")
+    s = settings(reranker=reranker, llm_concurrency=concurrency)
+    try:
+        rows = read_set(set_path)
+    except BenchSetError as exc:
+        fail(str(exc))
+        return
+    if exclude_same_name:
+        rows = [r for r in rows if not r.same_name]
+    if max_rows:
+        rows = rows[:max_rows]
+    if not rows:
+        fail(f"{set_path}: no rows to run")
+    with _conn(s) as conn:
+        try:
+            pipe = _make_pipeline(conn, s, use_cache=not no_cache)
+        except RetrievalError as exc:
+            fail(str(exc))
+            return
+        except Exception as exc:  # noqa: BLE001 - no key, no checkpoint, bad provider: one clear line
+            fail(f"cannot start the {s.reranker} reranker: {type(exc).__name__}: {exc}")
+            return
+        try:
+            result = run_set(pipe, rows, batch_size=batch_size or max(32, 4 * s.llm_concurrency),
+                             progress=progress, set_path=str(set_path))
+        finally:
+            pipe.reranker.close()
+    result["exclude_same_name"] = exclude_same_name
+    stem = set_path.name.removesuffix(".gz").removesuffix(".csv") + f".{s.reranker}"
+    json_path, md_path = write_result(result, out if out is not None else _bench_dir(s, None) / "runs", stem)
+    print(markdown(result))
+    console.print(f"results: {json_path} (every row), {md_path}")
+    if gate:
+        failed = check_gate(result, gate, s)
+        if failed:
+            typer.secho(f"gate {gate} FAILED: " + "; ".join(failed), fg=typer.colors.RED, err=True)
+            raise typer.Exit(GATE_EXIT_CODE)
+        console.print(f"gate {gate} passed")
+
+
+# ----------------------------------------------------------------------------------------------- calibrate
+
+
+@bench_app.command("calibrate")
+def calibrate(run_json: Path = typer.Argument(..., help="A result JSON written by `bench run`."),
+              target: float = typer.Option(None, help="Auto-approved precision to reach (default: "
+                                                      "bench_target_precision, 0.98)."),
+              write: bool = typer.Option(True, "--write/--no-write",
+                                         help="Write the threshold into the config file as auto_approve_threshold."),
+              out: Path = typer.Option(None, help="Folder for the table and plot (default: next to RUN_JSON)."),
+              check: Path = typer.Option(None, help="Another run (e.g. the test part) to check the threshold on."),
+              ) -> None:
+    """Precision-coverage table, reliability plot, and the smallest threshold reaching the target precision."""
+    from harmonia.benchmark.calibrate import at_threshold, calibrate_run, plot, table_markdown
+    from harmonia.config import write_settings
+
+    s = settings()
+    target = s.bench_target_precision if target is None else target
+    if not 0.0 < target <= 1.0:
+        fail(f"--target {target}: must be in (0, 1]")
+    try:
+        result = json.loads(run_json.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        fail(f"{run_json}: cannot read a bench run result ({exc})")
+        return
+    if not isinstance(result, dict) or not isinstance(result.get("rows_detail"), list):
+        fail(f"{run_json}: not a `bench run` result (no rows_detail)")
+    cal = calibrate_run(result, target)
+    if not cal.points:
+        fail(f"{run_json}: no row has a top-1 to approve; nothing to calibrate")
+    out_dir = out if out is not None else run_json.parent
+    stem = run_json.name.removesuffix(".json")
+    md = table_markdown(cal.points, cal.chosen, target)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{stem}.calibration.md").write_text(md)
+    (out_dir / f"{stem}.calibration.json").write_text(json.dumps(cal.to_dict(), indent=1))
+    png = plot(cal.points, cal.reliability, cal.chosen, target, out_dir / f"{stem}.calibration.png",
+               title=f"{result.get('set', '')} — reranker {result.get('reranker', '')}, {cal.rows} rows")
+    print(md)
+    console.print(f"table: {out_dir / (stem + '.calibration.md')}; plot: {png}")
+    if check is not None and cal.threshold is not None:
+        try:
+            other = json.loads(check.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            fail(f"{check}: cannot read a bench run result ({exc})")
+            return
+        p = at_threshold(other, cal.threshold)
+        console.print(f"on {check.name}: threshold {cal.threshold:.4f} auto-approves {p.approved} "
+                      f"({p.share:.1%}) with precision {p.precision:.3f}")
+    if cal.threshold is None:
+        if write:
+            fail(f"no threshold reaches precision {target}; auto_approve_threshold left unchanged")
+        return
+    if write:
+        path = write_settings({"auto_approve_threshold": cal.threshold})
+        console.print(f"wrote auto_approve_threshold = {cal.threshold} into {path}")

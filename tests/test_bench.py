@@ -1,0 +1,265 @@
+"""The benchmark's pure parts: curation, metrics, usage/cost, calibration, gates (no database needed)."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import pytest
+
+from harmonia.benchmark.calibrate import (
+    CoveragePoint,
+    at_threshold,
+    calibrate_run,
+    choose_threshold,
+    plot,
+    precision_coverage,
+    reliability,
+)
+from harmonia.benchmark.curate import (
+    BenchRow,
+    BenchSetError,
+    curate_maps_to,
+    curate_usagi,
+    group_pairs,
+    read_set,
+    read_usagi_truth,
+    split_balanced,
+    write_set,
+)
+from harmonia.benchmark.metrics import aggregate, aggregate_by, score_row
+from harmonia.benchmark.run import check_gate, markdown, usage_summary
+from harmonia.benchmark.split import part_of
+from harmonia.config import Settings
+
+# ------------------------------------------------------------------------------------------------ curation
+
+
+def _pairs(n_icd: int = 300, n_other: int = 40) -> list[tuple]:
+    """Synthetic maps_to_pairs rows: every 7th ICD10 source has two targets."""
+    out = []
+    for i in range(n_icd):
+        sid = 1000 + i
+        out.append((sid, f"A{i:03d}", "ICD10", f"disease {i}", "Condition", 5000 + i))
+        if i % 7 == 0:
+            out.append((sid, f"A{i:03d}", "ICD10", f"disease {i}", "Condition", 9000 + i))
+    for i in range(n_other):
+        out.append((2000 + i, f"L{i}", "LAB", f"lab {i}", "Measurement", 6000 + i))
+    return out
+
+
+def test_group_pairs_keeps_every_target_of_a_source() -> None:
+    rows = group_pairs(_pairs(14, 0), {5000: "Disease 0", 9000: "other"})
+    assert len(rows) == 14
+    first = rows[0]
+    assert first.source_concept_id == 1000 and first.targets == [5000, 9000]
+    assert first.target_names == ["Disease 0", "other"]
+    assert first.same_name  # case-insensitive, either target counts
+    assert [r.targets for r in rows if len(r.targets) > 1] == [[5000, 9000], [5007, 9007]]
+    # a prediction hitting the second target counts as correct
+    assert score_row([9007, 1], [9007, 1], rows[7].targets).hit1
+
+
+def test_split_no_source_in_both_parts_and_follows_the_shared_rule() -> None:
+    rows = group_pairs(_pairs())
+    parts = split_balanced(rows, seed=5, per_vocab=None)
+    dev = {r.source_concept_id for r in parts["dev"]}
+    test = {r.source_concept_id for r in parts["test"]}
+    assert not dev & test
+    assert len(dev) + len(test) == len(rows)
+    assert all(part_of(r.source_concept_id, 5) == "test" for r in parts["test"])
+    assert all(part_of(r.source_concept_id, 5) == "dev" for r in parts["dev"])
+    # another seed gives another split; the same seed the same one
+    assert {r.source_concept_id for r in split_balanced(rows, seed=6, per_vocab=None)["test"]} != test
+    assert [r.source_concept_id for r in split_balanced(rows, seed=5, per_vocab=None)["test"]] == \
+        [r.source_concept_id for r in parts["test"]]
+
+
+def test_split_is_balanced_per_source_vocabulary() -> None:
+    rows = group_pairs(_pairs(300, 40))
+    parts = split_balanced(rows, seed=1, per_vocab=25)
+    for p in ("dev", "test"):
+        vocabs = [r.source_vocab for r in parts[p]]
+        assert vocabs.count("ICD10") == 25
+        assert vocabs.count("LAB") == min(25, sum(part_of(2000 + i, 1) == p for i in range(40))) > 0
+    # a bigger sample only adds rows (a source never changes part)
+    big = split_balanced(rows, seed=1, per_vocab=60)
+    assert {r.source_concept_id for r in parts["test"]} <= {r.source_concept_id for r in big["test"]} | \
+        {r.source_concept_id for r in big["dev"]}
+    assert not {r.source_concept_id for r in parts["test"]} & {r.source_concept_id for r in big["dev"]}
+
+
+def test_same_name_sources_are_counted_separately() -> None:
+    pairs = [(1, "X1", "ICD10", "Asthma", "Condition", 10), (2, "X2", "ICD10", "Gout  of knee", "Condition", 11),
+             (3, "X3", "ICD10", "Something else", "Condition", 12)]
+    cs = curate_maps_to(pairs, {10: "asthma", 11: "Gout of knee", 12: "Other"}, seed=3, per_vocab=None)
+    rows = cs.parts["dev"] + cs.parts["test"]
+    assert sorted(r.source_code for r in rows if r.same_name) == ["X1", "X2"]
+    assert cs.summary["dev"]["same_name"] + cs.summary["test"]["same_name"] == 2
+    assert cs.summary["sources_available"] == 3
+
+
+def _usagi(tmp_path: Path, text: str, gz: bool = True) -> Path:
+    p = tmp_path / ("lab.usagi.csv.gz" if gz else "lab.usagi.csv")
+    data = text.encode()
+    p.write_bytes(gzip.compress(data) if gz else data)
+    return p
+
+
+USAGI = """sourceCode,sourceName,sourceFrequency,conceptId,conceptName,domainId,mappingStatus
+1,P -Sodium,10,3000001,Sodium,Measurement,APPROVED
+1,P -Sodium,10,3000002,Sodium in blood,Measurement,APPROVED
+2,B -Hemoglobin,5,3000003,Hemoglobin,Measurement,APPROVED
+3,U -Thing,1,3000004,Thing,Measurement,UNCHECKED
+4,X -Unmapped,1,0,,Measurement,APPROVED
+5,fP -Gone,1,3999999,Gone,Measurement,APPROVED
+"""
+
+
+def test_usagi_truth_groups_per_code_and_keeps_approved_only(tmp_path: Path) -> None:
+    rows = read_usagi_truth(_usagi(tmp_path, USAGI))
+    by_code = {r.source_code: r for r in rows}
+    assert set(by_code) == {"1", "2", "5"}  # 3 not approved, 4 mapped to 0
+    assert by_code["1"].targets == [3000001, 3000002]
+    assert by_code["1"].source_vocab == "lab"  # named after the file
+    assert by_code["1"].split_key == "lab:1"
+    assert by_code["2"].source_domain == "Measurement"
+    cs = curate_usagi(_usagi(tmp_path, USAGI), {3000001: "Sodium", 3000002: "Sodium in blood",
+                                                3000003: "Hemoglobin"}, seed=2, per_vocab=None)
+    kept = cs.parts["dev"] + cs.parts["test"]
+    assert {r.source_code for r in kept} == {"1", "2"}
+    assert cs.summary["rows_dropped_no_valid_target"] == 1 and cs.summary["targets_dropped_not_in_vocabulary"] == 1
+    for r in kept:
+        assert r in cs.parts[part_of(f"lab:{r.source_code}", 2)]
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("sourceCode,sourceName\n1,x\n", "no conceptId column"),
+    ("sourceCode,sourceName,conceptId\n1,x,12\n2,y,abc\n", "line 3: conceptId='abc'"),
+    ("sourceCode,sourceName,conceptId\n,x,12\n", "line 2: empty sourceCode"),
+    ("sourceCode,sourceName,conceptId,mappingStatus\n1,x,12,UNCHECKED\n", "no approved rows"),
+])
+def test_usagi_bad_input_names_the_line_or_field(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(BenchSetError, match=message.replace("(", r"\(")):
+        read_usagi_truth(_usagi(tmp_path, text, gz=False))
+
+
+def test_set_round_trip_and_bad_rows(tmp_path: Path) -> None:
+    rows = [BenchRow(7, "C1", "ICD10", "Cholera, unspecified", "Condition", [1, 2], ["a", "b"], True),
+            BenchRow(None, "9", "lab", 'P -"Na"', "", [3])]
+    path = write_set(rows, tmp_path / "s.csv")
+    assert read_set(path) == rows
+    (tmp_path / "bad.csv").write_text("source_code,source_vocab,source_text,target_concept_ids\nA,V,text,1;x\n")
+    with pytest.raises(BenchSetError, match="line 2: target_concept_ids='1;x'"):
+        read_set(tmp_path / "bad.csv")
+    (tmp_path / "bad2.csv").write_text("source_code,source_text\nA,t\n")
+    with pytest.raises(BenchSetError, match="missing column.*source_vocab"):
+        read_set(tmp_path / "bad2.csv")
+
+
+# ------------------------------------------------------------------------------------------------- metrics
+
+
+def test_metrics_on_hand_made_rankings() -> None:
+    cases = [  # (ranked top-5, all retrieved, targets)
+        ([1, 2, 3, 4, 5], [1, 2, 3, 4, 5, 6], [1]),        # rank 1
+        ([1, 2, 3, 4, 5], [1, 2, 3, 4, 5, 6], [3, 99]),    # rank 3
+        ([1, 2, 3, 4, 5], [1, 2, 3, 4, 5, 6], [6]),        # retrieved at 6, not ranked
+        ([1, 2], [1, 2], [42]),                              # not retrieved
+        ([], [], [1]),                                       # nothing
+        ([9, 8, 7, 6, 5], list(range(1, 51)), [5, 8]),     # rank 2 (any target)
+    ]
+    scores = [score_row(r, c, t) for r, c, t in cases]
+    assert [s.rank for s in scores] == [1, 3, None, None, None, 2]
+    assert [s.hit1 for s in scores] == [True, False, False, False, False, False]
+    assert [s.hit5 for s in scores] == [True, True, False, False, False, True]
+    assert [s.recall for s in scores] == [True, True, True, False, False, True]
+    a = aggregate(scores)
+    assert a.n == 6
+    assert a.top1 == pytest.approx(1 / 6)
+    assert a.top5 == pytest.approx(3 / 6)
+    assert a.mrr == pytest.approx((1 + 1 / 3 + 1 / 2) / 6)
+    assert a.recall == pytest.approx(4 / 6)
+    groups = aggregate_by(list(zip("aabbbc", scores, strict=True)), key=lambda g: g)
+    assert groups["a"].top5 == 1.0 and groups["b"].top5 == 0.0 and groups["c"].mrr == 0.5
+    assert aggregate([]).n == 0
+
+
+def test_usage_summary_excludes_cache_hits_from_cost() -> None:
+    s = Settings(llm_price_input_per_mtok=3.0, llm_price_output_per_mtok=15.0)
+    usages = [{"input_tokens": 1000, "output_tokens": 100, "calls": 1},
+              {"input_tokens": 3000, "output_tokens": 300, "calls": 1},
+              {"input_tokens": 1000, "output_tokens": 100, "cache_hit": True, "calls": 0},
+              {}]
+    u = usage_summary(usages, 4, s)
+    assert u["rows_from_cache"] == 1
+    assert (u["input_tokens"], u["output_tokens"]) == (4000, 400)
+    assert u["cost"] == pytest.approx((4000 * 3 + 400 * 15) / 1e6)
+    assert u["cost_per_1k_rows"] == pytest.approx(u["cost"] * 250)
+    assert u["input_tokens_per_1k_rows"] == 1_000_000
+
+
+def _result(top1: float, top5: float) -> dict:
+    agg = {"n": 10, "top1": top1, "top5": top5, "mrr": 0.5, "recall": 0.9}
+    return {"set": "s.csv", "reranker": "none", "model_version": "none", "rows": 10, "rows_per_s": 5.0,
+            "retrieval_top_k": 50, "overall": agg, "per_vocab": {"ICD10": agg}, "per_domain": {"Condition": agg}}
+
+
+def test_gates() -> None:
+    s = Settings()
+    assert check_gate(_result(0.60, 0.85), "dev", s) == []
+    failed = check_gate(_result(0.59, 0.90), "dev", s)
+    assert len(failed) == 1 and "top-1 0.590 < 0.60" in failed[0]
+    assert len(check_gate(_result(0.55, 0.80), "dev", s)) == 2
+    assert check_gate(_result(0.55, 0.80), "hard", s) == []
+    assert "top-5" in check_gate(_result(0.55, 0.70), "hard", s)[0]
+    assert check_gate(_result(0.9, 0.9), "dev", Settings(bench_gate_dev_top1=0.95)) != []
+    with pytest.raises(ValueError, match="unknown gate"):
+        check_gate(_result(1, 1), "easy", s)
+    md = markdown(_result(0.5, 0.8))
+    assert "| **overall** | 10 | 0.500 | 0.800 | 0.500 | 0.900 |" in md and "vocab ICD10" in md
+
+
+# --------------------------------------------------------------------------------------------- calibration
+
+
+def test_precision_coverage_and_threshold_on_synthetic_scores(tmp_path: Path) -> None:
+    # 20 rows at confidences 0.05..1.00; the top 8 (>= 0.65) are all right, then 1 in 2 are right below.
+    conf = [round(0.05 * i, 2) for i in range(1, 21)]
+    ok = [c >= 0.65 or i % 2 == 0 for i, c in enumerate(conf)]
+    points = precision_coverage(conf, ok, total=25)  # 5 more rows never approvable (errors, no match)
+    assert [p.threshold for p in points] == sorted(conf)
+    by_t = {p.threshold: p for p in points}
+    assert by_t[0.65].approved == 8 and by_t[0.65].precision == 1.0 and by_t[0.65].share == pytest.approx(8 / 25)
+    assert by_t[0.6].precision == pytest.approx(8 / 9)
+    # the smallest threshold reaching precision 0.98 is 0.65 (0.60 gives 8/9)
+    chosen = choose_threshold(points, 0.98)
+    assert chosen is not None and chosen.threshold == 0.65
+    for p in points:
+        expected = sum(o for c, o in zip(conf, ok, strict=True) if c >= p.threshold) / sum(c >= p.threshold
+                                                                                           for c in conf)
+        assert p.precision == pytest.approx(expected)
+    # a looser target: 0.45 approves 12 with 10 right (0.833); 0.40 gives 10/13 (0.769) and nothing lower reaches 0.8
+    loose = choose_threshold(points, 0.8)
+    assert loose is not None and loose.threshold == 0.45 and loose.precision == pytest.approx(10 / 12)
+    assert choose_threshold([CoveragePoint(0.9, 3, 0.1, 0.9)], 0.98) is None
+    rel = reliability(conf, ok)
+    assert sum(b["n"] for b in rel) == 20 and rel[-1]["accuracy"] == 1.0
+    png = plot(points, rel, chosen, 0.98, tmp_path / "cal.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_calibrate_run_ignores_rows_that_cannot_be_approved() -> None:
+    rows = [{"confidence": 0.9, "hit1": True, "reason": "approved", "top5": [1]},
+            {"confidence": 0.8, "hit1": False, "reason": "low_confidence", "top5": [1]},
+            {"confidence": 0.95, "hit1": False, "reason": "provider_error", "top5": [1]},  # a fault: never approved
+            {"confidence": 0.0, "hit1": False, "reason": "no_match", "top5": []}]
+    cal = calibrate_run({"rows_detail": rows}, 0.98)
+    assert cal.rows == 4 and cal.approvable == 2
+    assert cal.threshold == 0.9 and cal.chosen is not None and cal.chosen.share == 0.25
+    assert calibrate_run({"rows_detail": rows}, 0.5).threshold == 0.8
+    assert cal.to_dict()["threshold"] == 0.9
+    # the threshold checked on another run
+    p = at_threshold({"rows_detail": rows}, 0.75)
+    assert (p.approved, p.share, p.precision) == (2, 0.5, 0.5)
+    assert at_threshold({"rows_detail": rows}, 0.99).approved == 0
