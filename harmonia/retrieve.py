@@ -79,4 +79,9 @@ def make_retriever(conn: psycopg.Connection, embedder: Embedder, settings: Setti
     """The retriever the `retrieval_mode` setting names."""
     if settings.retrieval_mode == "vector":
         return Retriever(conn, embedder, settings)
+    if settings.retrieval_mode in ("lexical", "hybrid"):
+        from harmonia.retrieve_hybrid import HybridRetriever, LexicalRetriever  # it imports this module
+
+        cls = LexicalRetriever if settings.retrieval_mode == "lexical" else HybridRetriever
+        return cls(conn, embedder, settings)
     raise RetrievalError(f"retrieval_mode {settings.retrieval_mode!r} is not available")

@@ -1,0 +1,96 @@
+"""Retrieval commands: `harmonia retrieve tune` (fusion weights by Bayesian optimisation on the development part)
+and `harmonia embed train` (contrastive fine-tuning of the embedder)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from harmonia.cli import embed_app, fail, retrieve_app, settings
+
+console = Console()
+
+
+@embed_app.command("train")
+def embed_train(
+    max_steps: int = typer.Option(0, "--max-steps", help="Stop after this many steps (0: --epochs decides)."),
+    epochs: float = typer.Option(1.0, "--epochs", help="Passes over the training pairs."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Pairs per batch (in-batch negatives)."),
+    lr: float = typer.Option(2e-5, "--lr"),
+    max_seq_length: int = typer.Option(64, "--max-seq-length", help="Tokens per text (shorter trains faster)."),
+    name: str = typer.Option("minilm-harmonia", "--name", help="Saved under <data_dir>/embedder/<name>."),
+    out: Path = typer.Option(None, "--out", help="Output folder (overrides --name)."),
+    base: str = typer.Option(None, "--base", help="Model to start from (default: embedding_model, else the "
+                                                  "bundled all-MiniLM-L6-v2)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint in the output folder."),
+    checkpoint_every: int = typer.Option(100, "--checkpoint-every"),
+    progress: bool = typer.Option(True),
+) -> None:
+    """Fine-tune the embedder on development-part 'Maps to' pairs and synonyms (MultipleNegativesRankingLoss)."""
+    from harmonia import db
+    from harmonia.embed import Embedder, resolve_device
+    from harmonia.embed_train import TrainConfig, TrainError, default_out, train, training_pairs
+
+    s = settings()
+    base_path = base or Embedder.from_settings(s).name_or_path
+    if not Path(base_path).expanduser().exists():
+        fail(f"base model {base_path!r} is not a local folder; training runs offline from a local model")
+    target = out or default_out(s, name)
+    with db.connect(s, autocommit=True) as conn:
+        pairs, info = training_pairs(conn, s.vocabularies)
+    console.print(f"{len(pairs):,} pairs ({info['maps_to_pairs']:,} 'Maps to' of {info['dev_sources']:,} dev "
+                  f"sources, {info['synonym_pairs']:,} synonyms); base {base_path}")
+    cfg = TrainConfig(base=str(base_path), out=str(target), max_steps=max_steps, epochs=epochs,
+                      batch_size=batch_size, lr=lr, checkpoint_every=checkpoint_every,
+                      max_seq_length=max_seq_length)
+    try:
+        r = train(pairs, cfg, info=info, resume=resume, progress=progress,
+                  device=resolve_device(s.embedding_device))
+    except TrainError as exc:
+        fail(str(exc))
+        return
+    console.print(f"trained {r.steps} steps in {r.seconds:.0f}s (from step {r.resumed_from}); last loss "
+                  f"{r.last_loss:.4f}; saved to {r.out}")
+    console.print(f"next: harmonia embed --model {r.out}  (and set embedding_model to use it)")
+
+
+@retrieve_app.command("tune")
+def retrieve_tune(
+    trials: int = typer.Option(100, "--trials", help="Optuna trials."),
+    dev_set: Path = typer.Option(None, "--set", exists=True, dir_okay=False,
+                                 help="Development CSV (benchmark set or Usagi); default: dev-part 'Maps to' "
+                                      "sources from the database."),
+    limit: int = typer.Option(1000, "--limit", help="Use at most this many dev sources (0: all)."),
+    seed: int = typer.Option(13, "--seed"),
+    write: bool = typer.Option(True, help="Write the best weights to the configuration file."),
+) -> None:
+    """Tune the fusion weights for MRR on the development part (optuna TPE); report recall@50 before/after."""
+    from harmonia import db
+    from harmonia.config import write_settings
+    from harmonia.embed import Embedder
+    from harmonia.retrieve import RetrievalError
+    from harmonia.tune import TuneError, dev_sources_from_csv, dev_sources_from_db, precompute, tune
+
+    s = settings()
+    with db.connect(s, autocommit=True) as conn:
+        try:
+            sources = (dev_sources_from_csv(dev_set) if dev_set
+                       else dev_sources_from_db(conn, s.vocabularies, limit=limit, seed=seed))
+            if dev_set and limit:
+                sources = sources[:limit]
+            console.print(f"{len(sources):,} development sources; precomputing candidate pools …")
+            pools = precompute(conn, Embedder.from_settings(s), s, sources)
+        except (TuneError, RetrievalError) as exc:
+            fail(str(exc))
+            return
+    r = tune(pools, s, trials=trials, seed=seed)
+    console.print(f"before: MRR {r.before.mrr:.4f}  recall@50 {r.before.recall:.4f}  top-1 {r.before.top1:.4f}")
+    console.print(f"after:  MRR {r.after.mrr:.4f}  recall@50 {r.after.recall:.4f}  top-1 {r.after.top1:.4f}"
+                  f"  ({trials} trials)")
+    for k, v in r.weights.as_settings().items():
+        console.print(f"  {k} = {v:.4g}")
+    if write:
+        path = write_settings(r.weights.as_settings(), Path(s.config_file) if s.config_file else None)
+        console.print(f"written to {path}")

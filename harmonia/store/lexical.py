@@ -1,0 +1,113 @@
+"""SQL for lexical retrieval: pg_trgm similarity over concept names and synonyms (indexes: migrations/060_lexical.sql).
+
+A name scores the mean of word_similarity (how much of the query a stretch of the name covers: typos, extra words)
+and similarity (trigram-set overlap of the whole strings: word order does not matter). Both sides go through
+vocab.lexnorm (lower case, no accents), the expression the GIN indexes are built on. pg_trgm's functions and
+operators are schema-qualified so a search_path without `public` works.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import psycopg
+from psycopg import sql
+
+from harmonia.store.embeddings import vector_literal
+
+CONCEPT_COLS = "c.concept_id, c.concept_name, c.domain_id, c.vocabulary_id, c.concept_class_id, c.concept_code"
+_SCORE = ("(public.word_similarity(vocab.lexnorm(%(q)s), vocab.lexnorm({col})) "
+          "+ public.similarity(vocab.lexnorm(%(q)s), vocab.lexnorm({col}))) / 2")
+_VALID = "c.standard_concept = 'S' AND c.invalid_reason IS NULL"
+
+
+def _filters(domains: Sequence[str] | None, vocabularies: Sequence[str] | None, params: dict) -> str:
+    out = [_VALID]
+    if domains:
+        out.append("c.domain_id = ANY(%(domains)s)")
+        params["domains"] = list(domains)
+    if vocabularies:
+        out.append("c.vocabulary_id = ANY(%(vocabs)s)")
+        params["vocabs"] = list(vocabularies)
+    return " AND ".join(out)
+
+
+def lexical_search(conn: psycopg.Connection, text: str, k: int, *, domains: Sequence[str] | None = None,
+                   vocabularies: Sequence[str] | None = None, boost_name: float = 1.0, boost_synonym: float = 0.8,
+                   threshold: float = 0.3) -> list[tuple]:
+    """Top-k valid standard concepts by lexical score, ties by concept_id. Rows: concept_id, concept_name,
+    domain_id, vocabulary_id, concept_class_id, concept_code, score, name_score, synonym_score, where
+    score = max(boost_name * name_score, boost_synonym * synonym_score)."""
+    params: dict = {"q": text, "bn": boost_name, "bs": boost_synonym, "k": k}
+    where = _filters(domains, vocabularies, params)
+    name_score = _SCORE.format(col="c.concept_name")
+    syn_score = _SCORE.format(col="s.concept_synonym_name")
+    # Each branch is an index scan (`q <% name` reads the GIN trigram index); the union keeps each concept's best
+    # name and best synonym score.
+    q = f"""
+        WITH hits AS (
+            SELECT c.concept_id, {name_score} AS ns, 0.0::float8 AS ss FROM vocab.concept c
+            WHERE vocab.lexnorm(%(q)s) OPERATOR(public.<%%) vocab.lexnorm(c.concept_name) AND {where}
+            UNION ALL
+            SELECT c.concept_id, 0.0::float8, {syn_score} FROM vocab.concept_synonym s
+            JOIN vocab.concept c ON c.concept_id = s.concept_id
+            WHERE vocab.lexnorm(%(q)s) OPERATOR(public.<%%) vocab.lexnorm(s.concept_synonym_name) AND {where}
+        ), best AS (
+            SELECT concept_id, max(ns) AS ns, max(ss) AS ss FROM hits GROUP BY concept_id
+        )
+        SELECT {CONCEPT_COLS}, greatest(%(bn)s * b.ns, %(bs)s * b.ss) AS score, b.ns, b.ss
+        FROM best b JOIN vocab.concept c ON c.concept_id = b.concept_id
+        ORDER BY score DESC, c.concept_id LIMIT %(k)s"""
+    with conn.transaction():
+        conn.execute("SELECT set_config('pg_trgm.word_similarity_threshold', %s, true)", (str(threshold),))
+        rows = conn.execute(q, params).fetchall()  # type: ignore[arg-type]
+    return [(*r[:6], float(r[6]), float(r[7]), float(r[8])) for r in rows]
+
+
+def lexical_scores(conn: psycopg.Connection, text: str, concept_ids: Sequence[int]) -> dict[int, tuple[float, float]]:
+    """(name_score, synonym_score) of given concepts, without a threshold: completes fusion for concepts only the
+    vector generator found."""
+    if not concept_ids:
+        return {}
+    name_score = _SCORE.format(col="c.concept_name")
+    syn_score = _SCORE.format(col="s.concept_synonym_name")
+    q = f"""SELECT c.concept_id, {name_score},
+                   coalesce((SELECT max({syn_score}) FROM vocab.concept_synonym s
+                             WHERE s.concept_id = c.concept_id), 0)
+            FROM vocab.concept c WHERE c.concept_id = ANY(%(ids)s)"""
+    rows = conn.execute(q, {"q": text, "ids": list(concept_ids)}).fetchall()  # type: ignore[arg-type]
+    return {r[0]: (float(r[1]), float(r[2])) for r in rows}
+
+
+def vector_scores(conn: psycopg.Connection, model_key: str, dim: int, vector: np.ndarray,
+                  concept_ids: Sequence[int]) -> dict[int, float]:
+    """Exact cosine similarity of given concepts: completes fusion for concepts only the lexical generator found."""
+    if not concept_ids:
+        return {}
+    q = sql.SQL("""SELECT concept_id,
+                          1 - ((embedding::public.vector({dim})) OPERATOR(public.<=>) %s::public.vector({dim}))
+                   FROM vocab.concept_embedding WHERE model = %s AND concept_id = ANY(%s)""").format(
+        dim=sql.Literal(dim))
+    rows = conn.execute(q, (vector_literal(vector), model_key, list(concept_ids))).fetchall()
+    return {r[0]: float(r[1]) for r in rows}
+
+
+def concept_rows(conn: psycopg.Connection, concept_ids: Sequence[int]) -> dict[int, tuple]:
+    """The six candidate columns of given concepts."""
+    rows = conn.execute(f"SELECT {CONCEPT_COLS} FROM vocab.concept c WHERE c.concept_id = ANY(%s)",
+                        (list(concept_ids),)).fetchall()  # type: ignore[arg-type]
+    return {r[0]: tuple(r) for r in rows}
+
+
+def synonym_pairs(conn: psycopg.Connection, vocabularies: Sequence[str] | None) -> list[tuple[str, str]]:
+    """(synonym, concept name) of valid standard concepts where the two differ (training pairs for the embedder)."""
+    q = f"""SELECT s.concept_synonym_name, c.concept_name FROM vocab.concept_synonym s
+            JOIN vocab.concept c ON c.concept_id = s.concept_id
+            WHERE {_VALID} AND lower(s.concept_synonym_name) <> lower(c.concept_name)"""
+    params: list = []
+    if vocabularies:
+        q += " AND c.vocabulary_id = ANY(%s)"
+        params.append(list(vocabularies))
+    q += " ORDER BY c.concept_id, s.concept_synonym_name"
+    return [(r[0], r[1]) for r in conn.execute(q, params).fetchall()]  # type: ignore[arg-type]

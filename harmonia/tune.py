@@ -1,0 +1,140 @@
+"""`harmonia retrieve tune`: fusion weights that maximise MRR on the benchmark's DEVELOPMENT part.
+
+Every dev source's candidate pool (vector and lexical candidates with all raw scores, see
+harmonia.retrieve_hybrid) is computed once from the database; optuna's seeded TPE sampler then searches the
+weights, fusing the pools in Python (milliseconds per trial). Test-part sources are refused wherever sources come
+from, so nothing tuned here has seen them.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+
+from harmonia.benchmark.curate import BenchRow, BenchSetError, group_pairs, read_set, read_usagi_truth
+from harmonia.benchmark.metrics import Aggregate, aggregate, score_row
+from harmonia.benchmark.split import part_of
+from harmonia.config import Settings
+from harmonia.embed import Embedder
+from harmonia.retrieve_hybrid import FusionWeights, HybridRetriever, Pool, fused_ranking
+from harmonia.store import vocab as vocab_store
+
+log = logging.getLogger(__name__)
+
+
+class TuneError(ValueError):
+    pass
+
+
+@dataclass
+class TuneResult:
+    before: Aggregate
+    after: Aggregate
+    weights: FusionWeights
+    trials: int
+    source_keys: list  # the split keys of the sources used (all in the dev part)
+
+
+def dev_only(rows: Sequence[BenchRow]) -> list[BenchRow]:
+    return [r for r in rows if part_of(r.split_key) == "dev"]
+
+
+def dev_sources_from_db(conn: psycopg.Connection, vocabularies: Sequence[str] | None, *, limit: int = 0,
+                        seed: int = 13) -> list[BenchRow]:
+    """Dev-part sources of the vocabulary's 'Maps to' ground truth whose targets are in the configured
+    vocabularies; a seeded sample of `limit` (0: all)."""
+    pairs = vocab_store.maps_to_pairs(conn)
+    dev_pairs = [p for p in pairs if part_of(p[0]) == "dev"]
+    if vocabularies:
+        ok = {cid for cid, c in vocab_store.get_concepts(conn, sorted({p[5] for p in dev_pairs})).items()
+              if c["vocabulary_id"] in set(vocabularies)}
+        dev_pairs = [p for p in dev_pairs if p[5] in ok]
+    rows = dev_only(group_pairs(dev_pairs))
+    if not rows:
+        raise TuneError("no development-part sources: the vocabulary holds no 'Maps to' ground truth")
+    if limit and len(rows) > limit:
+        rows = sorted(random.Random(seed).sample(rows, limit), key=lambda r: str(r.split_key))
+    return rows
+
+
+def dev_sources_from_csv(path: Path) -> list[BenchRow]:
+    """A benchmark set CSV (harmonia.benchmark.curate.write_set) or a Usagi export; only its dev-part rows."""
+    try:
+        rows = read_set(path)
+    except BenchSetError as exc:
+        if "missing column" not in str(exc):
+            raise TuneError(str(exc)) from exc
+        try:
+            rows = read_usagi_truth(path)
+        except BenchSetError as exc2:
+            raise TuneError(f"{path}: neither a benchmark set nor a Usagi file ({exc2})") from exc2
+    dev = dev_only(rows)
+    if len(dev) < len(rows):
+        log.warning("%s: %d test-part row(s) skipped", path, len(rows) - len(dev))
+    if not dev:
+        raise TuneError(f"{path}: no development-part rows")
+    return dev
+
+
+def precompute(conn: psycopg.Connection, embedder: Embedder, settings: Settings, sources: Sequence[BenchRow],
+               batch: int = 64) -> list[tuple[BenchRow, Pool]]:
+    leaked = [r.split_key for r in sources if part_of(r.split_key) != "dev"]
+    if leaked:
+        raise TuneError(f"refusing to tune on test-part sources: {leaked[:5]}")
+    retriever = HybridRetriever(conn, embedder, settings)
+    out = []
+    for i in range(0, len(sources), batch):
+        chunk = list(sources[i:i + batch])
+        out.extend(zip(chunk, retriever.pools([r.source_text for r in chunk]), strict=True))
+    return out
+
+
+def evaluate(pools: Sequence[tuple[BenchRow, Pool]], w: FusionWeights, k: int = 50) -> Aggregate:
+    scores = []
+    for row, pool in pools:
+        ranked = fused_ranking(pool, w, k).tolist()
+        scores.append(score_row(ranked, ranked, row.targets))
+    return aggregate(scores)
+
+
+def tune(pools: Sequence[tuple[BenchRow, Pool]], settings: Settings, *, trials: int = 100, seed: int = 13
+         ) -> TuneResult:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    k = settings.retrieval_top_k
+    current = FusionWeights.from_settings(settings)
+    before = evaluate(pools, current, k)
+
+    def params_to_weights(p: dict) -> FusionWeights:
+        # Min-max normalisation makes the lexical term scale-free, so only boost_synonym / boost_name matters.
+        return FusionWeights(vector=p["vector"], lexical=p["lexical"], rrf=p["rrf"], rrf_k=p["rrf_k"],
+                             boost_name=1.0, boost_synonym=p["boost_synonym"])
+
+    def objective(trial: optuna.Trial) -> float:
+        w = params_to_weights({"vector": trial.suggest_float("vector", 0.0, 1.0),
+                               "lexical": trial.suggest_float("lexical", 0.0, 1.0),
+                               "rrf": trial.suggest_float("rrf", 0.0, 1.0),
+                               "rrf_k": trial.suggest_float("rrf_k", 1.0, 100.0),
+                               "boost_synonym": trial.suggest_float("boost_synonym", 0.3, 1.2)})
+        a = evaluate(pools, w, k)
+        trial.set_user_attr("recall", a.recall)
+        return a.mrr
+
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
+    # The current weights are the first trial, so tuning never reports worse than where it started.
+    study.enqueue_trial({"vector": min(max(current.vector, 0.0), 1.0), "lexical": min(max(current.lexical, 0.0), 1.0),
+                         "rrf": min(max(current.rrf, 0.0), 1.0), "rrf_k": min(max(current.rrf_k, 1.0), 100.0),
+                         "boost_synonym": min(max(current.boost_synonym / (current.boost_name or 1.0), 0.3), 1.2)})
+    study.optimize(objective, n_trials=trials)
+    best = params_to_weights(study.best_params)
+    after = evaluate(pools, best, k)
+    if after.mrr < before.mrr:
+        best, after = current, before
+    return TuneResult(before=before, after=after, weights=best, trials=trials,
+                      source_keys=[r.split_key for r, _ in pools])
