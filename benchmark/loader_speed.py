@@ -26,8 +26,9 @@ from harmonia.vocab import load_vocabulary  # noqa: E402
 
 HEADER = ("concept_id\tconcept_name\tdomain_id\tvocabulary_id\tconcept_class_id\tstandard_concept\t"
           "concept_code\tvalid_start_date\tvalid_end_date\tinvalid_reason\n")
-WORDS = ("acute chronic fracture of left right upper lower limb neoplasm malignant benign disorder finding "
-         "procedure serum plasma glucose sodium measurement tablet oral 10 mg injection").split()
+WORDS = ["acute", "chronic", "fracture", "of", "left", "right", "upper", "lower", "limb", "neoplasm",
+         "malignant", "benign", "disorder", "finding", "procedure", "serum", "plasma", "glucose", "sodium",
+         "measurement", "tablet", "oral", "10", "mg", "injection"]
 
 
 def write_concepts(path: Path, rows: int, gz: bool) -> None:

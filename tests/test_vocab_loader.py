@@ -30,7 +30,8 @@ def test_loads_plain_and_gzip_with_optional_files(vconn, tmp_path: Path) -> None
             concept_row(3, 'Name with "quotes", tabs\\backslash', std="")]
     plain = write_vocab(tmp_path / "plain", rows, ["1\t2\tIs a\t19700101\t20991231\t"],
                         extra={"VOCABULARY": "vocabulary_id\tvocabulary_name\tvocabulary_reference\t"
-                                             "vocabulary_version\tvocabulary_concept_id\nSNOMED\tSNOMED CT\t\tv1\t44819097\n"})
+                                             "vocabulary_version\tvocabulary_concept_id\n"
+                                             "SNOMED\tSNOMED CT\t\tv1\t44819097\n"})
     r = load_vocabulary(vconn, plain, progress=False)
     assert r.rows["concept"] == 3 and r.rows["concept_relationship"] == 1 and r.rows["vocabulary"] == 1
     assert "CONCEPT_SYNONYM" in r.missing
@@ -113,8 +114,8 @@ def test_gzip_header_only_and_crlf(vconn, tmp_path: Path) -> None:
     d = tmp_path / "crlf"
     d.mkdir()
     with gzip.open(d / "CONCEPT.csv.gz", "wb") as fh:
-        fh.write(("concept_id\tconcept_name\tdomain_id\tvocabulary_id\tconcept_class_id\tstandard_concept\t"
-                  "concept_code\tvalid_start_date\tvalid_end_date\tinvalid_reason\r\n").encode())
+        fh.write(b"concept_id\tconcept_name\tdomain_id\tvocabulary_id\tconcept_class_id\tstandard_concept\t"
+                  b"concept_code\tvalid_start_date\tvalid_end_date\tinvalid_reason\r\n")
         fh.write((concept_row(5, "Rash") + "\r\n").encode())
     r = load_vocabulary(vconn, d, progress=False)
     assert r.rows["concept"] == 1 and _names(vconn) == {5: "Rash"}

@@ -1,0 +1,129 @@
+"""Classifier reranker figures on the ICD10 -> SNOMED TEST part of the loaded vocabulary (issue 5).
+
+    python benchmark/classifier_figures.py --data-dir /tmp/clf [--n 500] [--checkpoint DIR] [--threads 2]
+
+Sources: ICD10 concepts with 'Maps to' targets in SNOMED whose source concept is in the test part
+(harmonia.benchmark.split.part_of == "test"), a seeded sample of --n. Each is retrieved once (top-50, the
+configured retriever); `none` keeps retrieval order, `classifier` reranks the same 50 with the checkpoint. A hit is
+any SNOMED 'Maps to' target. Time: each source code reranked on its own (50 pairs, one call), wall clock, after
+a warm-up; the batched throughput of rerank_many is printed too. Goals: top-1 >= 0.85; <= 150 ms per source code
+on 2 CPU cores. The load average is printed with the times: on a shared machine they are noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import percentile  # noqa: E402
+
+from harmonia import db  # noqa: E402
+from harmonia.benchmark.split import part_of  # noqa: E402
+from harmonia.config import load_settings  # noqa: E402
+from harmonia.embed import Embedder  # noqa: E402
+from harmonia.rerank import NoneReranker, SourceTerm  # noqa: E402
+from harmonia.rerank.classifier import ClassifierReranker, checkpoint_from_settings  # noqa: E402
+from harmonia.retrieve import make_retriever  # noqa: E402
+from harmonia.store import vocab as vocab_store  # noqa: E402
+
+
+def metrics(rankings: list[list[int]], truths: list[set[int]]) -> dict[str, float]:
+    n = len(rankings) or 1
+    top1 = top5 = mrr = 0.0
+    for ranking, targets in zip(rankings, truths, strict=True):
+        rank = next((r for r, cid in enumerate(ranking, 1) if cid in targets), None)
+        top1 += rank == 1
+        top5 += rank is not None and rank <= 5
+        mrr += 1.0 / rank if rank else 0.0
+    return {"top1": top1 / n, "top5": top5 / n, "mrr": mrr / n}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data-dir", required=True)
+    ap.add_argument("--n", type=int, default=500)
+    ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--checkpoint", default="", help="Default: classifier_checkpoint, else <data_dir>/reranker/latest")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (the goal is stated for 2 cores)")
+    ap.add_argument("--timed", type=int, default=0, help="Time only the first N sources one by one (0: all).")
+    args = ap.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    overrides = {"data_dir": args.data_dir, "reranker": "classifier"}
+    if args.checkpoint:
+        overrides["classifier_checkpoint"] = args.checkpoint
+    s = load_settings(overrides)
+    with db.connect(s, autocommit=True) as conn:
+        by_src: dict[int, dict] = {}
+        pairs = vocab_store.maps_to_pairs(conn, ["ICD10"])
+        target_vocab = {cid: c["vocabulary_id"] for cid, c in
+                        vocab_store.get_concepts(conn, sorted({p[5] for p in pairs})).items()}
+        for sid, code, voc, name, _dom, target in pairs:
+            if part_of(sid) != "test" or target_vocab.get(target) != "SNOMED":
+                continue
+            by_src.setdefault(sid, {"term": SourceTerm(code, voc, name), "targets": set()})["targets"].add(target)
+        ids = sorted(by_src)
+        random.Random(args.seed).shuffle(ids)
+        ids = ids[: args.n]
+        terms = [by_src[i]["term"] for i in ids]
+        truths = [by_src[i]["targets"] for i in ids]
+        retriever = make_retriever(conn, Embedder.from_settings(s), s)
+        cand_lists = []
+        for start in range(0, len(terms), 128):
+            cand_lists += retriever.search_many([t.source_text for t in terms[start:start + 128]])
+
+    reranker = ClassifierReranker(checkpoint_from_settings(s), top_n=max(s.rerank_top_n, 50),
+                                  batch_size=s.classifier_batch_size, max_length=s.classifier_max_length,
+                                  device="cpu")
+    none = NoneReranker(50)
+    base = [[r.concept_id for r in none.rerank(t, c).ranked] for t, c in zip(terms, cand_lists, strict=True)]
+    reranker.rerank(terms[0], cand_lists[0])  # warm-up
+    load_before = os.getloadavg()
+    timed = len(terms) if not args.timed else min(args.timed, len(terms))
+    per_code_ms: list[float] = []
+    ranked: list[list[int]] = []
+    for i, (t, c) in enumerate(zip(terms, cand_lists, strict=True)):
+        if i < timed:
+            t0 = time.perf_counter()
+            r = reranker.rerank(t, c)
+            per_code_ms.append((time.perf_counter() - t0) * 1000)
+        else:
+            r = reranker.rerank(t, c)
+        ranked.append([x.concept_id for x in r.ranked])
+    load_mid = os.getloadavg()
+    t0 = time.perf_counter()
+    batch = reranker.rerank_many(list(zip(terms[:timed], cand_lists[:timed], strict=True)))
+    batched_ms = (time.perf_counter() - t0) * 1000 / max(len(batch), 1)
+    load_after = os.getloadavg()
+    assert [[x.concept_id for x in r.ranked] for r in batch] == ranked[:timed]  # batching changes nothing
+
+    recall = sum(any(c.concept_id in tr for c in cl) for cl, tr in zip(cand_lists, truths, strict=True))
+    m_none, m_clf = metrics(base, truths), metrics(ranked, truths)
+    pairs_per = statistics.mean(len(c) for c in cand_lists)
+    print(f"ICD10 -> SNOMED test part: {len(terms)} source codes (seed {args.seed}), "
+          f"{pairs_per:.0f} candidates each, recall@{s.retrieval_top_k} {recall / len(terms):.3f}")
+    print(f"checkpoint {reranker.checkpoint} ({reranker.model_version}, base {reranker.base_model})")
+    print()
+    print("| reranker | top-1 | top-5 | MRR | ms per source code (50 pairs) |")
+    print("|---|---|---|---|---|")
+    print(f"| none | {m_none['top1']:.3f} | {m_none['top5']:.3f} | {m_none['mrr']:.3f} | - |")
+    print(f"| classifier | {m_clf['top1']:.3f} | {m_clf['top5']:.3f} | {m_clf['mrr']:.3f} | "
+          f"median {statistics.median(per_code_ms):.0f}, p95 {percentile(per_code_ms, 95):.0f}, "
+          f"mean {statistics.mean(per_code_ms):.0f} (one call per code, {timed} codes); "
+          f"batched {batched_ms:.0f} |")
+    print()
+    print(f"torch threads {torch.get_num_threads()}, os.cpu_count() {os.cpu_count()}; load average "
+          f"(1/5/15 min) before {load_before[0]:.1f}/{load_before[1]:.1f}/{load_before[2]:.1f}, "
+          f"after single calls {load_mid[0]:.1f}, after batched {load_after[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()

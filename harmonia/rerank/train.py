@@ -1,0 +1,441 @@
+"""`harmonia reranker train`: fine-tune a cross-encoder on the vocabulary's own 'Maps to' pairs.
+
+Training material, built once per run and saved with it (pairs.jsonl.gz) so a resumed run sees the same data:
+- sources: non-standard concepts with 'Maps to' targets whose source concept is in the DEVELOPMENT part
+  (harmonia.benchmark.split.part_of); a test-part source never becomes a pair. A held-out slice of the
+  development sources is kept out of training for the model card's metrics and for the calibration;
+- per source: the true targets (positives), hard negatives (the retriever's own top-K that are not targets, the
+  first few plus a random few) and random standard concepts;
+- reviewers' decisions: maps with decided_by='reviewer' are positives, the suggestion a correction replaced is a
+  hard negative (sources that are vocabulary concepts of the test part are left out, as above).
+
+A run lives in <data_dir>/reranker/<timestamp>/: run.json (options), pairs.jsonl.gz, state/ (model, optimizer,
+scheduler and step, saved every --save-every steps: --resume continues from there), and when finished model/,
+calibration.json, model_card.json and README.md; then <data_dir>/reranker/latest points at it.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psycopg
+
+from harmonia.benchmark.split import part_of
+from harmonia.config import Settings
+from harmonia.rerank.classifier import Calibration, PairScorer, candidate_text, reranker_root, weights_hash
+from harmonia.store import training as train_store
+from harmonia.store import vocab as vocab_store
+
+log = logging.getLogger(__name__)
+
+
+class TrainError(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainOptions:
+    base_model: str = ""             # HF name or path; empty: the bundled all-MiniLM-L6-v2
+    layers: int = 0                  # keep only the first N encoder layers of the base (0: all): N/L the cost
+    epochs: float = 1.0
+    max_steps: int = 0               # 0: epochs decide
+    batch_size: int = 32
+    max_length: int = 64
+    learning_rate: float = 5e-5
+    warmup_ratio: float = 0.05
+    seed: int = 13
+    hard_negatives: int = 4          # per source, from the retriever's top-K
+    hard_top: int = 3                # of which the highest-ranked non-targets (the rest sampled from the top-K)
+    random_negatives: int = 1        # per source
+    max_positives: int = 3           # per source
+    max_sources: int = 0             # 0: every development source
+    holdout: float = 0.05            # share of development sources kept out for metrics and calibration
+    holdout_max: int = 300
+    source_vocabularies: list[str] = field(default_factory=list)  # empty: all
+    save_every: int = 200
+    retrieval_batch: int = 256
+    include_reviews: bool = True
+
+
+@dataclass
+class Example:
+    query: str
+    doc: str
+    label: float
+    source: str       # source key: concept_id for vocabulary sources, "vocab:code" for reviewed ones
+    kind: str         # positive | hard | random | review_positive | review_negative
+
+
+# ------------------------------------------------------------------------------------------------ material
+
+
+def dev_sources(conn: psycopg.Connection, vocabularies: Sequence[str] | None = None) -> dict[int, dict]:
+    """Development-part sources: concept_id -> {text, targets}."""
+    out: dict[int, dict] = {}
+    for sid, _code, _voc, name, _dom, target in vocab_store.maps_to_pairs(conn, list(vocabularies or []) or None):
+        if part_of(sid) != "dev":
+            continue
+        e = out.setdefault(sid, {"text": name, "targets": set()})
+        e["targets"].add(target)
+    return out
+
+
+def review_examples(conn: psycopg.Connection, texts: dict[int, tuple] | None = None) -> list[Example]:
+    """Reviewers' approvals (positives) and the suggestions their corrections replaced (hard negatives)."""
+    approvals = train_store.reviewer_approvals(conn)
+    corrections = train_store.reviewer_corrections(conn)
+    keys = [(r["source_code"], r["source_vocab"]) for r in approvals + corrections]
+    as_concept = train_store.source_concept_ids(conn, keys)
+
+    def held_out(code: str, vocab: str) -> bool:  # a test-part vocabulary source must not be trained on
+        cid = as_concept.get((code, vocab))
+        return cid is not None and part_of(cid) == "test"
+
+    ids = {r["concept_id"] for r in approvals} | {r["old_concept_id"] for r in corrections}
+    texts = texts if texts is not None else train_store.concept_texts(conn, ids)
+    missing = ids - set(texts)
+    if missing:
+        texts = {**texts, **train_store.concept_texts(conn, missing)}
+    current = {(r["source_code"], r["source_vocab"]): r["concept_id"] for r in approvals}
+    out: list[Example] = []
+    for r in approvals:
+        if held_out(r["source_code"], r["source_vocab"]) or r["concept_id"] not in texts:
+            continue
+        out.append(Example(r["source_text"], candidate_text(texts[r["concept_id"]]), 1.0,
+                           f"{r['source_vocab']}:{r['source_code']}", "review_positive"))
+    for r in corrections:
+        key = (r["source_code"], r["source_vocab"])
+        if held_out(*key) or r["old_concept_id"] not in texts or current.get(key) == r["old_concept_id"]:
+            continue
+        out.append(Example(r["source_text"], candidate_text(texts[r["old_concept_id"]]), 0.0,
+                           f"{r['source_vocab']}:{r['source_code']}", "review_negative"))
+    return out
+
+
+@dataclass
+class Material:
+    train: list[Example]
+    holdout: dict[int, dict]                 # source id -> {text, targets, candidates: [(id, text, sim)]}
+    counts: dict[str, int]
+
+
+def build_material(conn: psycopg.Connection, settings: Settings, opts: TrainOptions, *,
+                   progress: bool = True) -> Material:
+    from tqdm import tqdm
+
+    from harmonia.embed import Embedder
+    from harmonia.retrieve import make_retriever
+
+    rng = random.Random(opts.seed)
+    sources = dev_sources(conn, opts.source_vocabularies)
+    ids = sorted(sources)
+    rng.shuffle(ids)
+    if opts.max_sources:
+        ids = ids[: opts.max_sources]
+    n_hold = min(opts.holdout_max, int(round(len(ids) * opts.holdout))) if len(ids) >= 10 else 0
+    hold_ids, train_ids = ids[:n_hold], ids[n_hold:]
+    pool = train_store.standard_concepts(conn, settings.vocabularies)
+    if not pool:
+        raise TrainError("no valid standard concepts loaded: run `harmonia vocab load` first")
+    texts = {r[0]: r for r in pool}
+    missing = {t for i in ids for t in sources[i]["targets"]} - set(texts)
+    texts.update(train_store.concept_texts(conn, missing))
+
+    retriever = make_retriever(conn, Embedder.from_settings(settings), settings)
+    retrieved: dict[int, list] = {}
+    with tqdm(total=len(ids), unit="source", desc="mine negatives", disable=not progress) as bar:
+        for start in range(0, len(ids), opts.retrieval_batch):
+            chunk = ids[start:start + opts.retrieval_batch]
+            for sid, cands in zip(chunk, retriever.search_many([sources[s]["text"] for s in chunk]), strict=True):
+                retrieved[sid] = cands
+            bar.update(len(chunk))
+
+    examples: list[Example] = []
+    counts: dict[str, int] = defaultdict(int)
+    for sid in train_ids:
+        src = sources[sid]
+        q, targets = src["text"], src["targets"]
+        for t in sorted(targets)[: opts.max_positives]:
+            if t in texts:
+                examples.append(Example(q, candidate_text(texts[t]), 1.0, str(sid), "positive"))
+        non_targets = [c for c in retrieved[sid] if c.concept_id not in targets]
+        hard = non_targets[: opts.hard_top]
+        rest = non_targets[opts.hard_top:]
+        hard += rng.sample(rest, min(len(rest), max(0, opts.hard_negatives - len(hard))))
+        examples += [Example(q, candidate_text(c), 0.0, str(sid), "hard") for c in hard]
+        for _ in range(opts.random_negatives):
+            r = pool[rng.randrange(len(pool))]
+            if r[0] not in targets:
+                examples.append(Example(q, candidate_text(r), 0.0, str(sid), "random"))
+    if opts.include_reviews:
+        examples += review_examples(conn, texts)
+    for e in examples:
+        counts[e.kind] += 1
+    counts["train_sources"] = len(train_ids)
+    counts["holdout_sources"] = len(hold_ids)
+    counts["pairs"] = len(examples)
+    holdout = {sid: {"text": sources[sid]["text"], "targets": sorted(sources[sid]["targets"]),
+                     "candidates": [(c.concept_id, candidate_text(c), c.similarity) for c in retrieved[sid]]}
+               for sid in hold_ids}
+    return Material(examples, holdout, dict(counts))
+
+
+def save_material(path: Path, m: Material) -> None:
+    tmp = path.with_suffix(".tmp")
+    with gzip.open(tmp, "wt") as fh:
+        fh.write(json.dumps({"counts": m.counts, "holdout": {str(k): v for k, v in m.holdout.items()}}) + "\n")
+        for e in m.train:
+            fh.write(json.dumps(asdict(e)) + "\n")
+    tmp.replace(path)
+
+
+def load_material(path: Path) -> Material:
+    with gzip.open(path, "rt") as fh:
+        head = json.loads(fh.readline())
+        train = [Example(**json.loads(line)) for line in fh]
+    holdout = {int(k): {**v, "candidates": [tuple(c) for c in v["candidates"]]} for k, v in head["holdout"].items()}
+    return Material(train, holdout, head["counts"])
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+
+
+def evaluate(scorer: PairScorer, holdout: dict[int, dict]) -> tuple[dict[str, float], list[float], list[bool]]:
+    """top-1 / top-5 / MRR of retrieval order and of the classifier on held-out sources (over all sources, a
+    target missing from the candidates counting as a miss); also each source's top probability and whether its
+    top-1 is right, for the calibration."""
+    n = len(holdout)
+    if n == 0:
+        return {}, [], []
+    sums: dict[str, float] = defaultdict(float)
+    top_p: list[float] = []
+    right: list[bool] = []
+    for src in holdout.values():
+        cands = src["candidates"]
+        targets = set(src["targets"])
+        if not cands:
+            top_p.append(0.0)
+            right.append(False)
+            continue
+        probs = scorer.probs([src["text"]] * len(cands), [c[1] for c in cands])
+        order = list(np.argsort(-probs, kind="stable"))
+        for name, ranking in (("none", [c[0] for c in cands]), ("classifier", [cands[i][0] for i in order])):
+            rank = next((r for r, cid in enumerate(ranking, 1) if cid in targets), None)
+            sums[f"{name}_top1"] += rank == 1
+            sums[f"{name}_top5"] += rank is not None and rank <= 5
+            sums[f"{name}_mrr"] += 1.0 / rank if rank else 0.0
+        top_p.append(float(probs[order[0]]))
+        right.append(cands[order[0]][0] in targets)
+    metrics = {k: round(v / n, 4) for k, v in sums.items()}
+    metrics["sources"] = n
+    return metrics, top_p, right
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+
+def _now_stamp() -> str:
+    return datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+
+
+def find_resumable(root: Path) -> Path | None:
+    """The newest run folder that has saved state but no finished model."""
+    runs = sorted((p for p in root.glob("*") if p.is_dir() and (p / "state" / "trainer.pt").exists()
+                   and not (p / "model_card.json").exists()), key=lambda p: p.name)
+    return runs[-1] if runs else None
+
+
+def point_latest(root: Path, run_dir: Path) -> Path:
+    """Atomically re-point <root>/latest at run_dir (a relative symlink)."""
+    link = root / "latest"
+    tmp = root / f".latest-{os.getpid()}"
+    if tmp.exists() or tmp.is_symlink():
+        tmp.unlink()
+    tmp.symlink_to(run_dir.name)
+    os.replace(tmp, link)
+    return link
+
+
+@dataclass
+class TrainReport:
+    run_dir: Path
+    steps: int
+    seconds: float
+    counts: dict[str, int]
+    metrics: dict[str, float]
+    checkpoint_hash: str
+    resumed_from: int = 0
+
+
+def _load_base(name: str, num_labels: int = 1, layers: int = 0):  # noqa: ANN202 - (tokenizer, model)
+    if Path(name).expanduser().exists():
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        name = str(Path(name).expanduser())
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    # A sentence encoder gets a fresh classification head; transformers' warning about it is expected.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        tok = AutoTokenizer.from_pretrained(name)
+        extra = {"num_hidden_layers": layers} if layers else {}
+        model = AutoModelForSequenceClassification.from_pretrained(name, num_labels=num_labels, **extra)
+    except OSError as exc:
+        raise TrainError(f"cannot load base model {name!r}: {exc}") from exc
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    return tok, model
+
+
+def train(conn: psycopg.Connection, settings: Settings, opts: TrainOptions, *, out: Path | None = None,
+          resume: bool = False, progress: bool = True) -> TrainReport:
+    import torch
+    from tqdm import tqdm
+    from transformers import get_linear_schedule_with_warmup
+
+    from harmonia.embed import bundled_model_path, resolve_device
+
+    root = reranker_root(settings)
+    root.mkdir(parents=True, exist_ok=True)
+    if resume:
+        run_dir = out or find_resumable(root)
+        if run_dir is None or not (run_dir / "state" / "trainer.pt").exists():
+            raise TrainError(f"nothing to resume under {out or root}: no run with saved state")
+        saved = json.loads((run_dir / "run.json").read_text())
+        opts = TrainOptions(**{**saved["options"], "max_steps": opts.max_steps or saved["options"]["max_steps"]})
+    else:
+        run_dir = out or root / _now_stamp()
+        if (run_dir / "model_card.json").exists() or (run_dir / "state").exists():
+            raise TrainError(f"{run_dir} already holds a run: pick another --out, or --resume it")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        opts.base_model = opts.base_model or settings.classifier_base_model or str(bundled_model_path())
+        (run_dir / "run.json").write_text(json.dumps({"options": asdict(opts), "started": _now_stamp()}, indent=1))
+
+    pairs_path = run_dir / "pairs.jsonl.gz"
+    if pairs_path.exists():
+        material = load_material(pairs_path)
+    else:
+        material = build_material(conn, settings, opts, progress=progress)
+        save_material(pairs_path, material)
+    if not material.train:
+        raise TrainError("no training pairs: the loaded vocabulary has no 'Maps to' rows from development "
+                         "sources and there are no review decisions")
+
+    device = resolve_device(settings.embedding_device)
+    torch.manual_seed(opts.seed)
+    state_dir = run_dir / "state"
+    tok, model = _load_base(str(state_dir / "model")) if resume else _load_base(opts.base_model, layers=opts.layers)
+    model.to(device).train()
+    n = len(material.train)
+    per_epoch = math.ceil(n / opts.batch_size)
+    total = int(math.ceil(per_epoch * opts.epochs))
+    if opts.max_steps:
+        total = min(total, opts.max_steps) if opts.epochs else opts.max_steps
+    optim = torch.optim.AdamW(model.parameters(), lr=opts.learning_rate, weight_decay=0.01)
+    sched = get_linear_schedule_with_warmup(optim, int(total * opts.warmup_ratio), total)
+    step = 0
+    if resume:
+        st = torch.load(state_dir / "trainer.pt", map_location=device, weights_only=False)
+        optim.load_state_dict(st["optimizer"])
+        sched.load_state_dict(st["scheduler"])
+        step = st["step"]
+        torch.set_rng_state(st["torch_rng"])
+    resumed_from = step
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    t0 = time.perf_counter()
+
+    def save_state() -> None:
+        tmp = run_dir / "state.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp / "model")
+        tok.save_pretrained(tmp / "model")
+        torch.save({"optimizer": optim.state_dict(), "scheduler": sched.state_dict(), "step": step,
+                    "torch_rng": torch.get_rng_state()}, tmp / "trainer.pt")
+        shutil.rmtree(state_dir, ignore_errors=True)
+        tmp.rename(state_dir)
+
+    order: np.ndarray | None = None
+    epoch_of_order = -1
+    running = 0.0
+    with tqdm(total=total, initial=step, unit="step", desc="train", disable=not progress) as bar:
+        while step < total:
+            epoch, offset = divmod(step, per_epoch)
+            if epoch != epoch_of_order:  # the order is a function of (seed, epoch): a resume sees the same
+                order = np.random.default_rng(opts.seed + epoch).permutation(n)
+                epoch_of_order = epoch
+            assert order is not None
+            batch = [material.train[i] for i in order[offset * opts.batch_size:(offset + 1) * opts.batch_size]]
+            enc = tok([e.query for e in batch], [e.doc for e in batch], truncation=True,
+                      max_length=opts.max_length, padding=True, return_tensors="pt").to(device)
+            labels = torch.tensor([e.label for e in batch], dtype=torch.float32, device=device)
+            loss = loss_fn(model(**enc).logits[:, 0], labels)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optim.step()
+            sched.step()
+            optim.zero_grad(set_to_none=True)
+            step += 1
+            running = 0.98 * running + 0.02 * loss.item() if step > resumed_from + 1 else loss.item()
+            bar.set_postfix(loss=f"{running:.4f}")
+            bar.update(1)
+            if opts.save_every and step % opts.save_every == 0 and step < total:
+                save_state()
+    train_seconds = time.perf_counter() - t0
+
+    model_dir = run_dir / "model"
+    shutil.rmtree(model_dir, ignore_errors=True)
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    scorer = PairScorer(model_dir, device=device, max_length=opts.max_length, batch_size=settings.classifier_batch_size)
+    metrics, top_p, right = evaluate(scorer, material.holdout)
+    cal = Calibration.fit(top_p, right)
+    (run_dir / "calibration.json").write_text(json.dumps(cal.to_dict()))
+    digest = weights_hash(model_dir)
+    card = {
+        "checkpoint_hash": digest, "base_model": opts.base_model, "task": "binary (source, concept) equivalence, "
+        "one logit, BCE", "candidate_text": "name | domain | vocabulary | class", "steps": step,
+        "layers": model.config.num_hidden_layers,
+        "resumed_from_step": resumed_from, "epochs_seen": round(step / per_epoch, 3), "seed": opts.seed,
+        "batch_size": opts.batch_size, "max_length": opts.max_length, "learning_rate": opts.learning_rate,
+        "device": device, "train_seconds_this_session": round(train_seconds, 1), "data": material.counts,
+        "split": "harmonia.benchmark.split.part_of == 'dev' sources only; held-out slice of dev for metrics",
+        "embedding_model_for_negatives": settings.embedding_model or "bundled all-MiniLM-L6-v2",
+        "holdout_metrics": metrics, "calibration": {"method": cal.method, "n": cal.n},
+        "finished": _now_stamp(), "options": asdict(opts),
+    }
+    (run_dir / "model_card.json").write_text(json.dumps(card, indent=1))
+    (run_dir / "README.md").write_text(_readme(card))
+    shutil.rmtree(state_dir, ignore_errors=True)
+    point_latest(root, run_dir)
+    return TrainReport(run_dir, step, train_seconds, material.counts, metrics, digest, resumed_from)
+
+
+def _readme(card: dict[str, Any]) -> str:
+    m = card["holdout_metrics"]
+    lines = [f"# Harmonia classifier reranker {card['checkpoint_hash']}", "",
+             f"Cross-encoder fine-tuned from `{card['base_model']}` for {card['steps']} steps "
+             f"(batch {card['batch_size']}, max_length {card['max_length']}, seed {card['seed']}, {card['device']}).",
+             "", "Training pairs (development sources only): " + ", ".join(f"{k} {v}" for k, v in card["data"].items()),
+             ""]
+    if m:
+        lines += [f"Held-out development sources ({m['sources']}), 50 retrieved candidates each:", "",
+                  "| reranker | top-1 | top-5 | MRR |", "|---|---|---|---|",
+                  f"| none | {m['none_top1']} | {m['none_top5']} | {m['none_mrr']} |",
+                  f"| classifier | {m['classifier_top1']} | {m['classifier_top5']} | {m['classifier_mrr']} |", ""]
+    lines.append(f"Confidence: {card['calibration']['method']} calibration on {card['calibration']['n']} sources.")
+    return "\n".join(lines) + "\n"

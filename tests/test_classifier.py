@@ -1,0 +1,199 @@
+"""The classifier reranker: tiny training runs on the real sample vocabulary, the checkpoint, the calibration, the
+pipeline with reranker=classifier, and review decisions as training pairs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import psycopg
+import pytest
+
+from harmonia.benchmark.split import part_of
+from harmonia.config import Settings
+from harmonia.rerank import SourceTerm, make_reranker
+from harmonia.rerank.classifier import (
+    Calibration,
+    CheckpointError,
+    ClassifierReranker,
+    PairScorer,
+    candidate_text,
+    checkpoint_from_settings,
+)
+from harmonia.rerank.train import TrainOptions, dev_sources, load_material, review_examples, train
+from harmonia.store import training as train_store
+from tests.conftest import make_settings
+
+TINY = dict(max_sources=12, batch_size=8, learning_rate=3e-4, layers=2, hard_negatives=1, hard_top=1,
+            random_negatives=1, max_positives=1, holdout=0.0, max_length=40, save_every=10, warmup_ratio=0.0)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(template_db: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[Settings, Path]:
+    """One tiny training run (reads only; the connection is closed before other tests copy the template)."""
+    data = tmp_path_factory.mktemp("clf")
+    s = make_settings(template_db, data)
+    with psycopg.connect(template_db, autocommit=True) as conn:
+        report = train(conn, s, TrainOptions(max_steps=30, epochs=0, **TINY), progress=False)
+    return s, report.run_dir
+
+
+def test_tiny_run_writes_a_loadable_checkpoint_that_ranks_true_pairs_first(tiny_run: tuple[Settings, Path]) -> None:
+    s, run_dir = tiny_run
+    assert checkpoint_from_settings(s) == run_dir.resolve()  # `latest` points at it
+    card = json.loads((run_dir / "model_card.json").read_text())
+    assert card["steps"] == 30 and card["data"]["positive"] > 0 and card["checkpoint_hash"]
+    assert not (run_dir / "state").exists()
+    material = load_material(run_dir / "pairs.jsonl.gz")
+    scorer = PairScorer(run_dir / "model", max_length=40)
+    pos = [e for e in material.train if e.kind == "positive"]
+    rnd = {e.source: e for e in material.train if e.kind == "random"}
+    pairs = [(p, rnd[p.source]) for p in pos if p.source in rnd]
+    assert len(pairs) >= 8
+    p_true = scorer.probs([p.query for p, _ in pairs], [p.doc for p, _ in pairs])
+    p_rand = scorer.probs([r.query for _, r in pairs], [r.doc for _, r in pairs])
+    assert (p_true > p_rand).mean() >= 0.9, (p_true, p_rand)
+
+
+def test_no_test_part_source_in_training_pairs(conn: psycopg.Connection, tiny_run: tuple[Settings, Path]) -> None:
+    _, run_dir = tiny_run
+    material = load_material(run_dir / "pairs.jsonl.gz")
+    sources = {int(e.source) for e in material.train if e.kind in ("positive", "hard", "random")}
+    assert sources and all(part_of(sid) == "dev" for sid in sources)
+    # and the whole development pool the trainer draws from holds no test source, though the sample has them
+    from harmonia.store import vocab as vocab_store
+
+    all_sources = {r[0] for r in vocab_store.maps_to_pairs(conn, ["ICD10"])}
+    dev = dev_sources(conn, ["ICD10"])
+    assert any(part_of(sid) == "test" for sid in all_sources)
+    assert dev and set(dev) < all_sources and all(part_of(sid) == "dev" for sid in dev)
+
+
+def test_calibration_is_monotone_into_unit_interval() -> None:
+    rng = np.random.default_rng(0)
+    p = rng.uniform(0, 1, 400)
+    correct = rng.uniform(0, 1, 400) < p ** 2
+    cal = Calibration.fit(p, correct)
+    assert cal.method == "isotonic"
+    grid = np.linspace(-0.5, 1.5, 501)
+    out = cal(grid)
+    assert np.all(out >= 0) and np.all(out <= 1) and np.all(np.diff(out) >= -1e-12)
+    assert cal(0.05) < 0.2 < 0.7 < cal(0.97)
+    back = Calibration.from_dict(json.loads(json.dumps(cal.to_dict())))
+    assert np.allclose(back(grid), out)
+    assert Calibration.fit([0.9] * 30, [True] * 30).method == "identity"  # one outcome: nothing to fit
+    with pytest.raises(CheckpointError):
+        Calibration.from_dict({"x": [0.5, 0.1], "y": [0.1, 0.2]})
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
+    s = make_settings("postgresql://unused", tmp_path, reranker="classifier")
+    with pytest.raises(CheckpointError, match="reranker train"):
+        make_reranker(s)
+
+
+def test_pipeline_with_classifier_routes_and_persists(conn: psycopg.Connection, settings: Settings,
+                                                     tiny_run: tuple[Settings, Path]) -> None:
+    from harmonia.pipeline import MapSummary, Pipeline, map_terms
+    from harmonia.store import vocab as vocab_store
+
+    _, run_dir = tiny_run
+    s = make_settings(settings.database_url, settings.data_path, reranker="classifier",
+                      classifier_checkpoint=str(run_dir), auto_approve_threshold=0.0)
+    test_sources = {r[0]: r for r in vocab_store.maps_to_pairs(conn, ["ICD10"]) if part_of(r[0]) == "test"}
+    rows = list(test_sources.values())
+    terms = [SourceTerm(source_code=r[1], source_vocab=r[2], source_text=r[3]) for r in rows[:6]]
+    pipe = Pipeline.from_settings(conn, s)
+    assert isinstance(pipe.reranker, ClassifierReranker)
+    summary = map_terms(conn, pipe, terms, summary=MapSummary(input_rows=len(terms)), progress=False)
+    assert summary.approved == len(terms) and summary.reconciles
+    stored = conn.execute("SELECT model_version, candidate_ranking_json, confidence FROM harmonia.concept_map"
+                          ).fetchall()
+    assert len(stored) == len(terms)
+    for mv, ranking, conf in stored:
+        assert mv == pipe.reranker.model_version and mv.startswith("classifier:")
+        assert 1 <= len(ranking["ranked"]) <= s.rerank_top_n and 0 <= conf <= 1
+        scores = [r["score"] for r in ranking["ranked"]]
+        assert scores == sorted(scores, reverse=True)
+    # the same codes with an unreachable threshold go to review instead, with the ranking attached
+    s2 = make_settings(settings.database_url, settings.data_path, reranker="classifier",
+                       classifier_checkpoint=str(run_dir), auto_approve_threshold=1.0)
+    terms2 = [SourceTerm(source_code=r[1], source_vocab=r[2], source_text=r[3]) for r in rows[6:9]]
+    summary2 = map_terms(conn, Pipeline.from_settings(conn, s2), terms2, progress=False)
+    assert summary2.review == len(terms2)
+    q = conn.execute("SELECT model_version, reason, jsonb_array_length(candidates_json) FROM harmonia.review_queue"
+                     ).fetchall()
+    assert len(q) == len(terms2)
+    assert all(mv.startswith("classifier:") and reason == "low_confidence" and n >= 1 for mv, reason, n in q)
+
+
+def test_rerank_many_batches_across_items_and_records_the_checkpoint(tiny_run: tuple[Settings, Path]) -> None:
+    from harmonia.retrieve import Candidate
+
+    _, run_dir = tiny_run
+    rr = ClassifierReranker(run_dir, top_n=2, batch_size=3)
+    cands = [Candidate(i, f"concept {i}", "Condition", "SNOMED", "Clinical Finding", str(i), 0.5) for i in range(5)]
+    out = rr.rerank_many([(SourceTerm("A", "X", "fever"), cands), (SourceTerm("B", "X", "cough"), cands[:1]),
+                          (SourceTerm("C", "X", "nothing"), [])])
+    assert [len(r.ranked) for r in out] == [2, 1, 0]
+    assert out[2].no_match and out[0].details["checkpoint"] == str(run_dir.resolve())
+    assert out[0].model_version == f"classifier:{out[0].details['checkpoint_hash']}"
+
+
+def test_review_decisions_become_pairs(conn: psycopg.Connection, settings: Settings) -> None:
+    rows = train_store.standard_concepts(conn, ["SNOMED"])[:3]
+    good, rejected, other = rows
+    conn.execute("""INSERT INTO harmonia.concept_map (source_code, source_vocab, source_text, omop_concept_id,
+                        confidence, decided_by) VALUES ('L1', 'LOCAL', 'my local lab name', %s, 1, 'reviewer'),
+                        ('L2', 'LOCAL', 'auto approved text', %s, 0.99, 'auto')""", (good[0], other[0]))
+    conn.execute("""INSERT INTO harmonia.concept_map_history (source_code, source_vocab, action, old_concept_id,
+                        new_concept_id) VALUES ('L1', 'LOCAL', 'correct', %s, %s)""", (rejected[0], good[0]))
+    ex = review_examples(conn)
+    assert [(e.query, e.doc, e.label, e.kind) for e in ex] == [
+        ("my local lab name", candidate_text(good), 1.0, "review_positive"),
+        ("my local lab name", candidate_text(rejected), 0.0, "review_negative")]
+    # they reach the next training run's pairs
+    s = make_settings(settings.database_url, settings.data_path)
+    opts = TrainOptions(max_steps=1, epochs=0, **{**TINY, "max_sources": 2})
+    report = train(conn, s, opts, progress=False)
+    kinds = [e.kind for e in load_material(report.run_dir / "pairs.jsonl.gz").train]
+    assert kinds.count("review_positive") == 1 and kinds.count("review_negative") == 1
+
+
+def test_review_decision_on_a_test_part_vocabulary_source_is_left_out(conn: psycopg.Connection) -> None:
+    from harmonia.store import vocab as vocab_store
+
+    sid, code, voc, name, _dom, target = next(r for r in vocab_store.maps_to_pairs(conn, ["ICD10"])
+                                              if part_of(r[0]) == "test")
+    conn.execute("""INSERT INTO harmonia.concept_map (source_code, source_vocab, source_text, omop_concept_id,
+                        decided_by) VALUES (%s, %s, %s, %s, 'reviewer')""", (code, voc, name, target))
+    assert review_examples(conn) == []
+
+
+def test_resume_continues_from_saved_state(conn: psycopg.Connection, settings: Settings, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    s = make_settings(settings.database_url, settings.data_path)
+    out = tmp_path / "run"
+    opts = TrainOptions(max_steps=12, epochs=0, **{**TINY, "max_sources": 4, "save_every": 5})
+    # Interrupt after the state at step 10 is saved: fail the 11th optimizer step.
+    calls = {"n": 0}
+    real_step = torch.optim.AdamW.step
+
+    def failing_step(self, *a, **k):  # noqa: ANN001, ANN002, ANN003, ANN202
+        calls["n"] += 1
+        if calls["n"] == 11:
+            raise KeyboardInterrupt
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", failing_step)
+    with pytest.raises(KeyboardInterrupt):
+        train(conn, s, opts, out=out, progress=False)
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    st = torch.load(out / "state" / "trainer.pt", weights_only=False)
+    assert st["step"] == 10 and not (out / "model_card.json").exists()
+    report = train(conn, s, TrainOptions(), out=out, resume=True, progress=False)
+    assert report.run_dir == out and report.resumed_from == 10 and report.steps == 12
+    assert json.loads((out / "model_card.json").read_text())["resumed_from_step"] == 10
