@@ -210,7 +210,7 @@ def load_settings(overrides: dict[str, Any] | None = None, env: dict[str, str] |
     for f in setting_fields():
         s.sources[f.name] = "default"
     # data_dir decides where the default config file lives, so read it from the env first.
-    data_dir_env = env.get(ENV_PREFIX + "DATA_DIR")
+    data_dir_env = str((overrides or {}).get("data_dir") or "") or env.get(ENV_PREFIX + "DATA_DIR")
     cfg = env.get(ENV_PREFIX + "CONFIG")
     path: Path | None
     if cfg == "":

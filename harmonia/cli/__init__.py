@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
-import os
 import sys
 
 import typer
@@ -39,9 +38,9 @@ def _root(
 ) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    _overrides.clear()  # one invocation's options never leak into the next (tests run many in one process)
     if data_dir:
-        _overrides["data_dir"] = data_dir
-        os.environ["HARMONIA_DATA_DIR"] = data_dir  # so the default config file is looked up there too
+        _overrides["data_dir"] = data_dir  # load_settings also looks for the config file there
     if database_url:
         _overrides["database_url"] = database_url
 

@@ -167,6 +167,14 @@ class PairScorer:
         return 1.0 / (1.0 + np.exp(-self.logits(queries, docs)))
 
 
+def fused_probs(logits: np.ndarray, similarity: np.ndarray, weight: float) -> np.ndarray:
+    """sigmoid(logit + weight * retrieval score): the ranking score of a (source, candidate) pair."""
+    return 1.0 / (1.0 + np.exp(-(np.asarray(logits, dtype=np.float64) + weight * np.asarray(similarity))))
+
+
+FUSION_GRID = (0.0, 2.0, 5.0, 10.0, 20.0, 40.0, 80.0)
+
+
 class ClassifierReranker(Reranker):
     """Scores every retrieved candidate against the source text; ranks by probability; the calibrated top
     probability is the confidence."""
@@ -179,8 +187,11 @@ class ClassifierReranker(Reranker):
         self.scorer = PairScorer(self.checkpoint / "model", device=device, max_length=max_length,
                                  batch_size=batch_size)
         cal = self.checkpoint / "calibration.json"
-        self.calibration = Calibration.from_dict(json.loads(cal.read_text())) if cal.exists() \
-            else Calibration.identity()
+        cal_doc = json.loads(cal.read_text()) if cal.exists() else {}
+        self.calibration = Calibration.from_dict(cal_doc) if cal_doc else Calibration.identity()
+        # Weight of the retriever's own score added to the logit, fit on held-out development sources at training
+        # time (0: the cross-encoder alone). It keeps a young checkpoint from ranking below retrieval order.
+        self.retrieval_weight = float(cal_doc.get("retrieval_weight", 0.0))
         card = self.checkpoint / "model_card.json"
         meta = json.loads(card.read_text()) if card.exists() else {}
         self.hash = meta.get("checkpoint_hash") or weights_hash(self.checkpoint / "model")
@@ -207,8 +218,9 @@ class ClassifierReranker(Reranker):
         t0 = time.perf_counter()
         queries = [t.source_text for t, cands in items for _ in cands]
         docs = [candidate_text(c) for _, cands in items for c in cands]
+        sims = np.array([c.similarity for _, cands in items for c in cands], dtype=np.float32)
         try:
-            probs = self.scorer.probs(queries, docs)
+            probs = fused_probs(self.scorer.logits(queries, docs), sims, self.retrieval_weight)
         except Exception as exc:  # noqa: BLE001 - a model fault must not lose the codes
             return [RerankResult(ranked=[], confidence=0.0, model_version=self.model_version,
                                  error=f"{type(exc).__name__}: {exc}", error_kind="reranker_exception")
@@ -227,5 +239,6 @@ class ClassifierReranker(Reranker):
                 usage={"pairs": len(cands), "ms": round(ms, 2)},
                 details={"checkpoint": str(self.checkpoint), "checkpoint_hash": self.hash,
                          "top_probability": round(float(p[order[0]]), 4) if len(order) else None,
+                         "retrieval_weight": self.retrieval_weight,
                          "calibration": self.calibration.method}))
         return results

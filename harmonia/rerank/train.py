@@ -36,7 +36,15 @@ import psycopg
 
 from harmonia.benchmark.split import part_of
 from harmonia.config import Settings
-from harmonia.rerank.classifier import Calibration, PairScorer, candidate_text, reranker_root, weights_hash
+from harmonia.rerank.classifier import (
+    FUSION_GRID,
+    Calibration,
+    PairScorer,
+    candidate_text,
+    fused_probs,
+    reranker_root,
+    weights_hash,
+)
 from harmonia.store import training as train_store
 from harmonia.store import vocab as vocab_store
 
@@ -214,35 +222,50 @@ def load_material(path: Path) -> Material:
 # ------------------------------------------------------------------------------------------------ evaluation
 
 
-def evaluate(scorer: PairScorer, holdout: dict[int, dict]) -> tuple[dict[str, float], list[float], list[bool]]:
-    """top-1 / top-5 / MRR of retrieval order and of the classifier on held-out sources (over all sources, a
-    target missing from the candidates counting as a miss); also each source's top probability and whether its
-    top-1 is right, for the calibration."""
-    n = len(holdout)
-    if n == 0:
-        return {}, [], []
+def _rank_metrics(rankings: Sequence[Sequence[int]], truths: Sequence[set[int]]) -> dict[str, float]:
+    """top-1 / top-5 / MRR over all sources (a target missing from the candidates counts as a miss)."""
+    n = max(len(rankings), 1)
     sums: dict[str, float] = defaultdict(float)
-    top_p: list[float] = []
-    right: list[bool] = []
-    for src in holdout.values():
-        cands = src["candidates"]
-        targets = set(src["targets"])
-        if not cands:
-            top_p.append(0.0)
-            right.append(False)
-            continue
-        probs = scorer.probs([src["text"]] * len(cands), [c[1] for c in cands])
-        order = list(np.argsort(-probs, kind="stable"))
-        for name, ranking in (("none", [c[0] for c in cands]), ("classifier", [cands[i][0] for i in order])):
-            rank = next((r for r, cid in enumerate(ranking, 1) if cid in targets), None)
-            sums[f"{name}_top1"] += rank == 1
-            sums[f"{name}_top5"] += rank is not None and rank <= 5
-            sums[f"{name}_mrr"] += 1.0 / rank if rank else 0.0
-        top_p.append(float(probs[order[0]]))
-        right.append(cands[order[0]][0] in targets)
-    metrics = {k: round(v / n, 4) for k, v in sums.items()}
-    metrics["sources"] = n
-    return metrics, top_p, right
+    for ranking, targets in zip(rankings, truths, strict=True):
+        rank = next((r for r, cid in enumerate(ranking, 1) if cid in targets), None)
+        sums["top1"] += rank == 1
+        sums["top5"] += rank is not None and rank <= 5
+        sums["mrr"] += 1.0 / rank if rank else 0.0
+    return {k: v / n for k, v in sums.items()}
+
+
+def evaluate(scorer: PairScorer, holdout: dict[int, dict]) -> tuple[dict[str, float], list[float], list[bool], float]:
+    """Figures on held-out development sources for retrieval order, the cross-encoder alone and the cross-encoder
+    plus the retrieval score with the weight (from FUSION_GRID) that maximises MRR; also each source's top fused
+    probability and whether its top-1 is right (for the calibration), and that weight."""
+    srcs = [s for s in holdout.values()]
+    if not srcs:
+        return {}, [], [], 0.0
+    truths = [set(s["targets"]) for s in srcs]
+    logits = [scorer.logits([s["text"]] * len(s["candidates"]), [c[1] for c in s["candidates"]])
+              if s["candidates"] else np.zeros(0) for s in srcs]
+    sims = [np.array([c[2] for c in s["candidates"]], dtype=np.float64) for s in srcs]
+
+    def ranked(weight: float) -> tuple[list[list[int]], list[float]]:
+        rankings, top_p = [], []
+        for s, lg, sm in zip(srcs, logits, sims, strict=True):
+            p = fused_probs(lg, sm, weight)
+            order = np.argsort(-p, kind="stable")
+            rankings.append([s["candidates"][i][0] for i in order])
+            top_p.append(float(p[order[0]]) if len(order) else 0.0)
+        return rankings, top_p
+
+    by_weight = {w: ranked(w) for w in FUSION_GRID}
+    scores = {w: _rank_metrics(by_weight[w][0], truths)["mrr"] for w in FUSION_GRID}
+    best = max(FUSION_GRID, key=lambda w: (round(scores[w], 6), -w))  # ties: the smaller weight
+    metrics: dict[str, float] = {}
+    for name, rankings in (("none", [[c[0] for c in s["candidates"]] for s in srcs]),
+                           ("cross_encoder", by_weight[0.0][0]), ("classifier", by_weight[best][0])):
+        metrics.update({f"{name}_{k}": round(v, 4) for k, v in _rank_metrics(rankings, truths).items()})
+    metrics["sources"] = len(srcs)
+    rankings, top_p = by_weight[best]
+    right = [bool(r) and r[0] in t for r, t in zip(rankings, truths, strict=True)]
+    return metrics, top_p, right, best
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -402,9 +425,9 @@ def train(conn: psycopg.Connection, settings: Settings, opts: TrainOptions, *, o
     model.save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
     scorer = PairScorer(model_dir, device=device, max_length=opts.max_length, batch_size=settings.classifier_batch_size)
-    metrics, top_p, right = evaluate(scorer, material.holdout)
+    metrics, top_p, right, fusion_weight = evaluate(scorer, material.holdout)
     cal = Calibration.fit(top_p, right)
-    (run_dir / "calibration.json").write_text(json.dumps(cal.to_dict()))
+    (run_dir / "calibration.json").write_text(json.dumps({**cal.to_dict(), "retrieval_weight": fusion_weight}))
     digest = weights_hash(model_dir)
     card = {
         "checkpoint_hash": digest, "base_model": opts.base_model, "task": "binary (source, concept) equivalence, "
@@ -416,6 +439,7 @@ def train(conn: psycopg.Connection, settings: Settings, opts: TrainOptions, *, o
         "split": "harmonia.benchmark.split.part_of == 'dev' sources only; held-out slice of dev for metrics",
         "embedding_model_for_negatives": settings.embedding_model or "bundled all-MiniLM-L6-v2",
         "holdout_metrics": metrics, "calibration": {"method": cal.method, "n": cal.n},
+        "retrieval_weight": fusion_weight,
         "finished": _now_stamp(), "options": asdict(opts),
     }
     (run_dir / "model_card.json").write_text(json.dumps(card, indent=1))
@@ -436,6 +460,9 @@ def _readme(card: dict[str, Any]) -> str:
         lines += [f"Held-out development sources ({m['sources']}), 50 retrieved candidates each:", "",
                   "| reranker | top-1 | top-5 | MRR |", "|---|---|---|---|",
                   f"| none | {m['none_top1']} | {m['none_top5']} | {m['none_mrr']} |",
-                  f"| classifier | {m['classifier_top1']} | {m['classifier_top5']} | {m['classifier_mrr']} |", ""]
+                  f"| cross-encoder alone | {m['cross_encoder_top1']} | {m['cross_encoder_top5']} | "
+                  f"{m['cross_encoder_mrr']} |",
+                  f"| classifier (+ {card['retrieval_weight']} x retrieval score) | {m['classifier_top1']} | "
+                  f"{m['classifier_top5']} | {m['classifier_mrr']} |", ""]
     lines.append(f"Confidence: {card['calibration']['method']} calibration on {card['calibration']['n']} sources.")
     return "\n".join(lines) + "\n"
