@@ -64,28 +64,53 @@ class TrainReport:
     resumed_from: int
 
 
-def training_pairs(conn: psycopg.Connection, vocabularies: Sequence[str] | None) -> tuple[list[tuple[str, str]], dict]:
-    """(anchor, positive) pairs of the development part plus synonyms, deduplicated, in a stable order."""
+def training_pairs(conn: psycopg.Connection, vocabularies: Sequence[str] | None, *,
+                   extra_sets: Sequence[Path] = (), include_reviews: bool = True,
+                   ) -> tuple[list[tuple[str, str]], dict]:
+    """(anchor, positive) pairs, deduplicated, in a stable order: 'Maps to' of the development part, synonyms of
+    valid standard concepts, the development-part rows of mapping files the user names (a benchmark set or a Usagi
+    export: source name -> approved concept), and reviewers' decisions (source text -> chosen concept) whose source
+    is not a test-part vocabulary concept."""
+    from harmonia.store import training as train_store
+    from harmonia.tune import dev_sources_from_csv
+
     pairs = vocab_store.maps_to_pairs(conn)
     dev = [p for p in pairs if part_of(p[0]) == "dev"]
-    targets = vocab_store.get_concepts(conn, sorted({p[5] for p in dev}))
     wanted = set(vocabularies) if vocabularies else None
-    maps = []
-    for p in dev:
-        t = targets.get(p[5])
-        if t is None or (wanted and t["vocabulary_id"] not in wanted):
-            continue
-        if p[3].strip().lower() != t["concept_name"].strip().lower():
-            maps.append((p[3], t["concept_name"]))
+    ext = [(r.source_text, t) for path in extra_sets for r in dev_sources_from_csv(Path(path)) for t in r.targets]
+    reviews = []
+    if include_reviews:
+        approvals = train_store.reviewer_approvals(conn)
+        as_concept = train_store.source_concept_ids(conn, [(r["source_code"], r["source_vocab"]) for r in approvals])
+        # A reviewed code keeps the benchmark's split: its vocabulary concept id, else its "vocab:code" key.
+        reviews = [(r["source_text"], r["concept_id"]) for r in approvals
+                   if part_of(as_concept.get((r["source_code"], r["source_vocab"]),
+                                             f"{r['source_vocab']}:{r['source_code']}")) == "dev"]
+    targets = vocab_store.get_concepts(conn, sorted({p[5] for p in dev} | {t for _, t in ext + reviews}))
+
+    def named(items: Sequence[tuple[str, int]]) -> list[tuple[str, str]]:
+        out = []
+        for text, cid in items:
+            t = targets.get(cid)
+            if t is None or (wanted and t["vocabulary_id"] not in wanted):
+                continue
+            if text.strip().lower() != t["concept_name"].strip().lower():  # an identical pair teaches nothing
+                out.append((text, t["concept_name"]))
+        return out
+
+    maps = named([(p[3], p[5]) for p in dev])
+    ext_pairs, review_pairs = named(ext), named(reviews)
     syn = lex_store.synonym_pairs(conn, vocabularies)
     seen: set[tuple[str, str]] = set()
     out = []
-    for a, b in maps + syn:
+    for a, b in maps + ext_pairs + review_pairs + syn:
         if (a, b) not in seen:
             seen.add((a, b))
             out.append((a, b))
     info = {"maps_to_pairs": len(maps), "synonym_pairs": len(syn), "dev_sources": len({p[0] for p in dev}),
-            "split": "harmonia.benchmark.split.part_of(source_concept_id) == 'dev'"}
+            "mapping_file_pairs": len(ext_pairs), "mapping_files": [str(p) for p in extra_sets],
+            "review_pairs": len(review_pairs),
+            "split": "harmonia.benchmark.split.part_of(source key) == 'dev'"}
     return out, info
 
 

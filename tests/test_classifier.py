@@ -169,6 +169,10 @@ def test_review_decision_on_a_test_part_vocabulary_source_is_left_out(conn: psyc
     conn.execute("""INSERT INTO harmonia.concept_map (source_code, source_vocab, source_text, omop_concept_id,
                         decided_by) VALUES (%s, %s, %s, %s, 'reviewer')""", (code, voc, name, target))
     assert review_examples(conn) == []
+    # an external code of the test part ("vocab:code" key, as the benchmark keys the lab set) is left out too
+    conn.execute("""INSERT INTO harmonia.concept_map (source_code, source_vocab, source_text, omop_concept_id,
+                        decided_by) VALUES ('L3', 'LOCAL', 'a test-part local code', %s, 'reviewer')""", (target,))
+    assert part_of("LOCAL:L3") == "test" and review_examples(conn) == []
 
 
 def test_resume_continues_from_saved_state(conn: psycopg.Connection, settings: Settings, tmp_path: Path,
@@ -197,3 +201,40 @@ def test_resume_continues_from_saved_state(conn: psycopg.Connection, settings: S
     report = train(conn, s, TrainOptions(), out=out, resume=True, progress=False)
     assert report.run_dir == out and report.resumed_from == 10 and report.steps == 12
     assert json.loads((out / "model_card.json").read_text())["resumed_from_step"] == 10
+
+
+def test_training_picks_the_retrieval_weight_that_maximises_held_out_mrr() -> None:
+    from harmonia.rerank.train import evaluate
+
+    class Scorer:  # a cross-encoder that slightly prefers the wrong candidate
+        def logits(self, queries: list[str], docs: list[str]) -> np.ndarray:
+            return np.array([1.0 if "wrong" in d else 0.0 for d in docs])
+
+    holdout = {1: {"text": "q", "targets": [10], "candidates": [(11, "wrong", 0.5), (10, "right", 0.9)]}}
+    metrics, top_p, right, weight = evaluate(Scorer(), holdout)  # type: ignore[arg-type]
+    # 0.4 * w > 1 first holds at w = 5 in the grid; larger weights tie, and ties go to the smaller one
+    assert weight == 5.0 and right == [True] and 0 < top_p[0] < 1
+    assert metrics["cross_encoder_top1"] == 0.0 and metrics["classifier_top1"] == 1.0 and metrics["none_top1"] == 0
+
+
+def test_checkpoint_retrieval_weight_is_applied_when_reranking(tiny_run: tuple[Settings, Path],
+                                                               tmp_path: Path) -> None:
+    import shutil
+
+    from harmonia.retrieve import Candidate
+
+    _, run_dir = tiny_run
+    ck = tmp_path / "ck"
+    shutil.copytree(run_dir, ck)
+    cands = [Candidate(i, name, "Condition", "SNOMED", "Clinical Finding", str(i), sim)
+             for i, (name, sim) in enumerate([("Fracture of femur", 0.2), ("Fever", 0.9), ("Asthma", 0.5)])]
+    term = SourceTerm("A", "X", "fever")
+    cal = json.loads((ck / "calibration.json").read_text())
+    (ck / "calibration.json").write_text(json.dumps({**cal, "retrieval_weight": 1000.0}))
+    heavy = ClassifierReranker(ck, top_n=3).rerank(term, cands)
+    assert [r.concept_id for r in heavy.ranked] == [1, 2, 0]  # the retrieval score decides
+    assert heavy.details["retrieval_weight"] == 1000.0
+    (ck / "calibration.json").write_text(json.dumps({**cal, "retrieval_weight": 0.0}))
+    alone = ClassifierReranker(ck, top_n=3)
+    p = alone.scorer.probs([term.source_text] * 3, [candidate_text(c) for c in cands])
+    assert [r.concept_id for r in alone.rerank(term, cands).ranked] == list(np.argsort(-p, kind="stable"))

@@ -81,3 +81,23 @@ def test_training_pairs_come_from_the_dev_part_only(conn, settings) -> None:
     assert info["maps_to_pairs"] > 1000 and pairs
     assert not test_only & {a for a, _ in pairs}
     assert len(pairs) == len(set(pairs))
+
+
+def test_mapping_files_and_reviews_add_only_dev_part_pairs(conn, settings, tmp_path) -> None:
+    from harmonia.benchmark.split import part_of
+    from harmonia.store import training as train_store
+
+    a, b, c = train_store.standard_concepts(conn, ["SNOMED"])[:3]
+    assert part_of("LAB:G6") == "dev" and part_of("LAB:G1") == "test"
+    usagi = tmp_path / "lab.usagi.csv"
+    usagi.write_text("sourceCode,sourceName,conceptId,mappingStatus,sourceVocabularyId\n"
+                     f"G6,dev lab name,{a[0]},APPROVED,LAB\nG1,test lab name,{b[0]},APPROVED,LAB\n")
+    conn.execute("""INSERT INTO harmonia.concept_map (source_code, source_vocab, source_text, omop_concept_id,
+                        decided_by) VALUES ('L1', 'LOCAL', 'reviewed dev text', %s, 'reviewer'),
+                        ('L3', 'LOCAL', 'reviewed test text', %s, 'reviewer')""", (c[0], c[0]))
+    pairs, info = training_pairs(conn, settings.vocabularies, extra_sets=[usagi])
+    assert ("dev lab name", a[1]) in pairs and ("reviewed dev text", c[1]) in pairs
+    assert not {"test lab name", "reviewed test text"} & {x for x, _ in pairs}
+    assert info["mapping_file_pairs"] == 1 and info["review_pairs"] == 1
+    without, info2 = training_pairs(conn, settings.vocabularies, include_reviews=False)
+    assert ("reviewed dev text", c[1]) not in without and info2["review_pairs"] == 0

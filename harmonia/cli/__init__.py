@@ -7,10 +7,15 @@ import importlib
 import importlib.util
 import logging
 import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from harmonia.config import ConfigError, Settings, load_settings
+
+if TYPE_CHECKING:
+    from harmonia.sources import SourceFile
 
 app = typer.Typer(help="Harmonia: map clinical source codes to OMOP standard concepts.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
@@ -51,6 +56,20 @@ def settings(**extra: object) -> Settings:
     except ConfigError as exc:
         fail(str(exc))
         raise  # unreachable
+
+
+def read_sources(path: Path, source_vocab: str | None) -> SourceFile:
+    """Read a Usagi-style source CSV for a command: a file-level error ends it, bad rows are reported and skipped."""
+    from harmonia.sources import SourceFileError, read_source_csv
+
+    try:
+        src = read_source_csv(path, **({"default_vocab": source_vocab} if source_vocab else {}))
+    except SourceFileError as exc:
+        fail(str(exc))
+        raise  # unreachable
+    for p in src.problems:
+        typer.secho(f"skipped {path.name} {p}", fg=typer.colors.YELLOW, err=True)
+    return src
 
 
 def fail(message: str, code: int = 1) -> None:

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from harmonia import db
-from harmonia.cli import app, config_app, db_app, embed_app, fail, settings, vocab_app
+from harmonia.cli import app, config_app, db_app, embed_app, fail, read_sources, settings, vocab_app
 from harmonia.config import docs_markdown, setting_fields
 
 console = Console()
@@ -175,16 +175,9 @@ def map_file(path: Path = typer.Argument(..., exists=True, dir_okay=False, help=
              progress: bool = typer.Option(True)) -> None:
     """Map a file of source codes: retrieve -> rerank -> route -> persist; prints a reconciling summary."""
     from harmonia.pipeline import MapSummary, map_terms
-    from harmonia.sources import SourceFileError, read_source_csv
 
     s = settings(reranker=reranker)
-    try:
-        src = read_source_csv(path, default_vocab=source_vocab)
-    except SourceFileError as exc:
-        fail(str(exc))
-        return
-    for p in src.problems:
-        typer.secho(f"skipped {path.name} {p}", fg=typer.colors.YELLOW, err=True)
+    src = read_sources(path, source_vocab)
     with _conn(s) as conn:
         pipe = _pipeline(conn, s)
         summary = MapSummary(input_rows=src.rows, skipped_invalid=len(src.problems), duplicates=src.duplicates)

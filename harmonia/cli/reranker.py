@@ -59,9 +59,12 @@ def reranker_train(
                f"development sources")
     if r.metrics:
         m = r.metrics
-        typer.echo(f"held-out dev ({m['sources']} sources): top-1 {m['none_top1']:.3f} -> {m['classifier_top1']:.3f}, "
-                   f"top-5 {m['none_top5']:.3f} -> {m['classifier_top5']:.3f}, "
-                   f"MRR {m['none_mrr']:.3f} -> {m['classifier_mrr']:.3f} (none -> classifier)")
+        typer.echo(f"held-out dev ({m['sources']} sources), top-1 / top-5 / MRR:")
+        for name, label in (("none", "retrieval order"), ("cross_encoder", "cross-encoder alone"),
+                            ("classifier", f"classifier (+ {r.retrieval_weight:g} x retrieval score)")):
+            if f"{name}_top1" in m:
+                typer.echo(f"  {label:<42} {m[name + '_top1']:.3f} / {m[name + '_top5']:.3f} / "
+                           f"{m[name + '_mrr']:.3f}")
     typer.echo(f"checkpoint classifier:{r.checkpoint_hash} at {r.run_dir} (now latest)")
 
 

@@ -26,6 +26,9 @@ def embed_train(
                                                   "bundled all-MiniLM-L6-v2)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint in the output folder."),
     checkpoint_every: int = typer.Option(100, "--checkpoint-every"),
+    pairs_from: list[Path] = typer.Option([], "--pairs-from", help="Also train on the development-part rows of "
+                                          "this mapping file (benchmark set or Usagi export); repeatable."),
+    no_reviews: bool = typer.Option(False, "--no-reviews", help="Leave reviewers' decisions out."),
     progress: bool = typer.Option(True),
 ) -> None:
     """Fine-tune the embedder on development-part 'Maps to' pairs and synonyms (MultipleNegativesRankingLoss)."""
@@ -38,10 +41,17 @@ def embed_train(
     if not Path(base_path).expanduser().exists():
         fail(f"base model {base_path!r} is not a local folder; training runs offline from a local model")
     target = out or default_out(s, name)
+    from harmonia.tune import TuneError
+
     with db.connect(s, autocommit=True) as conn:
-        pairs, info = training_pairs(conn, s.vocabularies)
+        try:
+            pairs, info = training_pairs(conn, s.vocabularies, extra_sets=pairs_from, include_reviews=not no_reviews)
+        except TuneError as exc:
+            fail(str(exc))
+            return
     console.print(f"{len(pairs):,} pairs ({info['maps_to_pairs']:,} 'Maps to' of {info['dev_sources']:,} dev "
-                  f"sources, {info['synonym_pairs']:,} synonyms); base {base_path}")
+                  f"sources, {info['synonym_pairs']:,} synonyms, {info['mapping_file_pairs']:,} from mapping files, "
+                  f"{info['review_pairs']:,} from reviews); base {base_path}")
     cfg = TrainConfig(base=str(base_path), out=str(target), max_steps=max_steps, epochs=epochs,
                       batch_size=batch_size, lr=lr, checkpoint_every=checkpoint_every,
                       max_seq_length=max_seq_length)

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from harmonia import db
-from harmonia.cli import app, fail, settings
+from harmonia.cli import app, fail, read_sources, settings
 
 console = Console(width=200)
 
@@ -22,17 +22,10 @@ def enqueue(path: Path = typer.Argument(..., exists=True, dir_okay=False,
                                         help="CSV of source codes (Usagi columns: sourceCode, sourceName, ...)."),
             source_vocab: str = typer.Option("local", help="Source vocabulary when the file has no column.")) -> None:
     """Add source codes to the work queue (codes already queued are skipped); workers pick them up."""
-    from harmonia.sources import SourceFileError, read_source_csv
     from harmonia.worker import enqueue as enqueue_terms
 
     s = settings()
-    try:
-        src = read_source_csv(path, default_vocab=source_vocab)
-    except SourceFileError as exc:
-        fail(str(exc))
-        return
-    for p in src.problems:
-        typer.secho(f"skipped {path.name} {p}", fg=typer.colors.YELLOW, err=True)
+    src = read_sources(path, source_vocab)
     with db.connect(s, autocommit=True) as conn:
         db.migrate(conn)
         counts = enqueue_terms(conn, src.terms)

@@ -167,9 +167,14 @@ class PairScorer:
         return 1.0 / (1.0 + np.exp(-self.logits(queries, docs)))
 
 
-def fused_probs(logits: np.ndarray, similarity: np.ndarray, weight: float) -> np.ndarray:
-    """sigmoid(logit + weight * retrieval score): the ranking score of a (source, candidate) pair."""
-    return 1.0 / (1.0 + np.exp(-(np.asarray(logits, dtype=np.float64) + weight * np.asarray(similarity))))
+def fused_logits(logits: np.ndarray, similarity: np.ndarray, weight: float) -> np.ndarray:
+    """logit + weight * retrieval score: what candidates are ranked by. Rank by this, not by its sigmoid, which
+    saturates to exactly 1.0 for large values and would turn the ranking into ties."""
+    return np.asarray(logits, dtype=np.float64) + weight * np.asarray(similarity, dtype=np.float64)
+
+
+def sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.asarray(z, dtype=np.float64)))
 
 
 FUSION_GRID = (0.0, 2.0, 5.0, 10.0, 20.0, 40.0, 80.0)
@@ -220,7 +225,7 @@ class ClassifierReranker(Reranker):
         docs = [candidate_text(c) for _, cands in items for c in cands]
         sims = np.array([c.similarity for _, cands in items for c in cands], dtype=np.float32)
         try:
-            probs = fused_probs(self.scorer.logits(queries, docs), sims, self.retrieval_weight)
+            z = fused_logits(self.scorer.logits(queries, docs), sims, self.retrieval_weight)
         except Exception as exc:  # noqa: BLE001 - a model fault must not lose the codes
             return [RerankResult(ranked=[], confidence=0.0, model_version=self.model_version,
                                  error=f"{type(exc).__name__}: {exc}", error_kind="reranker_exception")
@@ -228,9 +233,10 @@ class ClassifierReranker(Reranker):
         ms = (time.perf_counter() - t0) * 1000 / max(len(items), 1)
         results, at = [], 0
         for _term, cands in items:
-            p = probs[at:at + len(cands)]
+            zi = z[at:at + len(cands)]
+            p = sigmoid(zi)
             at += len(cands)
-            order = np.argsort(-p, kind="stable")[: self.top_n]
+            order = np.argsort(-zi, kind="stable")[: self.top_n]
             ranked = [RankedCandidate(cands[i].concept_id, float(p[i]), f"classifier p={p[i]:.3f}")
                       for i in order]
             conf = float(self.calibration(float(p[order[0]]))) if len(order) else 0.0

@@ -41,8 +41,9 @@ from harmonia.rerank.classifier import (
     Calibration,
     PairScorer,
     candidate_text,
-    fused_probs,
+    fused_logits,
     reranker_root,
+    sigmoid,
     weights_hash,
 )
 from harmonia.store import training as train_store
@@ -109,9 +110,10 @@ def review_examples(conn: psycopg.Connection, texts: dict[int, tuple] | None = N
     keys = [(r["source_code"], r["source_vocab"]) for r in approvals + corrections]
     as_concept = train_store.source_concept_ids(conn, keys)
 
-    def held_out(code: str, vocab: str) -> bool:  # a test-part vocabulary source must not be trained on
-        cid = as_concept.get((code, vocab))
-        return cid is not None and part_of(cid) == "test"
+    def held_out(code: str, vocab: str) -> bool:
+        # A test-part source must not be trained on: keyed by its vocabulary concept id where it is one, else by
+        # "vocab:code", as the benchmark keys external sets (e.g. local lab codes).
+        return part_of(as_concept.get((code, vocab), f"{vocab}:{code}")) == "test"
 
     ids = {r["concept_id"] for r in approvals} | {r["old_concept_id"] for r in corrections}
     texts = texts if texts is not None else train_store.concept_texts(conn, ids)
@@ -249,10 +251,10 @@ def evaluate(scorer: PairScorer, holdout: dict[int, dict]) -> tuple[dict[str, fl
     def ranked(weight: float) -> tuple[list[list[int]], list[float]]:
         rankings, top_p = [], []
         for s, lg, sm in zip(srcs, logits, sims, strict=True):
-            p = fused_probs(lg, sm, weight)
-            order = np.argsort(-p, kind="stable")
+            z = fused_logits(lg, sm, weight)
+            order = np.argsort(-z, kind="stable")
             rankings.append([s["candidates"][i][0] for i in order])
-            top_p.append(float(p[order[0]]) if len(order) else 0.0)
+            top_p.append(float(sigmoid(z[order[0]])) if len(order) else 0.0)
         return rankings, top_p
 
     by_weight = {w: ranked(w) for w in FUSION_GRID}
@@ -302,6 +304,7 @@ class TrainReport:
     metrics: dict[str, float]
     checkpoint_hash: str
     resumed_from: int = 0
+    retrieval_weight: float = 0.0
 
 
 def _load_base(name: str, num_labels: int = 1, layers: int = 0):  # noqa: ANN202 - (tokenizer, model)
@@ -446,7 +449,7 @@ def train(conn: psycopg.Connection, settings: Settings, opts: TrainOptions, *, o
     (run_dir / "README.md").write_text(_readme(card))
     shutil.rmtree(state_dir, ignore_errors=True)
     point_latest(root, run_dir)
-    return TrainReport(run_dir, step, train_seconds, material.counts, metrics, digest, resumed_from)
+    return TrainReport(run_dir, step, train_seconds, material.counts, metrics, digest, resumed_from, fusion_weight)
 
 
 def _readme(card: dict[str, Any]) -> str:

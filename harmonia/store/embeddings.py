@@ -89,6 +89,8 @@ def ensure_index(conn: psycopg.Connection, model_key: str, dim: int, *, m: int =
     name = index_name(model_key)
     with conn.transaction():
         conn.execute(sql.SQL("SET LOCAL maintenance_work_mem = {}").format(sql.Literal(maintenance_work_mem)))
+        # pgvector builds HNSW in parallel; the encoder is idle by now, so let the build use the cores.
+        conn.execute("SET LOCAL max_parallel_maintenance_workers = 2")
         conn.execute(sql.SQL(
             "CREATE INDEX IF NOT EXISTS {} ON vocab.concept_embedding USING hnsw "
             "((embedding::public.vector({})) public.vector_cosine_ops) WITH (m = {}, ef_construction = {}) "
