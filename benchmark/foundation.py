@@ -52,8 +52,11 @@ def main() -> None:
             for i in range(0, len(texts), s.embedding_batch_size):  # same strings, order and batches
                 embedder.encode_documents(texts[i:i + s.embedding_batch_size], s.embedding_batch_size)
             raw = len(texts) / (time.perf_counter() - t)
+            loop = er.written / (er.seconds - er.index_seconds)
             print(f"embedding ingest: {er.written:,} concepts in {er.seconds:.1f}s = {er.rate:,.0f}/s "
-                  f"(incl. COPY and the HNSW build); raw encode {raw:,.0f}/s; ratio {er.rate / raw:.2f} (goal >= 0.8)")
+                  f"(incl. COPY and the one-off HNSW build, {er.index_seconds:.1f}s); raw encode {raw:,.0f}/s; "
+                  f"ratio {er.rate / raw:.2f} (goal >= 0.8); without the index build {loop:,.0f}/s, "
+                  f"ratio {loop / raw:.2f}")
         else:
             print("embeddings already present: ingest rate not measured (use a fresh --data-dir)")
         pairs = vocab_store.maps_to_pairs(conn, ["ICD10"])

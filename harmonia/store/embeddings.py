@@ -53,9 +53,17 @@ def vector_literal(v: np.ndarray | Sequence[float]) -> str:
 
 
 def write_batch(conn: psycopg.Connection, model_key: str, ids: Sequence[int], texts: Sequence[str],
-                vectors: np.ndarray) -> int:
-    """Upsert one batch with COPY into a temp table, in its own transaction: a crash loses at most one batch."""
+                vectors: np.ndarray, *, fresh: bool = False) -> int:
+    """Write one batch in its own transaction (a crash loses at most one batch). `fresh` (the model had no rows when
+    the run began): COPY straight into the table; otherwise upsert through a temp table, since some of the
+    concepts may already have an embedding with an older text."""
     with conn.transaction():
+        if fresh:
+            with conn.cursor().copy("COPY vocab.concept_embedding (concept_id, model, text_md5, embedding) "
+                                    "FROM STDIN") as copy:
+                for cid, text, vec in zip(ids, texts, vectors, strict=True):
+                    copy.write_row((cid, model_key, hashlib.md5(text.encode()).hexdigest(), vector_literal(vec)))
+            return len(ids)
         conn.execute("CREATE TEMP TABLE IF NOT EXISTS _emb_in (concept_id integer, text_md5 text, "
                      "embedding text) ON COMMIT DELETE ROWS")
         with conn.cursor().copy("COPY _emb_in (concept_id, text_md5, embedding) FROM STDIN") as copy:
