@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import percentile  # noqa: E402
 
 from harmonia import db  # noqa: E402
+from harmonia.benchmark.metrics import aggregate, score_row  # noqa: E402
 from harmonia.benchmark.split import part_of  # noqa: E402
 from harmonia.config import load_settings  # noqa: E402
 from harmonia.embed import Embedder  # noqa: E402
@@ -34,14 +35,8 @@ from harmonia.store import vocab as vocab_store  # noqa: E402
 
 
 def metrics(rankings: list[list[int]], truths: list[set[int]]) -> dict[str, float]:
-    n = len(rankings) or 1
-    top1 = top5 = mrr = 0.0
-    for ranking, targets in zip(rankings, truths, strict=True):
-        rank = next((r for r, cid in enumerate(ranking, 1) if cid in targets), None)
-        top1 += rank == 1
-        top5 += rank is not None and rank <= 5
-        mrr += 1.0 / rank if rank else 0.0
-    return {"top1": top1 / n, "top5": top5 / n, "mrr": mrr / n}
+    agg = aggregate([score_row(r, r, t) for r, t in zip(rankings, truths, strict=True)])
+    return {"top1": agg.top1, "top5": agg.top5, "mrr": agg.mrr}
 
 
 def main() -> None:

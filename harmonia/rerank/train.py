@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import psycopg
 
+from harmonia.benchmark.metrics import aggregate, score_row
 from harmonia.benchmark.split import part_of
 from harmonia.config import Settings
 from harmonia.rerank.classifier import (
@@ -226,14 +227,8 @@ def load_material(path: Path) -> Material:
 
 def _rank_metrics(rankings: Sequence[Sequence[int]], truths: Sequence[set[int]]) -> dict[str, float]:
     """top-1 / top-5 / MRR over all sources (a target missing from the candidates counts as a miss)."""
-    n = max(len(rankings), 1)
-    sums: dict[str, float] = defaultdict(float)
-    for ranking, targets in zip(rankings, truths, strict=True):
-        rank = next((r for r, cid in enumerate(ranking, 1) if cid in targets), None)
-        sums["top1"] += rank == 1
-        sums["top5"] += rank is not None and rank <= 5
-        sums["mrr"] += 1.0 / rank if rank else 0.0
-    return {k: v / n for k, v in sums.items()}
+    agg = aggregate([score_row(r, r, t) for r, t in zip(rankings, truths, strict=True)])
+    return {"top1": agg.top1, "top5": agg.top5, "mrr": agg.mrr}
 
 
 def evaluate(scorer: PairScorer, holdout: dict[int, dict]) -> tuple[dict[str, float], list[float], list[bool], float]:
