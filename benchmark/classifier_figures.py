@@ -4,10 +4,11 @@
 
 Sources: ICD10 concepts with 'Maps to' targets in SNOMED whose source concept is in the test part
 (harmonia.benchmark.split.part_of == "test"), a seeded sample of --n. Each is retrieved once (top-50, the
-configured retriever); `none` keeps retrieval order, `classifier` reranks the same 50 with the checkpoint. A hit is
-any SNOMED 'Maps to' target. Time: each source code reranked on its own (50 pairs, one call), wall clock, after
-a warm-up; the batched throughput of rerank_many is printed too. Goals: top-1 >= 0.85; <= 150 ms per source code
-on 2 CPU cores. The load average is printed with the times: on a shared machine they are noisy.
+configured retriever, e.g. hybrid with the mapping memory); `none` keeps retrieval order, `classifier` reranks the
+same 50 with the checkpoint. A hit is any SNOMED 'Maps to' target. Time: each source code reranked on its own
+(50 pairs, one call), wall clock, after a warm-up; the batched throughput of rerank_many is printed too. Goals:
+top-1 >= 0.85; <= 150 ms per source code on 2 CPU cores. The load average is printed with the times: on a shared
+machine they are noisy.
 """
 
 from __future__ import annotations
@@ -73,11 +74,12 @@ def main() -> None:
         retriever = make_retriever(conn, Embedder.from_settings(s), s)
         cand_lists = []
         for start in range(0, len(terms), 128):
-            cand_lists += retriever.search_many([t.source_text for t in terms[start:start + 128]])
+            chunk = terms[start:start + 128]
+            cand_lists += retriever.search_many([t.source_text for t in chunk], source_keys=[t.key for t in chunk])
 
     reranker = ClassifierReranker(checkpoint_from_settings(s), top_n=max(s.rerank_top_n, 50),
                                   batch_size=s.classifier_batch_size, max_length=s.classifier_max_length,
-                                  device="cpu")
+                                  device="cpu", dtype=s.classifier_dtype)
     none = NoneReranker(50)
     base = [[r.concept_id for r in none.rerank(t, c).ranked] for t, c in zip(terms, cand_lists, strict=True)]
     reranker.rerank(terms[0], cand_lists[0])  # warm-up
@@ -105,7 +107,8 @@ def main() -> None:
     pairs_per = statistics.mean(len(c) for c in cand_lists)
     print(f"ICD10 -> SNOMED test part: {len(terms)} source codes (seed {args.seed}), "
           f"{pairs_per:.0f} candidates each, recall@{s.retrieval_top_k} {recall / len(terms):.3f}")
-    print(f"checkpoint {reranker.checkpoint} ({reranker.model_version}, base {reranker.base_model})")
+    print(f"checkpoint {reranker.checkpoint} ({reranker.model_version}, base {reranker.base_model}); retrieval "
+          f"{s.retrieval_mode}, embedder {retriever.embedder.key}; classifier dtype {reranker.scorer.dtype}")
     print()
     print("| reranker | top-1 | top-5 | MRR | ms per source code (50 pairs) |")
     print("|---|---|---|---|---|")

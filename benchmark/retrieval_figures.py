@@ -1,16 +1,19 @@
-"""Retrieval figures (issue 8): vector only, lexical only, hybrid (tuned weights) and hybrid with a fine-tuned
-embedder, measured in one run on the TEST part of the ICD10->SNOMED sample and on the lab set; and the latency of
-hybrid retrieval.
+"""Retrieval figures (issue 8): vector only, lexical only, hybrid (tuned weights), hybrid with the mapping memory,
+and the same with a fine-tuned embedder, measured in one run on the TEST part of the ICD10->SNOMED sample and on the
+lab set; and the latency of hybrid retrieval.
 
     .venv/bin/harmonia --data-dir /tmp/hyb quickstart --n 5
     .venv/bin/harmonia --data-dir /tmp/hyb retrieve tune            # weights from the DEV part -> harmonia.toml
     .venv/bin/harmonia --data-dir /tmp/hyb embed train --max-steps 120
     .venv/bin/harmonia --data-dir /tmp/hyb embed --model /tmp/hyb/embedder/minilm-harmonia
+    .venv/bin/harmonia --data-dir /tmp/hyb memory build                # and with --model for the fine-tuned one
     .venv/bin/python benchmark/retrieval_figures.py --data-dir /tmp/hyb \
         --finetuned /tmp/hyb/embedder/minilm-harmonia
 
 Every mode is scored from the same candidate pools: `vector` is the vector generator's own top-50 (HNSW),
-`lexical` the trigram generator's own top-50, `hybrid` the fusion of both with the configured weights. Metrics:
+`lexical` the trigram generator's own top-50, `hybrid` the fusion of both with the configured weights and the
+memory off (boost 0), `hybrid + memory` the same with the configured memory boost (where the model has a memory;
+test-part sources are never in it, and each source's own row would be left out anyway). Metrics:
 recall@50 (any correct target among the 50), top-1, top-5, MRR (first correct target in the top-50, else 0).
 Latency is per query, one at a time, EXCLUDING query encoding (reported apart).
 """
@@ -18,6 +21,7 @@ Latency is per query, one at a time, EXCLUDING query encoding (reported apart).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import random
 import sys
@@ -36,6 +40,7 @@ from harmonia.embed import Embedder  # noqa: E402
 from harmonia.paths import sample_dir  # noqa: E402
 from harmonia.retrieve_hybrid import FusionWeights, HybridRetriever, fused_ranking  # noqa: E402
 from harmonia.store import embeddings as emb_store  # noqa: E402
+from harmonia.store import memory as mem_store  # noqa: E402
 from harmonia.store import vocab as vocab_store  # noqa: E402
 
 K = 50
@@ -84,6 +89,7 @@ def main() -> None:
     os.environ["HARMONIA_DATA_DIR"] = a.data_dir
     s = load_settings({"data_dir": a.data_dir})
     w = FusionWeights.from_settings(s)
+    w0 = dataclasses.replace(w, boost_memory=0.0)
     print(f"weights ({s.sources.get('retrieval_weight_vector')}): {w}")
     conn = db.connect(s, autocommit=True)
     sets = {"ICD10->SNOMED test": icd10_test(conn, s.vocabularies, a.n_icd, a.seed)}
@@ -107,16 +113,19 @@ def main() -> None:
             pools = []
             for i in range(0, len(rows), 64):
                 chunk = rows[i:i + 64]
-                pools.extend(zip(chunk, r.pools([x.source_text for x in chunk]), strict=True))
-            print(f"{set_name}, {ename} embedder: {len(pools)} pools in {time.perf_counter() - t0:.0f}s",
-                  flush=True)
+                keys = [(x.source_code, x.source_vocab) for x in chunk]
+                pools.extend(zip(chunk, r.pools([x.source_text for x in chunk], source_keys=keys), strict=True))
+            memory = mem_store.count(conn, emb.key)
+            print(f"{set_name}, {ename} embedder: {len(pools)} pools in {time.perf_counter() - t0:.0f}s; memory "
+                  f"{sum(memory.values()):,} sources {memory}", flush=True)
+            suffix = "" if ename == "base" else ", fine-tuned embedder"
+            results.append((set_name, "vector only" + suffix, score(pools, lambda p: p.vector_order)))
             if ename == "base":
-                results.append((set_name, "vector only", score(pools, lambda p: p.vector_order)))
                 results.append((set_name, "lexical only", score(pools, lambda p: p.lexical_order)))
-                results.append((set_name, "hybrid (tuned)", score(pools, lambda p: fused_ranking(p, w, K).tolist())))
-            else:
-                results.append((set_name, "vector only, fine-tuned", score(pools, lambda p: p.vector_order)))
-                results.append((set_name, "hybrid, fine-tuned embedder",
+            results.append((set_name, "hybrid (tuned)" + suffix,
+                            score(pools, lambda p: fused_ranking(p, w0, K).tolist())))
+            if memory and w.boost_memory:
+                results.append((set_name, "hybrid + memory" + suffix,
                                 score(pools, lambda p: fused_ranking(p, w, K).tolist())))
     # Latency: one query at a time, as the pipeline's single lookups do.
     r = HybridRetriever(conn, embedders["base"], s)
@@ -130,7 +139,8 @@ def main() -> None:
         t2 = time.perf_counter()
         enc.append((t1 - t0) * 1000)
         ret.append((t2 - t1) * 1000)
-    latency["hybrid retrieval, excl. encoding"] = ret
+    with_memory = " + memory" if r.memory_rows and w.boost_memory else ""
+    latency[f"hybrid retrieval{with_memory}, excl. encoding"] = ret
     latency["query encoding alone"] = enc
     print()
     print("| set | mode | n | recall@50 | top-1 | top-5 | MRR |")

@@ -70,12 +70,22 @@ class Settings:
     maintenance_work_mem: str = _f("1GB", "maintenance_work_mem for index builds.", "retrieval")
     retrieval_lexical_k: int = _f(100, "Candidates the lexical generator returns before fusion.", "retrieval")
     retrieval_vector_k: int = _f(100, "Candidates the vector generator returns before fusion.", "retrieval")
-    retrieval_weight_vector: float = _f(0.5, "Fusion weight of the normalised vector score.", "retrieval")
-    retrieval_weight_lexical: float = _f(0.5, "Fusion weight of the normalised lexical score.", "retrieval")
-    retrieval_weight_rrf: float = _f(0.0, "Fusion weight of reciprocal-rank fusion.", "retrieval")
-    retrieval_rrf_k: float = _f(60.0, "k of reciprocal-rank fusion (1/(k+rank)).", "retrieval")
+    # The fusion defaults are what `harmonia retrieve tune` found on the bundled sample's development part
+    # (500 sources, mapping memory built); tune on your own vocabulary and mappings.
+    retrieval_weight_vector: float = _f(0.71, "Fusion weight of the normalised semantic score (vector, memory).",
+                                        "retrieval")
+    retrieval_weight_lexical: float = _f(0.12, "Fusion weight of the normalised lexical score.", "retrieval")
+    retrieval_weight_rrf: float = _f(0.23, "Fusion weight of reciprocal-rank fusion.", "retrieval")
+    retrieval_rrf_k: float = _f(68.0, "k of reciprocal-rank fusion (1/(k+rank)).", "retrieval")
     retrieval_boost_name: float = _f(1.0, "Lexical field boost for concept names.", "retrieval")
     retrieval_boost_synonym: float = _f(0.8, "Lexical field boost for concept synonyms.", "retrieval")
+    retrieval_boost_memory: float = _f(0.95, "Hybrid: a remembered source counts as a name of its target at this "
+                                             "share of its similarity (needs `harmonia memory build`; 0: off).",
+                                       "retrieval")
+    retrieval_parallel: bool = _f(True, "Hybrid: run the lexical query on a second connection while the vector and "
+                                        "memory searches run on the first.", "retrieval")
+    retrieval_memory_k: int = _f(20, "Remembered sources whose targets join the hybrid pool (0: memory off).",
+                                 "retrieval")
     retrieval_domains: list[str] = _f([], "Only retrieve concepts of these domain_id values (empty: all).",
                                       "retrieval")
     # --- reranking ---
@@ -109,6 +119,9 @@ class Settings:
                                     "classifier")
     classifier_batch_size: int = _f(64, "Pairs scored per forward pass.", "classifier")
     classifier_max_length: int = _f(64, "Token limit per (source, candidate) pair.", "classifier")
+    classifier_dtype: str = _f("auto", "Precision of the classifier's matrix work: auto (bfloat16 where the "
+                                       "hardware does it natively: AVX512-BF16/AMX CPUs, recent GPUs), float32, "
+                                       "bfloat16.", "classifier")
     # --- routing ---
     auto_approve_threshold: float = _f(0.9, "Confidence at or above which a top-1 is auto-approved "
                                             "(`harmonia bench calibrate` sets it).", "router")

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import psycopg
 
-from harmonia.benchmark.split import part_of
 from harmonia.config import Settings
 from harmonia.store import lexical as lex_store
 from harmonia.store import vocab as vocab_store
@@ -71,35 +70,18 @@ def training_pairs(conn: psycopg.Connection, vocabularies: Sequence[str] | None,
     valid standard concepts, the development-part rows of mapping files the user names (a benchmark set or a Usagi
     export: source name -> approved concept), and reviewers' decisions (source text -> chosen concept) whose source
     is not a test-part vocabulary concept."""
-    from harmonia.store import training as train_store
-    from harmonia.tune import dev_sources_from_csv
+    from harmonia.memory import known_mappings
 
-    pairs = vocab_store.maps_to_pairs(conn)
-    dev = [p for p in pairs if part_of(p[0]) == "dev"]
-    wanted = set(vocabularies) if vocabularies else None
-    ext = [(r.source_text, t) for path in extra_sets for r in dev_sources_from_csv(Path(path)) for t in r.targets]
-    reviews = []
-    if include_reviews:
-        approvals = train_store.reviewer_approvals(conn)
-        as_concept = train_store.source_concept_ids(conn, [(r["source_code"], r["source_vocab"]) for r in approvals])
-        # A reviewed code keeps the benchmark's split: its vocabulary concept id, else its "vocab:code" key.
-        reviews = [(r["source_text"], r["concept_id"]) for r in approvals
-                   if part_of(as_concept.get((r["source_code"], r["source_vocab"]),
-                                             f"{r['source_vocab']}:{r['source_code']}")) == "dev"]
-    targets = vocab_store.get_concepts(conn, sorted({p[5] for p in dev} | {t for _, t in ext + reviews}))
+    known = known_mappings(conn, vocabularies, extra_sets=extra_sets, include_reviews=include_reviews)
+    targets = vocab_store.get_concepts(conn, sorted({t for km in known for t in km.targets}))
+    names = {cid: c["concept_name"] for cid, c in targets.items()}
 
-    def named(items: Sequence[tuple[str, int]]) -> list[tuple[str, str]]:
-        out = []
-        for text, cid in items:
-            t = targets.get(cid)
-            if t is None or (wanted and t["vocabulary_id"] not in wanted):
-                continue
-            if text.strip().lower() != t["concept_name"].strip().lower():  # an identical pair teaches nothing
-                out.append((text, t["concept_name"]))
-        return out
+    def named(origin: str) -> list[tuple[str, str]]:
+        # An identical pair teaches nothing.
+        return [(km.source_text, names[t]) for km in known if km.origin == origin for t in km.targets
+                if t in names and km.source_text.strip().lower() != names[t].strip().lower()]
 
-    maps = named([(p[3], p[5]) for p in dev])
-    ext_pairs, review_pairs = named(ext), named(reviews)
+    maps, ext_pairs, review_pairs = named("vocabulary"), named("file"), named("review")
     syn = lex_store.synonym_pairs(conn, vocabularies)
     seen: set[tuple[str, str]] = set()
     out = []
@@ -107,7 +89,8 @@ def training_pairs(conn: psycopg.Connection, vocabularies: Sequence[str] | None,
         if (a, b) not in seen:
             seen.add((a, b))
             out.append((a, b))
-    info = {"maps_to_pairs": len(maps), "synonym_pairs": len(syn), "dev_sources": len({p[0] for p in dev}),
+    dev_sources = sum(1 for km in known if km.origin == "vocabulary")
+    info = {"maps_to_pairs": len(maps), "synonym_pairs": len(syn), "dev_sources": dev_sources,
             "mapping_file_pairs": len(ext_pairs), "mapping_files": [str(p) for p in extra_sets],
             "review_pairs": len(review_pairs),
             "split": "harmonia.benchmark.split.part_of(source key) == 'dev'"}

@@ -39,7 +39,8 @@ class Pipeline:
         """Retrieval batched across the terms, then the reranker (which may batch or run concurrently)."""
         if not terms:
             return []
-        candidate_lists = self.retriever.search_many([t.source_text for t in terms])
+        candidate_lists = self.retriever.search_many([t.source_text for t in terms],
+                                                     source_keys=[t.key for t in terms])
         results = self.reranker.rerank_many(list(zip(terms, candidate_lists, strict=True)))
         decisions = []
         for term, cands, result in zip(terms, candidate_lists, results, strict=True):

@@ -26,6 +26,7 @@ class Candidate:
     concept_code: str
     similarity: float  # cosine similarity (vector), or the fused score (hybrid)
     scores: dict[str, float] = field(default_factory=dict)  # per-generator scores, for the record
+    evidence: dict[str, str] = field(default_factory=dict)  # e.g. the remembered source that maps here
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -59,8 +60,10 @@ class Retriever:
         return self.search_many([text], k, domains=domains, vocabularies=vocabularies, exact=exact)[0]
 
     def search_many(self, texts: Sequence[str], k: int | None = None, *, domains: Sequence[str] | None = None,
-                    vocabularies: Sequence[str] | None = None, exact: bool = False) -> list[list[Candidate]]:
-        """Embed all texts in one batch, then one index query each."""
+                    vocabularies: Sequence[str] | None = None, exact: bool = False,
+                    source_keys: Sequence[tuple[str, str] | None] | None = None) -> list[list[Candidate]]:
+        """Embed all texts in one batch, then one index query each. `source_keys` ((source_code, source_vocab) of
+        each text) matter only to a retriever with a mapping memory, which never returns a source's own map."""
         k = k or self.settings.retrieval_top_k
         domains = domains if domains is not None else (self.settings.retrieval_domains or None)
         vectors = self.embedder.encode_queries(list(texts))

@@ -1,32 +1,48 @@
-"""Lexical and hybrid retrieval: a trigram generator over names and synonyms, fused with vector search.
+"""Lexical and hybrid retrieval: a trigram generator over names and synonyms, fused with vector search and, where
+one is built, the mapping memory (harmonia.memory).
 
-Hybrid search gathers the vector generator's top `retrieval_vector_k` and the lexical generator's top
-`retrieval_lexical_k`, completes every candidate of the union with the score the other generator would give it
-(exact cosine, trigram score), then ranks the union by
+Hybrid search gathers the vector generator's top `retrieval_vector_k`, the lexical generator's top
+`retrieval_lexical_k` and the targets of the `retrieval_memory_k` most similar already-mapped sources, completes
+every candidate of the union with the score the other generators would give it (exact cosine, trigram score), then
+ranks the union by
 
-    fused = (w_vector * minmax(vector) + w_lexical * minmax(lexical) + w_rrf * rrf) / (w_vector + w_lexical + w_rrf)
+    fused = (w_vector * minmax(semantic) + w_lexical * minmax(lexical) + w_rrf * rrf) / (w_vector + w_lexical + w_rrf)
 
-where lexical = max(boost_name * name score, boost_synonym * synonym score) and rrf is the mean over both
-generators of (k + 1) / (k + rank), so every term lies in 0..1. Ties go to the lower concept_id. The pool (union with
-raw scores) is kept apart from the fusion so `harmonia retrieve tune` can fuse thousands of times without SQL.
+where semantic = max(cosine to the concept's name, boost_memory * cosine to the most similar remembered source that
+maps to the concept): a remembered source is one more name of its target in the same embedding space, as a synonym
+is for the lexical score; lexical = max(boost_name * name score, boost_synonym * synonym score); and rrf is the mean
+over the semantic and lexical rankings of (k + 1) / (k + rank), so every term lies in 0..1. (Measured on 1,000
+development sources, leave-one-out, bundled embedder: this max form lifted recall@50 0.922 -> 0.962 and top-1
+0.633 -> 0.723; adding the memory similarity as a fourth weighted term instead reached the same recall only at a
+top-1 of 0.49.) Ties go to the lower concept_id. The pool (union with raw
+scores) is kept apart from the fusion so `harmonia retrieve tune` can fuse thousands of times without SQL.
 """
 
 from __future__ import annotations
 
+import logging
+import weakref
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 import psycopg
+from psycopg.pq import TransactionStatus
 
 from harmonia.config import Settings
 from harmonia.embed import Embedder
 from harmonia.retrieve import Candidate, Retriever
 from harmonia.store import lexical as lex_store
+from harmonia.store import memory as mem_store
 
 # Lexical hits must cover this share of the query's trigrams (pg_trgm word_similarity): lower finds more typos
 # but costs time, as every hit is scored.
 LEXICAL_THRESHOLD = 0.35
+
+log = logging.getLogger(__name__)
+
+SourceKey = tuple[str, str]  # (source_code, source_vocab) of the text retrieved for
 
 
 @dataclass(frozen=True)
@@ -37,17 +53,19 @@ class FusionWeights:
     rrf_k: float = 60.0
     boost_name: float = 1.0
     boost_synonym: float = 0.8
+    boost_memory: float = 0.0
 
     @classmethod
     def from_settings(cls, s: Settings) -> FusionWeights:
         return cls(vector=s.retrieval_weight_vector, lexical=s.retrieval_weight_lexical, rrf=s.retrieval_weight_rrf,
                    rrf_k=s.retrieval_rrf_k, boost_name=s.retrieval_boost_name,
-                   boost_synonym=s.retrieval_boost_synonym)
+                   boost_synonym=s.retrieval_boost_synonym, boost_memory=s.retrieval_boost_memory)
 
     def as_settings(self) -> dict[str, float]:
         return {"retrieval_weight_vector": self.vector, "retrieval_weight_lexical": self.lexical,
                 "retrieval_weight_rrf": self.rrf, "retrieval_rrf_k": self.rrf_k,
-                "retrieval_boost_name": self.boost_name, "retrieval_boost_synonym": self.boost_synonym}
+                "retrieval_boost_name": self.boost_name, "retrieval_boost_synonym": self.boost_synonym,
+                "retrieval_boost_memory": self.boost_memory}
 
 
 @dataclass
@@ -61,6 +79,11 @@ class Pool:
     rows: dict[int, tuple] = field(default_factory=dict)  # concept_id -> the six candidate columns
     vector_order: list[int] = field(default_factory=list)  # each generator's own ranking, for comparisons
     lexical_order: list[int] = field(default_factory=list)
+    memory: np.ndarray | None = None  # best similarity of a remembered source mapping to each id (0: none)
+    memory_sources: dict[int, str] = field(default_factory=dict)  # concept_id -> the remembered source's text
+
+    def memory_scores(self) -> np.ndarray:
+        return self.memory if self.memory is not None else np.zeros(len(self.ids))
 
 
 def _minmax(x: np.ndarray) -> np.ndarray:
@@ -81,13 +104,16 @@ def fuse(pool: Pool, w: FusionWeights, k: int) -> list[tuple[int, float, dict[st
     if len(pool.ids) == 0:
         return []
     lexical = np.maximum(w.boost_name * pool.name, w.boost_synonym * pool.synonym)
-    rrf = ((w.rrf_k + 1) / (w.rrf_k + _ranks(pool.vector)) + (w.rrf_k + 1) / (w.rrf_k + _ranks(lexical))) / 2
+    memory = pool.memory_scores()
+    semantic = np.maximum(pool.vector, w.boost_memory * memory)
+    rrf = ((w.rrf_k + 1) / (w.rrf_k + _ranks(semantic)) + (w.rrf_k + 1) / (w.rrf_k + _ranks(lexical))) / 2
     total = w.vector + w.lexical + w.rrf
-    fused = (w.vector * _minmax(pool.vector) + w.lexical * _minmax(lexical) + w.rrf * rrf) / (total or 1.0)
+    fused = (w.vector * _minmax(semantic) + w.lexical * _minmax(lexical) + w.rrf * rrf) / (total or 1.0)
     order = np.argsort(-fused, kind="stable")[:k]
     return [(int(pool.ids[i]), float(fused[i]),
              {"vector": float(pool.vector[i]), "lexical": float(lexical[i]), "name": float(pool.name[i]),
-              "synonym": float(pool.synonym[i]), "rrf": float(rrf[i])}) for i in order]
+              "synonym": float(pool.synonym[i]), "memory": float(memory[i]), "rrf": float(rrf[i])})
+            for i in order]
 
 
 def fused_ranking(pool: Pool, w: FusionWeights, k: int) -> np.ndarray:
@@ -95,9 +121,10 @@ def fused_ranking(pool: Pool, w: FusionWeights, k: int) -> np.ndarray:
     if len(pool.ids) == 0:
         return pool.ids
     lexical = np.maximum(w.boost_name * pool.name, w.boost_synonym * pool.synonym)
-    fused = w.vector * _minmax(pool.vector) + w.lexical * _minmax(lexical)
+    semantic = np.maximum(pool.vector, w.boost_memory * pool.memory_scores()) if w.boost_memory else pool.vector
+    fused = w.vector * _minmax(semantic) + w.lexical * _minmax(lexical)
     if w.rrf:
-        fused = fused + w.rrf * ((w.rrf_k + 1) / (w.rrf_k + _ranks(pool.vector))
+        fused = fused + w.rrf * ((w.rrf_k + 1) / (w.rrf_k + _ranks(semantic))
                                  + (w.rrf_k + 1) / (w.rrf_k + _ranks(lexical))) / 2
     return pool.ids[np.argsort(-fused, kind="stable")[:k]]
 
@@ -105,6 +132,12 @@ def fused_ranking(pool: Pool, w: FusionWeights, k: int) -> np.ndarray:
 def _candidate(row: tuple, similarity: float, scores: dict[str, float]) -> Candidate:
     return Candidate(concept_id=row[0], concept_name=row[1], domain_id=row[2], vocabulary_id=row[3],
                      concept_class_id=row[4], concept_code=row[5], similarity=similarity, scores=scores)
+
+
+def _close_side(conn: psycopg.Connection, thread: ThreadPoolExecutor | None) -> None:
+    if thread is not None:
+        thread.shutdown(wait=True)
+    conn.close()
 
 
 class LexicalRetriever(Retriever):
@@ -123,15 +156,16 @@ class LexicalRetriever(Retriever):
         return list(v) if v else None
 
     def lexical(self, text: str, k: int, *, domains: Sequence[str] | None = None,
-                vocabularies: Sequence[str] | None = None) -> list[tuple]:
+                vocabularies: Sequence[str] | None = None, conn: psycopg.Connection | None = None) -> list[tuple]:
         s = self.settings
-        return lex_store.lexical_search(self.conn, text, k, domains=domains,
+        return lex_store.lexical_search(conn or self.conn, text, k, domains=domains,
                                         vocabularies=self._vocabularies(vocabularies),
                                         boost_name=s.retrieval_boost_name, boost_synonym=s.retrieval_boost_synonym,
                                         threshold=self.threshold)
 
     def search_many(self, texts: Sequence[str], k: int | None = None, *, domains: Sequence[str] | None = None,
-                    vocabularies: Sequence[str] | None = None, exact: bool = False) -> list[list[Candidate]]:
+                    vocabularies: Sequence[str] | None = None, exact: bool = False,
+                    source_keys: Sequence[SourceKey | None] | None = None) -> list[list[Candidate]]:
         k = k or self.settings.retrieval_top_k
         domains = domains if domains is not None else (self.settings.retrieval_domains or None)
         out = []
@@ -142,26 +176,82 @@ class LexicalRetriever(Retriever):
 
 
 class HybridRetriever(LexicalRetriever):
-    """Vector and lexical candidates fused into one ranking (see the module docstring)."""
+    """Vector, lexical and mapping-memory candidates fused into one ranking (see the module docstring)."""
 
     def __init__(self, conn: psycopg.Connection, embedder: Embedder, settings: Settings,
                  threshold: float = LEXICAL_THRESHOLD, weights: FusionWeights | None = None) -> None:
         Retriever.__init__(self, conn, embedder, settings)  # checks the model's embeddings exist
         self.threshold = threshold
         self.weights = weights or FusionWeights.from_settings(settings)
+        # The memory is consulted whenever this model has one (its boost may be 0, but tuning needs the scores).
+        self.memory_rows = sum(mem_store.count(conn, embedder.key).values()) if settings.retrieval_memory_k else 0
+        self._side: psycopg.Connection | None = None
+        self._side_thread: ThreadPoolExecutor | None = None
+        self._parallel = settings.retrieval_parallel
+
+    def _side_connection(self) -> psycopg.Connection | None:
+        """A second connection for the lexical query, so that it runs while this one does the vector and memory
+        searches (two server processes, two cores). Only while this connection has no open transaction: both then
+        read the same committed vocabulary. None when off or when it cannot be opened (then all runs here)."""
+        if not self._parallel or self.conn.info.transaction_status != TransactionStatus.IDLE:
+            return None
+        if self._side is None:
+            info = self.conn.info
+            try:
+                self._side = psycopg.connect(info.dsn, autocommit=True,
+                                             **({"password": info.password} if info.password else {}))
+            except psycopg.Error as exc:
+                log.warning("lexical search runs sequentially: no second connection (%s)", exc)
+                self._parallel = False
+                return None
+            self._side_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="harmonia-lexical")
+            weakref.finalize(self, _close_side, self._side, self._side_thread)
+        return self._side
+
+    def close(self) -> None:
+        if self._side is not None:
+            _close_side(self._side, self._side_thread)
+            self._side = self._side_thread = None
+
+    def memory(self, vector: np.ndarray, source_key: SourceKey | None) -> tuple[dict[int, float], dict[int, str]]:
+        """Each target of the most similar remembered sources (never the source itself) with the best similarity
+        of a source mapping to it, and that source's text (for the record)."""
+        if not self.memory_rows:
+            return {}, {}
+        hits = mem_store.search(self.conn, self.embedder.key, self.dim, vector, self.settings.retrieval_memory_k,
+                                exclude=[source_key] if source_key else (), ef_search=self.settings.hnsw_ef_search)
+        score: dict[int, float] = {}
+        text: dict[int, str] = {}
+        for h in hits:  # best first
+            for t in h.targets:
+                if t not in score:
+                    score[t], text[t] = max(h.similarity, 0.0), h.source_text
+        return score, text
 
     def pool(self, text: str, vector: np.ndarray, *, domains: Sequence[str] | None = None,
-             vocabularies: Sequence[str] | None = None, exact: bool = False) -> Pool:
+             vocabularies: Sequence[str] | None = None, exact: bool = False,
+             source_key: SourceKey | None = None) -> Pool:
         s = self.settings
+        side = self._side_connection()
+        lex_job = None
+        if side is not None and self._side_thread is not None:
+            lex_job = self._side_thread.submit(self.lexical, text, s.retrieval_lexical_k, domains=domains,
+                                               vocabularies=vocabularies, conn=side)
         vec = self.search_vector(vector, s.retrieval_vector_k, domains=domains, vocabularies=vocabularies,
                                  exact=exact)
-        lex = self.lexical(text, s.retrieval_lexical_k, domains=domains, vocabularies=vocabularies)
+        mscore, msource = self.memory(vector, source_key)
+        lex = (lex_job.result() if lex_job is not None
+               else self.lexical(text, s.retrieval_lexical_k, domains=domains, vocabularies=vocabularies))
         rows = {c.concept_id: (c.concept_id, c.concept_name, c.domain_id, c.vocabulary_id, c.concept_class_id,
                                c.concept_code) for c in vec}
         vscore = {c.concept_id: c.similarity for c in vec}
         lscore = {r[0]: (r[7], r[8]) for r in lex}
         for r in lex:
             rows.setdefault(r[0], tuple(r[:6]))
+        # Remembered targets pass the same filters as the generators' own candidates (valid standard, domains,
+        # vocabularies); the vocabulary may have changed since the memory was built.
+        rows.update(lex_store.concept_rows(self.conn, [t for t in mscore if t not in rows], domains=domains,
+                                           vocabularies=self._vocabularies(vocabularies)))
         ids = sorted(rows)
         missing_v = [i for i in ids if i not in vscore]
         missing_l = [i for i in ids if i not in lscore]
@@ -172,24 +262,37 @@ class HybridRetriever(LexicalRetriever):
                     vector=np.array([vscore.get(i, floor) for i in ids], dtype=np.float64),
                     name=np.array([lscore.get(i, (0.0, 0.0))[0] for i in ids], dtype=np.float64),
                     synonym=np.array([lscore.get(i, (0.0, 0.0))[1] for i in ids], dtype=np.float64),
-                    rows=rows, vector_order=[c.concept_id for c in vec], lexical_order=[r[0] for r in lex])
+                    rows=rows, vector_order=[c.concept_id for c in vec], lexical_order=[r[0] for r in lex],
+                    memory=np.array([mscore.get(i, 0.0) for i in ids], dtype=np.float64),
+                    memory_sources={i: msource[i] for i in ids if i in msource})
 
     def pools(self, texts: Sequence[str], *, domains: Sequence[str] | None = None,
-              vocabularies: Sequence[str] | None = None, exact: bool = False) -> list[Pool]:
+              vocabularies: Sequence[str] | None = None, exact: bool = False,
+              source_keys: Sequence[SourceKey | None] | None = None) -> list[Pool]:
         vectors = self.embedder.encode_queries(list(texts))
-        return [self.pool(t, v, domains=domains, vocabularies=vocabularies, exact=exact)
-                for t, v in zip(texts, vectors, strict=True)]
+        keys = source_keys or [None] * len(texts)
+        return [self.pool(t, v, domains=domains, vocabularies=vocabularies, exact=exact, source_key=key)
+                for t, v, key in zip(texts, vectors, keys, strict=True)]
 
     def search_many(self, texts: Sequence[str], k: int | None = None, *, domains: Sequence[str] | None = None,
-                    vocabularies: Sequence[str] | None = None, exact: bool = False) -> list[list[Candidate]]:
+                    vocabularies: Sequence[str] | None = None, exact: bool = False,
+                    source_keys: Sequence[SourceKey | None] | None = None) -> list[list[Candidate]]:
         k = k or self.settings.retrieval_top_k
         domains = domains if domains is not None else (self.settings.retrieval_domains or None)
         vectors = self.embedder.encode_queries(list(texts))
-        return [self.search_encoded(t, v, k, domains=domains, vocabularies=vocabularies, exact=exact)
-                for t, v in zip(texts, vectors, strict=True)]
+        keys = source_keys or [None] * len(texts)
+        return [self.search_encoded(t, v, k, domains=domains, vocabularies=vocabularies, exact=exact, source_key=key)
+                for t, v, key in zip(texts, vectors, keys, strict=True)]
 
     def search_encoded(self, text: str, vector: np.ndarray, k: int, *, domains: Sequence[str] | None = None,
-                       vocabularies: Sequence[str] | None = None, exact: bool = False) -> list[Candidate]:
+                       vocabularies: Sequence[str] | None = None, exact: bool = False,
+                       source_key: SourceKey | None = None) -> list[Candidate]:
         """Hybrid search for an already encoded query."""
-        p = self.pool(text, vector, domains=domains, vocabularies=vocabularies, exact=exact)
-        return [_candidate(p.rows[cid], score, parts) for cid, score, parts in fuse(p, self.weights, k)]
+        p = self.pool(text, vector, domains=domains, vocabularies=vocabularies, exact=exact, source_key=source_key)
+        out = []
+        for cid, score, parts in fuse(p, self.weights, k):
+            c = _candidate(p.rows[cid], score, parts)
+            if cid in p.memory_sources:
+                c.evidence = {"memory_source": p.memory_sources[cid]}
+            out.append(c)
+        return out

@@ -1,9 +1,9 @@
-"""`harmonia retrieve tune`: fusion weights that maximise MRR on the benchmark's DEVELOPMENT part.
+"""`harmonia retrieve tune`: fusion weights that maximise MRR (or recall@50) on the benchmark's DEVELOPMENT part.
 
-Every dev source's candidate pool (vector and lexical candidates with all raw scores, see
+Every dev source's candidate pool (vector, lexical and mapping-memory candidates with all raw scores, see
 harmonia.retrieve_hybrid) is computed once from the database; optuna's seeded TPE sampler then searches the
 weights, fusing the pools in Python (milliseconds per trial). Test-part sources are refused wherever sources come
-from, so nothing tuned here has seen them.
+from, so nothing tuned here has seen them; the mapping memory leaves each source's own mapping out of its pool.
 """
 
 from __future__ import annotations
@@ -62,17 +62,22 @@ def dev_sources_from_db(conn: psycopg.Connection, vocabularies: Sequence[str] | 
     return rows
 
 
-def dev_sources_from_csv(path: Path) -> list[BenchRow]:
-    """A benchmark set CSV (harmonia.benchmark.curate.write_set) or a Usagi export; only its dev-part rows."""
+def rows_from_csv(path: Path) -> list[BenchRow]:
+    """Every row of a benchmark set CSV (harmonia.benchmark.curate.write_set) or a Usagi export."""
     try:
-        rows = read_set(path)
+        return read_set(path)
     except BenchSetError as exc:
         if "missing column" not in str(exc):
             raise TuneError(str(exc)) from exc
         try:
-            rows = read_usagi_truth(path)
+            return read_usagi_truth(path)
         except BenchSetError as exc2:
             raise TuneError(f"{path}: neither a benchmark set nor a Usagi file ({exc2})") from exc2
+
+
+def dev_sources_from_csv(path: Path) -> list[BenchRow]:
+    """A benchmark set CSV or a Usagi export; only its dev-part rows."""
+    rows = rows_from_csv(path)
     dev = dev_only(rows)
     if len(dev) < len(rows):
         log.warning("%s: %d test-part row(s) skipped", path, len(rows) - len(dev))
@@ -90,7 +95,10 @@ def precompute(conn: psycopg.Connection, embedder: Embedder, settings: Settings,
     out = []
     for i in range(0, len(sources), batch):
         chunk = list(sources[i:i + batch])
-        out.extend(zip(chunk, retriever.pools([r.source_text for r in chunk]), strict=True))
+        # Each source's own (code, vocab) goes along: the mapping memory leaves it out (leave-one-out).
+        out.extend(zip(chunk, retriever.pools([r.source_text for r in chunk],
+                                              source_keys=[(r.source_code, r.source_vocab) for r in chunk]),
+                       strict=True))
     return out
 
 
@@ -102,8 +110,19 @@ def evaluate(pools: Sequence[tuple[BenchRow, Pool]], w: FusionWeights, k: int = 
     return aggregate(scores)
 
 
-def tune(pools: Sequence[tuple[BenchRow, Pool]], settings: Settings, *, trials: int = 100, seed: int = 13
-         ) -> TuneResult:
+OBJECTIVES = ("mrr", "recall")
+
+
+def objective_value(a: Aggregate, objective: str) -> float:
+    """What a trial maximises: MRR (retrieval order is the answer: reranker `none`), or recall@50 with MRR only
+    breaking ties (a reranker reorders the 50, so what counts is that the answer is among them)."""
+    if objective == "recall":
+        return a.recall + 1e-3 * a.mrr
+    return a.mrr
+
+
+def tune(pools: Sequence[tuple[BenchRow, Pool]], settings: Settings, *, trials: int = 100, seed: int = 13,
+         objective: str = "mrr") -> TuneResult:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -111,30 +130,40 @@ def tune(pools: Sequence[tuple[BenchRow, Pool]], settings: Settings, *, trials: 
     current = FusionWeights.from_settings(settings)
     before = evaluate(pools, current, k)
 
+    # The memory boost is searched only where the pools hold memory scores (a memory is built for the model).
+    has_memory = any(p.memory is not None and p.memory.any() for _, p in pools)
+
     def params_to_weights(p: dict) -> FusionWeights:
         # Min-max normalisation makes the lexical term scale-free, so only boost_synonym / boost_name matters.
         return FusionWeights(vector=p["vector"], lexical=p["lexical"], rrf=p["rrf"], rrf_k=p["rrf_k"],
-                             boost_name=1.0, boost_synonym=p["boost_synonym"])
+                             boost_name=1.0, boost_synonym=p["boost_synonym"],
+                             boost_memory=p.get("boost_memory", current.boost_memory))
 
-    def objective(trial: optuna.Trial) -> float:
-        w = params_to_weights({"vector": trial.suggest_float("vector", 0.0, 1.0),
-                               "lexical": trial.suggest_float("lexical", 0.0, 1.0),
-                               "rrf": trial.suggest_float("rrf", 0.0, 1.0),
-                               "rrf_k": trial.suggest_float("rrf_k", 1.0, 100.0),
-                               "boost_synonym": trial.suggest_float("boost_synonym", 0.3, 1.2)})
+    def trial_value(trial: optuna.Trial) -> float:
+        p = {"vector": trial.suggest_float("vector", 0.0, 1.0),
+             "lexical": trial.suggest_float("lexical", 0.0, 1.0),
+             "rrf": trial.suggest_float("rrf", 0.0, 1.0),
+             "rrf_k": trial.suggest_float("rrf_k", 1.0, 100.0),
+             "boost_synonym": trial.suggest_float("boost_synonym", 0.3, 1.2)}
+        if has_memory:
+            p["boost_memory"] = trial.suggest_float("boost_memory", 0.0, 1.2)
+        w = params_to_weights(p)
         a = evaluate(pools, w, k)
         trial.set_user_attr("recall", a.recall)
-        return a.mrr
+        return objective_value(a, objective)
 
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
     # The current weights are the first trial, so tuning never reports worse than where it started.
-    study.enqueue_trial({"vector": min(max(current.vector, 0.0), 1.0), "lexical": min(max(current.lexical, 0.0), 1.0),
-                         "rrf": min(max(current.rrf, 0.0), 1.0), "rrf_k": min(max(current.rrf_k, 1.0), 100.0),
-                         "boost_synonym": min(max(current.boost_synonym / (current.boost_name or 1.0), 0.3), 1.2)})
-    study.optimize(objective, n_trials=trials)
+    first = {"vector": min(max(current.vector, 0.0), 1.0), "lexical": min(max(current.lexical, 0.0), 1.0),
+             "rrf": min(max(current.rrf, 0.0), 1.0), "rrf_k": min(max(current.rrf_k, 1.0), 100.0),
+             "boost_synonym": min(max(current.boost_synonym / (current.boost_name or 1.0), 0.3), 1.2)}
+    if has_memory:
+        first["boost_memory"] = min(max(current.boost_memory, 0.0), 1.2)
+    study.enqueue_trial(first)
+    study.optimize(trial_value, n_trials=trials)
     best = params_to_weights(study.best_params)
     after = evaluate(pools, best, k)
-    if after.mrr < before.mrr:
+    if objective_value(after, objective) < objective_value(before, objective):
         best, after = current, before
     return TuneResult(before=before, after=after, weights=best, trials=trials,
                       source_keys=[r.split_key for r, _ in pools])

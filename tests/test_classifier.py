@@ -20,6 +20,7 @@ from harmonia.rerank.classifier import (
     PairScorer,
     candidate_text,
     checkpoint_from_settings,
+    resolve_dtype,
 )
 from harmonia.rerank.train import TrainOptions, dev_sources, load_material, review_examples, train
 from harmonia.store import training as train_store
@@ -54,6 +55,25 @@ def test_tiny_run_writes_a_loadable_checkpoint_that_ranks_true_pairs_first(tiny_
     p_true = scorer.probs([p.query for p, _ in pairs], [p.doc for p, _ in pairs])
     p_rand = scorer.probs([r.query for _, r in pairs], [r.doc for _, r in pairs])
     assert (p_true > p_rand).mean() >= 0.9, (p_true, p_rand)
+
+
+def test_bfloat16_scoring_matches_float32(tiny_run: tuple[Settings, Path]) -> None:
+    _, run_dir = tiny_run
+    material = load_material(run_dir / "pairs.jsonl.gz")
+    q, d = [e.query for e in material.train[:40]], [e.doc for e in material.train[:40]]
+    f32 = PairScorer(run_dir / "model", max_length=40, dtype="float32").logits(q, d)
+    b16 = PairScorer(run_dir / "model", max_length=40, dtype="bfloat16")
+    assert b16.dtype == "bfloat16"
+    z = b16.logits(q, d)
+    assert z.dtype == np.float32 and np.abs(z - f32).max() < 0.1 * max(1.0, float(np.abs(f32).max()))
+    assert np.corrcoef(z, f32)[0, 1] > 0.99
+
+
+def test_dtype_setting_is_resolved_or_refused() -> None:
+    assert resolve_dtype("float32", "cpu") == "float32" and resolve_dtype("bfloat16", "cpu") == "bfloat16"
+    assert resolve_dtype("auto", "cpu") in ("float32", "bfloat16")
+    with pytest.raises(ValueError, match="classifier_dtype"):
+        resolve_dtype("fp8", "cpu")
 
 
 def test_no_test_part_source_in_training_pairs(conn: psycopg.Connection, tiny_run: tuple[Settings, Path]) -> None:

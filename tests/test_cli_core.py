@@ -40,6 +40,7 @@ def test_quickstart_maps_and_scores_sample_terms(fresh_db: str, tmp_path: Path) 
     assert r.exit_code == 0, r.output
     assert "vocabulary already loaded" in r.output
     assert "input rows 12 = approved" in r.output and "top-1" in r.output and "recall@50" in r.output
+    assert "remembered 6," in r.output and "retrieval=hybrid" in r.output  # the dev part's ~6.8k mapped sources
 
 
 def test_vocab_load_error_exits_non_zero_with_line(fresh_db: str, tmp_path: Path) -> None:

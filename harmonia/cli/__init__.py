@@ -24,12 +24,15 @@ vocab_app = typer.Typer(help="The OMOP vocabulary.", no_args_is_help=True)
 embed_app = typer.Typer(help="Embed valid standard concepts (no subcommand), or train the embedder.",
                         invoke_without_command=True)
 retrieve_app = typer.Typer(help="Retrieval tuning.", no_args_is_help=True)
+memory_app = typer.Typer(help="The mapping memory: already-mapped sources as hybrid-retrieval candidates.",
+                         no_args_is_help=True)
 reranker_app = typer.Typer(help="The local classifier reranker.", no_args_is_help=True)
 bench_app = typer.Typer(help="Acceptance benchmark: curate, run, calibrate.", no_args_is_help=True)
 user_app = typer.Typer(help="Reviewers and their API tokens.", no_args_is_help=True)
 config_app = typer.Typer(help="Show the effective configuration.", no_args_is_help=True)
 for name, sub in (("db", db_app), ("vocab", vocab_app), ("embed", embed_app), ("retrieve", retrieve_app),
-                  ("reranker", reranker_app), ("bench", bench_app), ("user", user_app), ("config", config_app)):
+                  ("memory", memory_app), ("reranker", reranker_app), ("bench", bench_app), ("user", user_app),
+                  ("config", config_app)):
     app.add_typer(sub, name=name)
 
 _overrides: dict[str, object] = {}

@@ -278,11 +278,15 @@ _RERANKER_NOTE = {
 
 
 def sample_ground_truth(conn, n: int, seed: int, vocabularies: list[str]) -> dict[tuple, dict]:  # noqa: ANN001
-    """n source concepts with 'Maps to' targets (any target counts), for scoring the quickstart only."""
+    """n source concepts of the benchmark's test part with 'Maps to' targets (any target counts), for scoring the
+    quickstart only: nothing trained, tuned or remembered has seen them."""
+    from harmonia.benchmark.split import part_of
     from harmonia.store import vocab as vocab_store
 
     by_src: dict[int, dict] = {}
     for sid, code, voc, name, _dom, target in vocab_store.maps_to_pairs(conn, vocabularies):
+        if part_of(sid) != "test":
+            continue
         e = by_src.setdefault(sid, {"code": code, "vocab": voc, "name": name, "targets": set()})
         e["targets"].add(target)
     ids = sorted(by_src)
@@ -295,16 +299,21 @@ def quickstart(n: int = typer.Option(200, help="How many sample ICD10 terms to m
                seed: int = typer.Option(42),
                show: int = typer.Option(8, help="How many terms to print with their top candidates."),
                reload: bool = typer.Option(False, help="Reload the bundled vocabulary even if one is loaded."),
-               reranker: str = typer.Option(None, help="none | llm | classifier (default: the setting).")) -> None:
-    """The main job on the bundled sample: migrate, load, embed, map sample ICD10 terms, score them."""
+               reranker: str = typer.Option(None, help="none | llm | classifier (default: the setting)."),
+               retrieval: str = typer.Option("hybrid", help="Retrieval mode for this run: vector | lexical | "
+                                             "hybrid (with the mapping memory).")) -> None:
+    """The main job on the bundled sample: migrate, load, embed, remember the development part's mappings, map
+    sample ICD10 terms of the test part, score them."""
     from harmonia.embed import Embedder, embed_concepts
+    from harmonia.memory import build_memory, known_mappings
     from harmonia.paths import sample_dir
     from harmonia.pipeline import MapSummary, map_terms
     from harmonia.rerank import SourceTerm
+    from harmonia.store import memory as mem_store
     from harmonia.store import vocab as vocab_store
     from harmonia.vocab import load_vocabulary
 
-    s = settings(reranker=reranker)
+    s = settings(reranker=reranker, retrieval_mode=retrieval)
     t_start = time.perf_counter()
     console.rule("1. database")
     with _conn(s) as conn:
@@ -322,6 +331,15 @@ def quickstart(n: int = typer.Option(200, help="How many sample ICD10 terms to m
         er = embed_concepts(conn, embedder, vocabularies=s.vocabularies, batch_size=s.embedding_batch_size,
                             settings=s)
         console.print(f"{embedder.key}: {er.written:,} new, {er.total:,} embedded concepts")
+        if s.retrieval_mode == "hybrid":
+            console.rule("3b. mapping memory")
+            if not mem_store.count(conn, embedder.key):
+                maps = known_mappings(conn, s.vocabularies)
+                mr = build_memory(conn, embedder, s, maps)
+                console.print(f"remembered {mr.rows:,} mapped sources of the development part in {mr.seconds:.0f}s")
+            else:
+                console.print(f"{sum(mem_store.count(conn, embedder.key).values()):,} mapped sources remembered "
+                              "(`harmonia memory build` rebuilds)")
         console.rule(f"4. map {n} ICD10 terms (reranker={s.reranker})")
         console.print(_RERANKER_NOTE.get(s.reranker, ""))
         truth = sample_ground_truth(conn, n, seed, ["ICD10"])
@@ -356,6 +374,6 @@ def quickstart(n: int = typer.Option(200, help="How many sample ICD10 terms to m
     _print_summary(summary, s.reranker)
     console.print(f"[bold]top-1 {hits1 / m:.3f}   top-5 {hits5 / m:.3f}   recall@{s.retrieval_top_k} "
                   f"{recall / m:.3f}[/bold]   on {m} ICD10 -> standard 'Maps to' sources "
-                  f"(reranker={s.reranker}, model {embedder.key})")
+                  f"(test part; retrieval={s.retrieval_mode}, reranker={s.reranker}, model {embedder.key})")
     console.print(f"finished in {time.perf_counter() - t_start:.0f}s. Next: `harmonia search \"text\"`, "
                   "`harmonia map codes.csv`, `harmonia export --format usagi`.")

@@ -1,5 +1,5 @@
-"""Retrieval commands: `harmonia retrieve tune` (fusion weights by Bayesian optimisation on the development part)
-and `harmonia embed train` (contrastive fine-tuning of the embedder)."""
+"""Retrieval commands: `harmonia retrieve tune` (fusion weights by Bayesian optimisation on the development part),
+`harmonia embed train` (contrastive fine-tuning of the embedder) and `harmonia memory build` (the mapping memory)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from harmonia.cli import embed_app, fail, retrieve_app, settings
+from harmonia.cli import embed_app, fail, memory_app, retrieve_app, settings
 
 console = Console()
 
@@ -69,6 +69,8 @@ def embed_train(
 @retrieve_app.command("tune")
 def retrieve_tune(
     trials: int = typer.Option(100, "--trials", help="Optuna trials."),
+    objective: str = typer.Option("mrr", "--objective", help="mrr (retrieval order is the answer) or recall "
+                                  "(recall@50 first: a reranker reorders the 50)."),
     dev_set: Path = typer.Option(None, "--set", exists=True, dir_okay=False,
                                  help="Development CSV (benchmark set or Usagi); default: dev-part 'Maps to' "
                                       "sources from the database."),
@@ -76,13 +78,15 @@ def retrieve_tune(
     seed: int = typer.Option(13, "--seed"),
     write: bool = typer.Option(True, help="Write the best weights to the configuration file."),
 ) -> None:
-    """Tune the fusion weights for MRR on the development part (optuna TPE); report recall@50 before/after."""
+    """Tune the fusion weights for MRR or recall@50 on the development part (optuna TPE); report both."""
     from harmonia import db
     from harmonia.config import write_settings
     from harmonia.embed import Embedder
     from harmonia.retrieve import RetrievalError
-    from harmonia.tune import TuneError, dev_sources_from_csv, dev_sources_from_db, precompute, tune
+    from harmonia.tune import OBJECTIVES, TuneError, dev_sources_from_csv, dev_sources_from_db, precompute, tune
 
+    if objective not in OBJECTIVES:
+        fail(f"--objective must be one of {', '.join(OBJECTIVES)}, not {objective!r}")
     s = settings()
     with db.connect(s, autocommit=True) as conn:
         try:
@@ -95,7 +99,7 @@ def retrieve_tune(
         except (TuneError, RetrievalError) as exc:
             fail(str(exc))
             return
-    r = tune(pools, s, trials=trials, seed=seed)
+    r = tune(pools, s, trials=trials, seed=seed, objective=objective)
     console.print(f"before: MRR {r.before.mrr:.4f}  recall@50 {r.before.recall:.4f}  top-1 {r.before.top1:.4f}")
     console.print(f"after:  MRR {r.after.mrr:.4f}  recall@50 {r.after.recall:.4f}  top-1 {r.after.top1:.4f}"
                   f"  ({trials} trials)")
@@ -104,3 +108,38 @@ def retrieve_tune(
     if write:
         path = write_settings(r.weights.as_settings(), Path(s.config_file) if s.config_file else None)
         console.print(f"written to {path}")
+
+
+@memory_app.command("build")
+def memory_build(
+    model: str = typer.Option(None, "--model", help="Model name or path (default: embedding_model)."),
+    pairs_from: list[Path] = typer.Option([], "--pairs-from", help="Also remember the approved rows of this "
+                                          "mapping file (benchmark set or Usagi export); repeatable."),
+    no_reviews: bool = typer.Option(False, "--no-reviews", help="Leave reviewers' decisions out."),
+    all_parts: bool = typer.Option(False, "--all-parts", help="Remember test-part sources too (production use; "
+                                   "benchmark figures on the test part then mean nothing)."),
+    progress: bool = typer.Option(True),
+) -> None:
+    """Rebuild the mapping memory for a model: known mappings of the development part, mapping files, reviews."""
+    from harmonia import db
+    from harmonia.embed import Embedder
+    from harmonia.memory import build_memory, known_mappings
+    from harmonia.tune import TuneError
+
+    s = settings(embedding_model=model)
+    embedder = Embedder.from_settings(s)
+    with db.connect(s, autocommit=True) as conn:
+        try:
+            maps = known_mappings(conn, s.vocabularies, extra_sets=pairs_from, include_reviews=not no_reviews,
+                                  all_parts=all_parts)
+        except TuneError as exc:
+            fail(str(exc))
+            return
+        if not maps:
+            fail("nothing to remember: no 'Maps to' sources, mapping-file rows or reviews with valid targets")
+        r = build_memory(conn, embedder, s, maps, progress=progress)
+    parts = ", ".join(f"{n:,} {origin}" for origin, n in sorted(r.by_origin.items()))
+    console.print(f"model {r.model}: {r.rows:,} remembered sources ({parts}) in {r.seconds:.1f}s"
+                  + (f"; {r.duplicates} repeated codes kept once" if r.duplicates else ""))
+    if s.retrieval_mode != "hybrid":
+        console.print("the memory is used by hybrid retrieval: set retrieval_mode = \"hybrid\"")

@@ -135,11 +135,41 @@ def weights_hash(model_dir: Path) -> str:
 # ------------------------------------------------------------------------------------------------ scoring
 
 
+def _cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: bfloat16 matrix work in hardware (elsewhere it is emulated, and slower than float32)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(setting: str, device: str) -> str:
+    """'auto' -> bfloat16 where the hardware does it natively (a CUDA GPU that supports it, a CPU with AVX512-BF16
+    or AMX), else float32."""
+    if setting in ("float32", "bfloat16"):
+        return setting
+    if setting != "auto":
+        raise ValueError(f"classifier_dtype must be auto, float32 or bfloat16, not {setting!r}")
+    import torch
+
+    if device.startswith("cuda"):
+        return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+    return "bfloat16" if device == "cpu" and _cpu_has_native_bf16() else "float32"
+
+
+def autocast(device: str, dtype: str):  # noqa: ANN201 - a torch autocast context
+    """Mixed precision for the forward pass: matrix products in bfloat16, reductions and the loss in float32."""
+    import torch
+
+    return torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+
+
 class PairScorer:
     """A sequence-classification model with one logit: probability that a candidate matches a source text."""
 
     def __init__(self, model_dir: str | Path, *, device: str = "cpu", max_length: int = 64,
-                 batch_size: int = 64) -> None:
+                 batch_size: int = 64, dtype: str = "float32") -> None:
         if Path(model_dir).exists():
             os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local checkpoint must never reach for a hub
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -150,12 +180,13 @@ class PairScorer:
         self.device = device
         self.max_length = max_length
         self.batch_size = batch_size
+        self.dtype = resolve_dtype(dtype, device)
 
     def logits(self, queries: Sequence[str], docs: Sequence[str]) -> np.ndarray:
         import torch
 
         out: list[np.ndarray] = []
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(self.device, self.dtype):
             for i in range(0, len(queries), self.batch_size):
                 enc = self.tokenizer(list(queries[i:i + self.batch_size]), list(docs[i:i + self.batch_size]),
                                      truncation=True, max_length=self.max_length, padding=True,
@@ -187,10 +218,10 @@ class ClassifierReranker(Reranker):
     name = "classifier"
 
     def __init__(self, checkpoint: str | Path, *, top_n: int = 5, batch_size: int = 64, max_length: int = 64,
-                 device: str = "cpu") -> None:
+                 device: str = "cpu", dtype: str = "float32") -> None:
         self.checkpoint = resolve_checkpoint(checkpoint)
         self.scorer = PairScorer(self.checkpoint / "model", device=device, max_length=max_length,
-                                 batch_size=batch_size)
+                                 batch_size=batch_size, dtype=dtype)
         cal = self.checkpoint / "calibration.json"
         cal_doc = json.loads(cal.read_text()) if cal.exists() else {}
         self.calibration = Calibration.from_dict(cal_doc) if cal_doc else Calibration.identity()
@@ -209,7 +240,7 @@ class ClassifierReranker(Reranker):
 
         return cls(checkpoint_from_settings(settings), top_n=settings.rerank_top_n,
                    batch_size=settings.classifier_batch_size, max_length=settings.classifier_max_length,
-                   device=resolve_device(settings.embedding_device))
+                   device=resolve_device(settings.embedding_device), dtype=settings.classifier_dtype)
 
     @property
     def model_version(self) -> str:
@@ -245,6 +276,6 @@ class ClassifierReranker(Reranker):
                 usage={"pairs": len(cands), "ms": round(ms, 2)},
                 details={"checkpoint": str(self.checkpoint), "checkpoint_hash": self.hash,
                          "top_probability": round(float(p[order[0]]), 4) if len(order) else None,
-                         "retrieval_weight": self.retrieval_weight,
+                         "retrieval_weight": self.retrieval_weight, "dtype": self.scorer.dtype,
                          "calibration": self.calibration.method}))
         return results

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import psycopg
+from pgvector import Vector
 from psycopg import sql
 
 # Model keys and dimensions go into the SQL text as literals, not parameters: the partial HNSW index
@@ -52,26 +53,35 @@ def vector_literal(v: np.ndarray | Sequence[float]) -> str:
     return "[" + ",".join(f"{x:.7g}" for x in np.asarray(v, dtype=np.float32).tolist()) + "]"
 
 
+def copy_rows(copy: psycopg.Copy, rows: Sequence[tuple]) -> None:
+    """Binary COPY rows whose last field is a vector: pgvector's own binary form goes over as bytes (the server
+    reads it with vector_recv), so no float is ever formatted as text here or parsed back there."""
+    for *head, vec in rows:
+        copy.write_row((*head, Vector(vec).to_binary()))
+
+
 def write_batch(conn: psycopg.Connection, model_key: str, ids: Sequence[int], texts: Sequence[str],
                 vectors: np.ndarray, *, fresh: bool = False) -> int:
     """Write one batch in its own transaction (a crash loses at most one batch). `fresh` (the model had no rows when
     the run began): COPY straight into the table; otherwise upsert through a temp table, since some of the
     concepts may already have an embedding with an older text."""
+    md5s = [hashlib.md5(t.encode()).hexdigest() for t in texts]
+    vectors = np.asarray(vectors, dtype=np.float32)
     with conn.transaction():
         if fresh:
             with conn.cursor().copy("COPY vocab.concept_embedding (concept_id, model, text_md5, embedding) "
-                                    "FROM STDIN") as copy:
-                for cid, text, vec in zip(ids, texts, vectors, strict=True):
-                    copy.write_row((cid, model_key, hashlib.md5(text.encode()).hexdigest(), vector_literal(vec)))
+                                    "FROM STDIN (FORMAT BINARY)") as copy:
+                copy.set_types(["int4", "text", "text", "bytea"])
+                copy_rows(copy, [(cid, model_key, h, v) for cid, h, v in zip(ids, md5s, vectors, strict=True)])
             return len(ids)
         conn.execute("CREATE TEMP TABLE IF NOT EXISTS _emb_in (concept_id integer, text_md5 text, "
-                     "embedding text) ON COMMIT DELETE ROWS")
-        with conn.cursor().copy("COPY _emb_in (concept_id, text_md5, embedding) FROM STDIN") as copy:
-            for cid, text, vec in zip(ids, texts, vectors, strict=True):
-                copy.write_row((cid, hashlib.md5(text.encode()).hexdigest(), vector_literal(vec)))
+                     "embedding public.vector) ON COMMIT DELETE ROWS")
+        with conn.cursor().copy("COPY _emb_in (concept_id, text_md5, embedding) FROM STDIN (FORMAT BINARY)") as copy:
+            copy.set_types(["int4", "text", "bytea"])
+            copy_rows(copy, list(zip(ids, md5s, vectors, strict=True)))
         cur = conn.execute(
             """INSERT INTO vocab.concept_embedding (concept_id, model, text_md5, embedding)
-               SELECT concept_id, %s, text_md5, embedding::public.vector FROM _emb_in
+               SELECT concept_id, %s, text_md5, embedding FROM _emb_in
                ON CONFLICT (concept_id, model) DO UPDATE
                SET text_md5 = EXCLUDED.text_md5, embedding = EXCLUDED.embedding""", (model_key,))
         return cur.rowcount
@@ -91,19 +101,26 @@ def delete_orphans(conn: psycopg.Connection, model_key: str, vocabularies: Seque
         return conn.execute(q, params).rowcount
 
 
+def create_hnsw(conn: psycopg.Connection, table: str, name: str, model_key: str, dim: int, *, m: int = 16,
+                ef_construction: int = 128, maintenance_work_mem: str = "1GB") -> None:
+    """A partial HNSW cosine index on `table`'s rows of one model (inside the caller's transaction)."""
+    conn.execute(sql.SQL("SET LOCAL maintenance_work_mem = {}").format(sql.Literal(maintenance_work_mem)))
+    # pgvector builds HNSW in parallel; the encoder is idle by now, so let the build use the cores.
+    conn.execute("SET LOCAL max_parallel_maintenance_workers = 2")
+    conn.execute(sql.SQL(
+        "CREATE INDEX IF NOT EXISTS {} ON {} USING hnsw "
+        "((embedding::public.vector({})) public.vector_cosine_ops) WITH (m = {}, ef_construction = {}) "
+        "WHERE model = {}").format(sql.Identifier(name), sql.Identifier("vocab", table), sql.Literal(dim),
+                                   sql.Literal(m), sql.Literal(ef_construction), sql.Literal(model_key)))
+
+
 def ensure_index(conn: psycopg.Connection, model_key: str, dim: int, *, m: int = 16, ef_construction: int = 128,
                  maintenance_work_mem: str = "1GB") -> str:
     """The model's partial HNSW cosine index; built once, kept up to date by later inserts."""
     name = index_name(model_key)
     with conn.transaction():
-        conn.execute(sql.SQL("SET LOCAL maintenance_work_mem = {}").format(sql.Literal(maintenance_work_mem)))
-        # pgvector builds HNSW in parallel; the encoder is idle by now, so let the build use the cores.
-        conn.execute("SET LOCAL max_parallel_maintenance_workers = 2")
-        conn.execute(sql.SQL(
-            "CREATE INDEX IF NOT EXISTS {} ON vocab.concept_embedding USING hnsw "
-            "((embedding::public.vector({})) public.vector_cosine_ops) WITH (m = {}, ef_construction = {}) "
-            "WHERE model = {}").format(sql.Identifier(name), sql.Literal(dim), sql.Literal(m),
-                                       sql.Literal(ef_construction), sql.Literal(model_key)))
+        create_hnsw(conn, "concept_embedding", name, model_key, dim, m=m, ef_construction=ef_construction,
+                    maintenance_work_mem=maintenance_work_mem)
         conn.execute("UPDATE vocab.embedding_model SET index_name = %s WHERE model = %s", (name, model_key))
     conn.execute("ANALYZE vocab.concept_embedding")
     return name

@@ -93,10 +93,16 @@ def vector_scores(conn: psycopg.Connection, model_key: str, dim: int, vector: np
     return {r[0]: float(r[1]) for r in rows}
 
 
-def concept_rows(conn: psycopg.Connection, concept_ids: Sequence[int]) -> dict[int, tuple]:
-    """The six candidate columns of given concepts."""
-    rows = conn.execute(f"SELECT {CONCEPT_COLS} FROM vocab.concept c WHERE c.concept_id = ANY(%s)",
-                        (list(concept_ids),)).fetchall()  # type: ignore[arg-type]
+def concept_rows(conn: psycopg.Connection, concept_ids: Sequence[int], *, domains: Sequence[str] | None = None,
+                 vocabularies: Sequence[str] | None = None) -> dict[int, tuple]:
+    """The six candidate columns of those of the given concepts that are valid standard concepts passing the
+    filters (candidates another generator, e.g. the mapping memory, proposes by id)."""
+    if not concept_ids:
+        return {}
+    params: dict = {"ids": list(concept_ids)}
+    where = _filters(domains, vocabularies, params)
+    rows = conn.execute(f"SELECT {CONCEPT_COLS} FROM vocab.concept c WHERE c.concept_id = ANY(%(ids)s) AND {where}",
+                        params).fetchall()  # type: ignore[arg-type]
     return {r[0]: tuple(r) for r in rows}
 
 
