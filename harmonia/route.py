@@ -39,7 +39,10 @@ def route(term: SourceTerm, candidates: Sequence[Candidate], result: RerankResul
                 "concept_class_id": by_id[r.concept_id].concept_class_id,
                 "concept_code": by_id[r.concept_id].concept_code,
                 "similarity": round(by_id[r.concept_id].similarity, 4),
-                "score": round(float(r.score), 4), "rationale": r.rationale} for r in ranked]
+                "score": round(float(r.score), 4), "rationale": r.rationale,
+                # e.g. the already-mapped source through which the mapping memory proposed this concept
+                **({"evidence": by_id[r.concept_id].evidence} if by_id[r.concept_id].evidence else {})}
+               for r in ranked]
     confidence = max(0.0, min(1.0, float(result.confidence)))
     top = ranked[0].concept_id if ranked else None
     if result.error:

@@ -53,6 +53,13 @@ def test_hybrid_finds_a_target_only_the_memory_knows_and_never_a_source_s_own_ma
     hit = next(c for c in cands if c.concept_id == target)
     assert cands.index(hit) < 5 and hit.scores["memory"] > 0.8
     assert hit.evidence == {"memory_source": "Excessive vomiting in pregnancy, unspecified"}
+    # The pipeline keeps that evidence with the ranking a reviewer sees.
+    from harmonia.pipeline import Pipeline
+    from harmonia.rerank import SourceTerm, make_reranker
+
+    d = Pipeline(r, make_reranker(settings), settings).decide([SourceTerm("Q1", "LOCAL", QUERY)])[0]
+    shown = next(x for x in d.ranking if x["concept_id"] == target)
+    assert shown["evidence"]["memory_source"].startswith("Excessive vomiting")
     # The remembered source itself gets no help from its own row (leave-one-out): only the other row is there.
     own = r.search_many([QUERY], 50, source_keys=[("HG1", "LOCAL")])[0]
     assert target not in [c.concept_id for c in own]

@@ -144,7 +144,8 @@ function showItem(item) {
     el("td", {}, el("b", {}, String(c.concept_id)), " ", c.concept_name || ""),
     el("td", {}, [c.domain_id, c.vocabulary_id, c.concept_class_id].filter(Boolean).join(" / ")),
     el("td", {}, fmt(c.score)), el("td", {}, fmt(c.similarity)),
-    el("td", { class: "rationale" }, c.rationale || ""),
+    el("td", { class: "rationale" }, (c.rationale || "") +
+      (c.evidence && c.evidence.memory_source ? ` (already mapped: "${c.evidence.memory_source}")` : "")),
     el("td", {}, el("button", { type: "button", class: "write", onclick: () => approve(i + 1) }, "Approve")))));
   $("#search-results tbody").replaceChildren();
   $("#i-history ol").replaceChildren(...(item.history || []).map((h) => el("li", {},
