@@ -112,7 +112,8 @@ def fuse(pool: Pool, w: FusionWeights, k: int) -> list[tuple[int, float, dict[st
     order = np.argsort(-fused, kind="stable")[:k]
     return [(int(pool.ids[i]), float(fused[i]),
              {"vector": float(pool.vector[i]), "lexical": float(lexical[i]), "name": float(pool.name[i]),
-              "synonym": float(pool.synonym[i]), "memory": float(memory[i]), "rrf": float(rrf[i])})
+              "synonym": float(pool.synonym[i]), "memory": float(memory[i]), "semantic": float(semantic[i]),
+              "rrf": float(rrf[i])})
             for i in order]
 
 

@@ -52,6 +52,7 @@ def test_hybrid_finds_a_target_only_the_memory_knows_and_never_a_source_s_own_ma
     cands = r.search(QUERY, 50)
     hit = next(c for c in cands if c.concept_id == target)
     assert cands.index(hit) < 5 and hit.scores["memory"] > 0.8
+    assert hit.scores["semantic"] == pytest.approx(max(hit.scores["vector"], 0.95 * hit.scores["memory"]))
     assert hit.evidence == {"memory_source": "Excessive vomiting in pregnancy, unspecified"}
     # The pipeline keeps that evidence with the ranking a reviewer sees.
     from harmonia.pipeline import Pipeline
@@ -121,3 +122,15 @@ def test_cli_memory_build(conn, fresh_db, tmp_path) -> None:
     res = CliRunner().invoke(app, ["memory", "build", "--no-progress", "--pairs-from", str(tmp_path / "no.csv")],
                              env=env)
     assert res.exit_code != 0
+
+
+def test_none_reranker_confidence_is_the_semantic_score_not_the_fused_one() -> None:
+    from harmonia.rerank import NoneReranker, SourceTerm
+    from harmonia.retrieve import Candidate
+
+    term = SourceTerm("X1", "LOCAL", "anything")
+    fused = Candidate(1, "a", "Condition", "SNOMED", "Disorder", "1", 0.98, scores={"semantic": 0.71})
+    r = NoneReranker().rerank(term, [fused])
+    assert r.confidence == pytest.approx(0.71) and r.ranked[0].score == pytest.approx(0.98)
+    plain = Candidate(2, "b", "Condition", "SNOMED", "Disorder", "2", 0.83)  # vector retrieval: the cosine
+    assert NoneReranker().rerank(term, [plain]).confidence == pytest.approx(0.83)

@@ -82,7 +82,11 @@ class Reranker:
 
 
 class NoneReranker(Reranker):
-    """Keeps the retrieval order; the top similarity (clipped to 0..1) is the confidence."""
+    """Keeps the retrieval order. The confidence is the top candidate's absolute semantic similarity (its cosine,
+    or with the mapping memory the boosted cosine of a remembered source) where retrieval reports one, else its
+    similarity, clipped to 0..1. Not hybrid's fused score: min-max fusion gives nearly every top candidate ~1.0
+    (measured on 500 ICD10 test terms: 94% above 0.9 at precision 0.71, against 52% at 0.85 for the semantic
+    score)."""
 
     name = "none"
 
@@ -92,7 +96,8 @@ class NoneReranker(Reranker):
     def rerank(self, term: SourceTerm, candidates: Sequence[Candidate]) -> RerankResult:
         ranked = [RankedCandidate(c.concept_id, max(0.0, min(1.0, c.similarity)), "retrieval order")
                   for c in candidates[: self.top_n]]
-        conf = ranked[0].score if ranked else 0.0
+        top = candidates[0] if ranked else None
+        conf = max(0.0, min(1.0, top.scores.get("semantic", top.similarity))) if top is not None else 0.0
         return RerankResult(ranked=ranked, confidence=conf, model_version="none", no_match=not ranked)
 
 
