@@ -14,8 +14,8 @@ is for the lexical score; lexical = max(boost_name * name score, boost_synonym *
 over the semantic and lexical rankings of (k + 1) / (k + rank), so every term lies in 0..1. (Measured on 1,000
 development sources, leave-one-out, bundled embedder: this max form lifted recall@50 0.922 -> 0.962 and top-1
 0.633 -> 0.723; adding the memory similarity as a fourth weighted term instead reached the same recall only at a
-top-1 of 0.49.) Ties go to the lower concept_id. The pool (union with raw
-scores) is kept apart from the fusion so `harmonia retrieve tune` can fuse thousands of times without SQL.
+top-1 of 0.49.) Ties go to the lower concept_id. The pool (union with raw scores) is kept apart from the fusion
+so `harmonia retrieve tune` can fuse thousands of times without SQL.
 """
 
 from __future__ import annotations
@@ -99,13 +99,18 @@ def _ranks(score: np.ndarray) -> np.ndarray:
     return r
 
 
+def _semantic(pool: Pool, w: FusionWeights) -> np.ndarray:
+    """Cosine to the concept's name, or the boosted cosine of a remembered source mapping to it if higher."""
+    return np.maximum(pool.vector, w.boost_memory * pool.memory_scores()) if w.boost_memory else pool.vector
+
+
 def fuse(pool: Pool, w: FusionWeights, k: int) -> list[tuple[int, float, dict[str, float]]]:
     """The top k of the pool as (concept_id, fused score, per-generator scores), deterministic."""
     if len(pool.ids) == 0:
         return []
     lexical = np.maximum(w.boost_name * pool.name, w.boost_synonym * pool.synonym)
     memory = pool.memory_scores()
-    semantic = np.maximum(pool.vector, w.boost_memory * memory)
+    semantic = _semantic(pool, w)
     rrf = ((w.rrf_k + 1) / (w.rrf_k + _ranks(semantic)) + (w.rrf_k + 1) / (w.rrf_k + _ranks(lexical))) / 2
     total = w.vector + w.lexical + w.rrf
     fused = (w.vector * _minmax(semantic) + w.lexical * _minmax(lexical) + w.rrf * rrf) / (total or 1.0)
@@ -122,7 +127,7 @@ def fused_ranking(pool: Pool, w: FusionWeights, k: int) -> np.ndarray:
     if len(pool.ids) == 0:
         return pool.ids
     lexical = np.maximum(w.boost_name * pool.name, w.boost_synonym * pool.synonym)
-    semantic = np.maximum(pool.vector, w.boost_memory * pool.memory_scores()) if w.boost_memory else pool.vector
+    semantic = _semantic(pool, w)
     fused = w.vector * _minmax(semantic) + w.lexical * _minmax(lexical)
     if w.rrf:
         fused = fused + w.rrf * ((w.rrf_k + 1) / (w.rrf_k + _ranks(semantic))
