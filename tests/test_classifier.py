@@ -258,3 +258,28 @@ def test_checkpoint_retrieval_weight_is_applied_when_reranking(tiny_run: tuple[S
     alone = ClassifierReranker(ck, top_n=3)
     p = alone.scorer.probs([term.source_text] * 3, [candidate_text(c) for c in cands])
     assert [r.concept_id for r in alone.rerank(term, cands).ranked] == list(np.argsort(-p, kind="stable"))
+
+
+def test_listwise_loss_rewards_the_positive_ranked_first() -> None:
+    import torch
+
+    from harmonia.rerank.train import listwise_loss
+
+    labels = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0])
+    sources = ["a", "a", "a", "b", "b"]
+    good = listwise_loss(torch.tensor([3.0, 0.0, 0.0, 2.0, -1.0]), labels, sources)
+    bad = listwise_loss(torch.tensor([0.0, 3.0, 0.0, -1.0, 2.0]), labels, sources)
+    assert 0 < float(good) < float(bad)
+    # a source without a negative (or a positive) in the batch adds nothing
+    assert float(listwise_loss(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 1.0]), ["c", "c"])) == 0.0
+
+
+def test_grouped_order_keeps_each_source_together_and_follows_the_seed() -> None:
+    from harmonia.rerank.train import Example, grouped_order
+
+    ex = [Example("q", "d", 1.0 if i % 3 == 0 else 0.0, f"s{i // 3}", "positive") for i in range(30)]
+    order = grouped_order(ex, 5)
+    assert sorted(order.tolist()) == list(range(30))
+    sources = [ex[i].source for i in order]
+    assert sum(1 for j, s in enumerate(sources) if j == 0 or sources[j - 1] != s) == 10  # one run per source
+    assert (grouped_order(ex, 5) == order).all() and not (grouped_order(ex, 6) == order).all()

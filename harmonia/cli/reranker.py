@@ -33,6 +33,8 @@ def reranker_train(
     save_every: int = typer.Option(200, "--save-every", help="Save resumable state every N steps."),
     seed: int = typer.Option(13, "--seed"),
     no_reviews: bool = typer.Option(False, "--no-reviews", help="Leave reviewers' decisions out."),
+    loss: str = typer.Option("bce", "--loss", help="bce, or listwise (BCE plus a softmax over each source's "
+                             "candidates: trains the ranking within a source)."),
 ) -> None:
     """Fine-tune the cross-encoder on development 'Maps to' pairs and review decisions; point `latest` at it."""
     from harmonia import db
@@ -44,7 +46,9 @@ def reranker_train(
                         learning_rate=learning_rate, max_length=max_length or s.classifier_max_length, seed=seed,
                         hard_negatives=hard_negatives, random_negatives=random_negatives, max_sources=max_sources,
                         source_vocabularies=list(source_vocab), save_every=save_every, holdout=holdout,
-                        include_reviews=not no_reviews)
+                        include_reviews=not no_reviews, loss=loss)
+    if loss not in ("bce", "listwise"):
+        fail(f"--loss must be bce or listwise, not {loss!r}")
     if opts.batch_size < 1 or opts.epochs < 0 or opts.max_steps < 0:
         fail("--batch-size must be at least 1, --epochs and --max-steps not negative")
     try:

@@ -81,6 +81,7 @@ class TrainOptions:
     save_every: int = 200
     retrieval_batch: int = 256
     include_reviews: bool = True
+    loss: str = "bce"                # bce | listwise (BCE plus a softmax over each source's pairs in the batch)
 
 
 @dataclass
@@ -328,6 +329,35 @@ def _load_base(name: str, num_labels: int = 1, layers: int = 0):  # noqa: ANN202
     return tok, model
 
 
+def grouped_order(train: Sequence[Example], seed: int) -> np.ndarray:
+    """Example indexes with each source's pairs next to each other, sources shuffled: a batch then holds whole
+    candidate lists for the listwise loss (a source cut at a batch edge still counts in both halves)."""
+    by_source: dict[str, list[int]] = defaultdict(list)
+    for i, e in enumerate(train):
+        by_source[e.source].append(i)
+    keys = sorted(by_source)
+    rng = np.random.default_rng(seed)
+    return np.array([i for k in rng.permutation(len(keys)) for i in by_source[keys[k]]], dtype=np.int64)
+
+
+def listwise_loss(logits, labels, sources: Sequence[str]):  # noqa: ANN001, ANN201 - torch tensors
+    """Mean over the batch's sources that have a positive and a negative of -log(softmax mass on the positives):
+    it trains the ranking among one source's candidates, which is what top-1 measures; BCE alone scores each pair
+    on its own."""
+    import torch
+
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, src in enumerate(sources):
+        groups[src].append(i)
+    terms = []
+    for idx in groups.values():
+        z, y = logits[idx], labels[idx]
+        pos = y > 0.5
+        if pos.any() and (~pos).any():
+            terms.append(torch.logsumexp(z, 0) - torch.logsumexp(z[pos], 0))
+    return torch.stack(terms).mean() if terms else logits.sum() * 0.0
+
+
 def train(conn: psycopg.Connection, settings: Settings, opts: TrainOptions, *, out: Path | None = None,
           resume: bool = False, progress: bool = True) -> TrainReport:
     import torch
@@ -403,7 +433,8 @@ def train(conn: psycopg.Connection, settings: Settings, opts: TrainOptions, *, o
         while step < total:
             epoch, offset = divmod(step, per_epoch)
             if epoch != epoch_of_order:  # the order is a function of (seed, epoch): a resume sees the same
-                order = np.random.default_rng(opts.seed + epoch).permutation(n)
+                order = (grouped_order(material.train, opts.seed + epoch) if opts.loss == "listwise"
+                         else np.random.default_rng(opts.seed + epoch).permutation(n))
                 epoch_of_order = epoch
             assert order is not None
             batch = [material.train[i] for i in order[offset * opts.batch_size:(offset + 1) * opts.batch_size]]
@@ -413,6 +444,8 @@ def train(conn: psycopg.Connection, settings: Settings, opts: TrainOptions, *, o
             with autocast(device, dtype):
                 logits = model(**enc).logits[:, 0]
             loss = loss_fn(logits.float(), labels)
+            if opts.loss == "listwise":
+                loss = loss + listwise_loss(logits.float(), labels, [e.source for e in batch])
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optim.step()
