@@ -190,6 +190,7 @@ class HybridRetriever(LexicalRetriever):
         self.threshold = threshold
         self.weights = weights or FusionWeights.from_settings(settings)
         # The memory is consulted whenever this model has one (its boost may be 0, but tuning needs the scores).
+        # Counted once: a long-lived process (API server, worker) sees a memory rebuilt later after a restart.
         self.memory_rows = sum(mem_store.count(conn, embedder.key).values()) if settings.retrieval_memory_k else 0
         self._side: psycopg.Connection | None = None
         self._side_thread: ThreadPoolExecutor | None = None

@@ -159,8 +159,8 @@ def counts(conn: psycopg.Connection) -> dict[str, int]:
 
 def maps_to_pairs(conn: psycopg.Connection, source_vocabularies: list[str] | None = None) -> list[tuple]:
     """Ground truth: (source concept_id, code, vocabulary, name, domain, target concept_id) for every 'Maps to'
-    from a non-standard concept to a different valid standard concept. For benchmarks and training only:
-    the mapping pipeline never reads these edges."""
+    from a non-standard concept to a different valid standard concept. For benchmarks, training and building the
+    mapping memory (development part only, see harmonia.memory): retrieval never reads these edges directly."""
     q = """SELECT s.concept_id, s.concept_code, s.vocabulary_id, s.concept_name, s.domain_id, t.concept_id
            FROM vocab.concept_relationship r
            JOIN vocab.concept s ON s.concept_id = r.concept_id_1
