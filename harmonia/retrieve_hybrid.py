@@ -81,9 +81,40 @@ class Pool:
     lexical_order: list[int] = field(default_factory=list)
     memory: np.ndarray | None = None  # best similarity of a remembered source mapping to each id (0: none)
     memory_sources: dict[int, str] = field(default_factory=dict)  # concept_id -> the remembered source's text
+    # How the k remembered neighbours vote, per id: summed similarity of those mapping to it, how many do, and the
+    # 1-based rank of the first that does (0: none); the best neighbour's similarity (one per query); the code
+    # kinship of the query with the remembered sources mapping to it (MemoryRecall.code). Not used
+    # by the fusion: recorded in Candidate.scores for rerankers that learn from them (the classifier's stacker).
+    memory_votes: dict[int, tuple[float, int, int]] = field(default_factory=dict)
+    memory_top: float = 0.0
+    memory_code: dict[int, float] = field(default_factory=dict)  # id -> code kinship (MemoryRecall.code)
 
     def memory_scores(self) -> np.ndarray:
         return self.memory if self.memory is not None else np.zeros(len(self.ids))
+
+
+@dataclass
+class MemoryRecall:
+    """What the memory's nearest remembered sources say about one query (see HybridRetriever.memory)."""
+
+    score: dict[int, float] = field(default_factory=dict)   # target -> best similarity of a source mapping to it
+    text: dict[int, str] = field(default_factory=dict)      # target -> that source's text
+    votes: dict[int, tuple[float, int, int]] = field(default_factory=dict)  # target -> (sum sim, count, first rank)
+    top: float = 0.0                                        # the nearest remembered source's similarity
+    # target -> the longest code prefix a remembered source of the query's own vocabulary that maps there shares
+    # with the query's code, as a share of that code: hierarchical codes (ICD10 "L66.1" and "L66.9") are kin.
+    code: dict[int, float] = field(default_factory=dict)
+
+
+def code_kinship(code: str, other: str) -> float:
+    """Shared leading characters (dots ignored) as a share of `code`'s length."""
+    a, b = code.replace(".", ""), other.replace(".", "")
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n / len(a) if a else 0.0
 
 
 def _minmax(x: np.ndarray) -> np.ndarray:
@@ -220,20 +251,25 @@ class HybridRetriever(LexicalRetriever):
             _close_side(self._side, self._side_thread)
             self._side = self._side_thread = None
 
-    def memory(self, vector: np.ndarray, source_key: SourceKey | None) -> tuple[dict[int, float], dict[int, str]]:
+    def memory(self, vector: np.ndarray, source_key: SourceKey | None) -> MemoryRecall:
         """Each target of the most similar remembered sources (never the source itself) with the best similarity
-        of a source mapping to it, and that source's text (for the record)."""
+        of a source mapping to it, that source's text (for the record) and the neighbours' votes."""
         if not self.memory_rows:
-            return {}, {}
+            return MemoryRecall()
         hits = mem_store.search(self.conn, self.embedder.key, self.dim, vector, self.settings.retrieval_memory_k,
                                 exclude=[source_key] if source_key else (), ef_search=self.settings.hnsw_ef_search)
-        score: dict[int, float] = {}
-        text: dict[int, str] = {}
-        for h in hits:  # best first
+        out = MemoryRecall(top=max(hits[0].similarity, 0.0) if hits else 0.0)
+        for rank, h in enumerate(hits, start=1):  # best first
+            sim = max(h.similarity, 0.0)
+            kin = code_kinship(source_key[0], h.source_code) if source_key and h.source_vocab == source_key[1] else 0.0
             for t in h.targets:
-                if t not in score:
-                    score[t], text[t] = max(h.similarity, 0.0), h.source_text
-        return score, text
+                if kin > out.code.get(t, 0.0):
+                    out.code[t] = kin
+                if t not in out.score:
+                    out.score[t], out.text[t] = sim, h.source_text
+                votes, count, first = out.votes.get(t, (0.0, 0, rank))
+                out.votes[t] = (votes + sim, count + 1, first)
+        return out
 
     def pool(self, text: str, vector: np.ndarray, *, domains: Sequence[str] | None = None,
              vocabularies: Sequence[str] | None = None, exact: bool = False,
@@ -246,7 +282,8 @@ class HybridRetriever(LexicalRetriever):
                                                vocabularies=vocabularies, conn=side)
         vec = self.search_vector(vector, s.retrieval_vector_k, domains=domains, vocabularies=vocabularies,
                                  exact=exact)
-        mscore, msource = self.memory(vector, source_key)
+        recall = self.memory(vector, source_key)
+        mscore, msource = recall.score, recall.text
         lex = (lex_job.result() if lex_job is not None
                else self.lexical(text, s.retrieval_lexical_k, domains=domains, vocabularies=vocabularies))
         rows = {c.concept_id: (c.concept_id, c.concept_name, c.domain_id, c.vocabulary_id, c.concept_class_id,
@@ -271,7 +308,9 @@ class HybridRetriever(LexicalRetriever):
                     synonym=np.array([lscore.get(i, (0.0, 0.0))[1] for i in ids], dtype=np.float64),
                     rows=rows, vector_order=[c.concept_id for c in vec], lexical_order=[r[0] for r in lex],
                     memory=np.array([mscore.get(i, 0.0) for i in ids], dtype=np.float64),
-                    memory_sources={i: msource[i] for i in ids if i in msource})
+                    memory_sources={i: msource[i] for i in ids if i in msource},
+                    memory_votes={i: recall.votes[i] for i in ids if i in recall.votes}, memory_top=recall.top,
+                    memory_code={i: recall.code[i] for i in ids if i in recall.code})
 
     def pools(self, texts: Sequence[str], *, domains: Sequence[str] | None = None,
               vocabularies: Sequence[str] | None = None, exact: bool = False,
@@ -298,6 +337,9 @@ class HybridRetriever(LexicalRetriever):
         p = self.pool(text, vector, domains=domains, vocabularies=vocabularies, exact=exact, source_key=source_key)
         out = []
         for cid, score, parts in fuse(p, self.weights, k):
+            votes, count, first = p.memory_votes.get(cid, (0.0, 0, 0))
+            parts.update(memory_votes=votes, memory_count=float(count), memory_rank=float(first),
+                         memory_top=p.memory_top, memory_code=p.memory_code.get(cid, 0.0))
             c = _candidate(p.rows[cid], score, parts)
             if cid in p.memory_sources:
                 c.evidence = {"memory_source": p.memory_sources[cid]}

@@ -115,3 +115,11 @@ def test_fuse_breaks_ties_by_concept_id_and_weights_move_the_order() -> None:
                synonym=np.array([0.0, 1.0]))
     assert [c for c, _, _ in fuse(syn, FusionWeights(vector=0, lexical=1, boost_synonym=0.1), 2)] == [1, 2]
     assert [c for c, _, _ in fuse(syn, FusionWeights(vector=0, lexical=1, boost_synonym=0.8), 2)] == [2, 1]
+
+
+def test_code_kinship_is_the_shared_code_prefix_share() -> None:
+    from harmonia.retrieve_hybrid import code_kinship
+
+    assert code_kinship("L66.1", "L66.9") == pytest.approx(0.75)  # dots ignored: L661 vs L669
+    assert code_kinship("L66.1", "L66") == pytest.approx(0.75)
+    assert code_kinship("L66.1", "M66.1") == 0 and code_kinship("", "A") == 0

@@ -54,6 +54,20 @@ def test_hybrid_finds_a_target_only_the_memory_knows_and_never_a_source_s_own_ma
     assert cands.index(hit) < 5 and hit.scores["memory"] > 0.8
     assert hit.scores["semantic"] == pytest.approx(max(hit.scores["vector"], 0.95 * hit.scores["memory"]))
     assert hit.evidence == {"memory_source": "Excessive vomiting in pregnancy, unspecified"}
+    # The neighbours' votes go along for rerankers that learn from them: one remembered source maps here, the
+    # nearest one; a concept no remembered source maps to has none.
+    assert hit.scores["memory_count"] == 1 and hit.scores["memory_rank"] == 1
+    assert hit.scores["memory_votes"] == pytest.approx(hit.scores["memory"])
+    assert hit.scores["memory_top"] == pytest.approx(hit.scores["memory"])
+    femur = _id(conn, "Fracture of femur")
+    other = next(c for c in cands if c.concept_id not in (target, femur))
+    assert other.scores["memory_count"] == 0 and other.scores["memory_rank"] == 0 and other.scores["memory_votes"] == 0
+    # Code kinship: only with the query's code known, and only with remembered codes of its own vocabulary.
+    assert hit.scores["memory_code"] == 0
+    kin = r.search_many([QUERY], 50, source_keys=[("HG9", "LOCAL")])[0]
+    assert next(c for c in kin if c.concept_id == target).scores["memory_code"] == pytest.approx(2 / 3)
+    other_vocab = r.search_many([QUERY], 50, source_keys=[("HG9", "ICD10")])[0]
+    assert next(c for c in other_vocab if c.concept_id == target).scores["memory_code"] == 0
     # The pipeline keeps that evidence with the ranking a reviewer sees.
     from harmonia.pipeline import Pipeline
     from harmonia.rerank import SourceTerm, make_reranker
