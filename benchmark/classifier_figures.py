@@ -111,7 +111,10 @@ def main() -> None:
     print(f"ICD10 -> SNOMED test part: {len(terms)} source codes (seed {args.seed}), "
           f"{pairs_per:.0f} candidates each, recall@{s.retrieval_top_k} {recall / len(terms):.3f}")
     print(f"checkpoint {reranker.checkpoint} ({reranker.model_version}, base {reranker.base_model}); retrieval "
-          f"{s.retrieval_mode}, embedder {retriever.embedder.key}; classifier dtype {reranker.scorer.dtype}")
+          f"{s.retrieval_mode}, embedder {retriever.embedder.key}; classifier dtype {reranker.scorer.dtype}, "
+          f"{reranker.scorer.model.config.num_hidden_layers} layers, "
+          + (f"stacker over {len(reranker.stacker.features)} features" if reranker.stacker is not None
+             else f"logit + {reranker.retrieval_weight:g} x retrieval score"))
     print()
     print("| reranker | top-1 | top-5 | MRR | ms per source code (50 pairs) |")
     print("|---|---|---|---|---|")

@@ -231,10 +231,90 @@ def test_training_picks_the_retrieval_weight_that_maximises_held_out_mrr() -> No
             return np.array([1.0 if "wrong" in d else 0.0 for d in docs])
 
     holdout = {1: {"text": "q", "targets": [10], "candidates": [(11, "wrong", 0.5), (10, "right", 0.9)]}}
-    metrics, top_p, right, weight = evaluate(Scorer(), holdout)  # type: ignore[arg-type]
+    ev = evaluate(Scorer(), holdout)  # type: ignore[arg-type]
     # 0.4 * w > 1 first holds at w = 5 in the grid; larger weights tie, and ties go to the smaller one
-    assert weight == 5.0 and right == [True] and 0 < top_p[0] < 1
-    assert metrics["cross_encoder_top1"] == 0.0 and metrics["classifier_top1"] == 1.0 and metrics["none_top1"] == 0
+    assert ev.retrieval_weight == 5.0 and ev.right == [True] and 0 < ev.top_p[0] < 1
+    m = ev.metrics
+    assert m["cross_encoder_top1"] == 0.0 and m["fused_top1"] == 1.0 and m["none_top1"] == 0
+    assert ev.stacker is None and m["classifier_top1"] == m["fused_top1"]  # one source: too few for a stacker
+
+
+def _holdout_where_memory_votes_decide(n: int, seed: int = 0) -> dict[int, dict]:
+    """Sources whose target is the candidate most remembered sources vote for, at a random retrieval rank, with a
+    similarity that does not tell it apart."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for s in range(n):
+        right = int(rng.integers(10))
+        cands = []
+        for i in range(10):
+            votes = 3.0 if i == right else float(rng.integers(0, 2))
+            cands.append((s * 100 + i, f"concept {i}", float(rng.uniform(0.5, 0.9)),
+                          {"vector": float(rng.uniform(0.5, 0.9)), "memory_votes": votes * 0.8,
+                           "memory_count": votes, "memory_rank": 1.0 if votes else 0.0}))
+        out[s] = {"text": f"source {s}", "targets": [s * 100 + right], "candidates": cands}
+    return out
+
+
+def test_the_stacker_learns_the_retrievers_evidence_out_of_fold() -> None:
+    from harmonia.rerank.stacker import Stacker
+    from harmonia.rerank.train import evaluate
+
+    class Scorer:  # a cross-encoder that knows nothing
+        def logits(self, queries: list[str], docs: list[str]) -> np.ndarray:
+            return np.zeros(len(docs))
+
+    ev = evaluate(Scorer(), _holdout_where_memory_votes_decide(80))  # type: ignore[arg-type]
+    m = ev.metrics
+    assert ev.stacker is not None and m["sources"] == 80
+    assert m["none_top1"] < 0.3 and m["cross_encoder_top1"] < 0.3
+    assert m["classifier_top1"] >= 0.9  # out of fold: each source ranked by a stacker that never saw it
+    assert len(ev.top_p) == 80 and sum(ev.right) == round(m["classifier_top1"] * 80)
+    # Stored as JSON numbers and read back, it scores the same.
+    again = Stacker.from_dict(json.loads(json.dumps(ev.stacker.to_dict())))
+    x = np.random.default_rng(1).normal(size=(7, len(again.features)))
+    assert np.allclose(again.logits(x), ev.stacker.logits(x))
+
+
+def test_a_stacker_for_other_features_is_refused() -> None:
+    from harmonia.rerank.stacker import FEATURES, Stacker, StackerError
+
+    good = Stacker(list(FEATURES), np.zeros(len(FEATURES)), np.ones(len(FEATURES)),
+                   [np.ones((len(FEATURES), 1))], [np.zeros(1)]).to_dict()
+    Stacker.from_dict(good)
+    with pytest.raises(StackerError, match="do not match"):
+        Stacker.from_dict({**good, "features": ["logit", *FEATURES[1:]]})
+    with pytest.raises(StackerError, match="do not fit"):
+        Stacker.from_dict({**good, "weights": [np.ones((3, 1)).tolist()]})
+
+
+def test_checkpoint_stacker_ranks_by_the_memory_votes(tiny_run: tuple[Settings, Path], tmp_path: Path) -> None:
+    import shutil
+
+    from harmonia.rerank.stacker import FEATURES, Stacker
+    from harmonia.retrieve import Candidate
+
+    _, run_dir = tiny_run
+    ck = tmp_path / "ck"
+    shutil.copytree(run_dir, ck)
+    before = ClassifierReranker(ck).model_version
+    w = np.zeros((len(FEATURES), 1))
+    w[FEATURES.index("memory_votes"), 0] = 5.0  # a stacker that only listens to the memory
+    (ck / "stacker.json").write_text(json.dumps(Stacker(list(FEATURES), np.zeros(len(FEATURES)),
+                                                        np.ones(len(FEATURES)), [w], [np.zeros(1)]).to_dict()))
+    (ck / "model_card.json").unlink()  # the hash is then computed, and covers the stacker
+    cands = [Candidate(i, name, "Condition", "SNOMED", "Clinical Finding", str(i), sim,
+                       scores={"vector": sim, "memory_votes": votes, "memory_count": votes})
+             for i, (name, sim, votes) in enumerate([("Fever", 0.9, 0.0), ("Asthma", 0.5, 2.0),
+                                                     ("Fracture of femur", 0.2, 1.0)])]
+    r = ClassifierReranker(ck, top_n=3)
+    out = r.rerank(SourceTerm("A", "X", "fever"), cands)
+    assert [c.concept_id for c in out.ranked] == [1, 2, 0] and out.details["stacker"] is True
+    assert "2 similar mapped sources map here" in out.ranked[0].rationale
+    assert r.model_version != before
+    (ck / "stacker.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="stacker.json"):
+        ClassifierReranker(ck)
 
 
 def test_checkpoint_retrieval_weight_is_applied_when_reranking(tiny_run: tuple[Settings, Path],

@@ -28,8 +28,10 @@ def reranker_train(
     hard_negatives: int = typer.Option(4, "--hard-negatives", help="Hard negatives per source."),
     random_negatives: int = typer.Option(1, "--random-negatives", help="Random negatives per source."),
     source_vocab: list[str] = typer.Option([], "--source-vocab", help="Only sources of these vocabularies."),
-    holdout: float = typer.Option(0.05, "--holdout", help="Share of development sources kept out of training "
-                                                          "for the metrics and the calibration (at most 300)."),
+    holdout: float = typer.Option(0.3, "--holdout", help="Share of development sources kept out of the "
+                                  "cross-encoder's training: the stacker, the metrics and the calibration are fit "
+                                  "on them."),
+    holdout_max: int = typer.Option(2000, "--holdout-max", help="At most this many held-out sources."),
     save_every: int = typer.Option(200, "--save-every", help="Save resumable state every N steps."),
     seed: int = typer.Option(13, "--seed"),
     no_reviews: bool = typer.Option(False, "--no-reviews", help="Leave reviewers' decisions out."),
@@ -46,6 +48,7 @@ def reranker_train(
                         learning_rate=learning_rate, max_length=max_length or s.classifier_max_length, seed=seed,
                         hard_negatives=hard_negatives, random_negatives=random_negatives, max_sources=max_sources,
                         source_vocabularies=list(source_vocab), save_every=save_every, holdout=holdout,
+                        holdout_max=holdout_max,
                         include_reviews=not no_reviews, loss=loss)
     if loss not in ("bce", "listwise"):
         fail(f"--loss must be bce or listwise, not {loss!r}")
@@ -64,8 +67,10 @@ def reranker_train(
     if r.metrics:
         m = r.metrics
         typer.echo(f"held-out dev ({m['sources']} sources), top-1 / top-5 / MRR:")
+        final = "classifier (stacker, out of fold)" if r.stacked else "classifier (= the line above)"
         for name, label in (("none", "retrieval order"), ("cross_encoder", "cross-encoder alone"),
-                            ("classifier", f"classifier (+ {r.retrieval_weight:g} x retrieval score)")):
+                            ("fused", f"cross-encoder + {r.retrieval_weight:g} x retrieval score"),
+                            ("classifier", final)):
             if f"{name}_top1" in m:
                 typer.echo(f"  {label:<42} {m[name + '_top1']:.3f} / {m[name + '_top5']:.3f} / "
                            f"{m[name + '_mrr']:.3f}")

@@ -2,8 +2,10 @@
 
 A checkpoint (written by `harmonia reranker train`, see harmonia.rerank.train) is a folder holding a Hugging Face
 sequence-classification model with one logit, its tokenizer (model/), a calibration (calibration.json: isotonic
-points mapping the top pair's probability to P(top-1 is right), fit on held-out development sources) and a model
-card. The calibrated confidence is what the router compares with auto_approve_threshold, as for every reranker.
+points mapping the top candidate's probability to P(top-1 is right), fit on held-out development sources), a
+stacker (stacker.json, harmonia.rerank.stacker: the cross-encoder's logit combined with the retriever's evidence,
+the mapping memory's votes above all) and a model card. Candidates are ranked by the stacker's score; the calibrated
+top probability is what the router compares with auto_approve_threshold, as for every reranker.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from harmonia.rerank import RankedCandidate, Reranker, RerankResult, SourceTerm
+from harmonia.rerank.stacker import Stacker, StackerError
 
 if TYPE_CHECKING:
     import psycopg
@@ -120,10 +123,11 @@ def checkpoint_from_settings(settings: Settings) -> Path:
     return resolve_checkpoint(latest)
 
 
-def weights_hash(model_dir: Path) -> str:
-    """Short hash of the model weights and config: what model_version names."""
+def weights_hash(model_dir: Path, *extra: Path) -> str:
+    """Short hash of the model weights and config (and of `extra` files, e.g. the stacker, where they exist):
+    what model_version names."""
     h = hashlib.sha256()
-    for p in sorted(model_dir.iterdir()):
+    for p in [*sorted(model_dir.iterdir()), *extra]:
         if p.is_file() and p.suffix in (".safetensors", ".bin", ".json"):
             h.update(p.name.encode())
             with open(p, "rb") as fh:
@@ -208,6 +212,11 @@ def sigmoid(z: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.asarray(z, dtype=np.float64)))
 
 
+def _memory_note(c: Candidate) -> str:
+    n = int(c.scores.get("memory_count", 0))
+    return f", {n} similar mapped source{'s' if n > 1 else ''} map here" if n else ""
+
+
 FUSION_GRID = (0.0, 2.0, 5.0, 10.0, 20.0, 40.0, 80.0)
 
 
@@ -226,11 +235,17 @@ class ClassifierReranker(Reranker):
         cal_doc = json.loads(cal.read_text()) if cal.exists() else {}
         self.calibration = Calibration.from_dict(cal_doc) if cal_doc else Calibration.identity()
         # Weight of the retriever's own score added to the logit, fit on held-out development sources at training
-        # time (0: the cross-encoder alone). It keeps a young checkpoint from ranking below retrieval order.
+        # time (0: the cross-encoder alone). It keeps a young checkpoint from ranking below retrieval order. Used
+        # only without a stacker (a run with too few held-out sources, or one trained before there was one).
         self.retrieval_weight = float(cal_doc.get("retrieval_weight", 0.0))
+        st = self.checkpoint / "stacker.json"
+        try:
+            self.stacker = Stacker.from_dict(json.loads(st.read_text())) if st.exists() else None
+        except (StackerError, KeyError, ValueError) as exc:
+            raise CheckpointError(f"{st}: {exc}") from exc
         card = self.checkpoint / "model_card.json"
         meta = json.loads(card.read_text()) if card.exists() else {}
-        self.hash = meta.get("checkpoint_hash") or weights_hash(self.checkpoint / "model")
+        self.hash = meta.get("checkpoint_hash") or weights_hash(self.checkpoint / "model", st)
         self.base_model = meta.get("base_model", "")
         self.top_n = top_n
 
@@ -256,7 +271,13 @@ class ClassifierReranker(Reranker):
         docs = [candidate_text(c) for _, cands in items for c in cands]
         sims = np.array([c.similarity for _, cands in items for c in cands], dtype=np.float32)
         try:
-            z = fused_logits(self.scorer.logits(queries, docs), sims, self.retrieval_weight)
+            logits = self.scorer.logits(queries, docs)
+            if self.stacker is None:
+                z = fused_logits(logits, sims, self.retrieval_weight)
+            else:  # each item's own candidate list: the stacker's features compare a candidate with its rivals
+                bounds = np.cumsum([0] + [len(cands) for _, cands in items])
+                z = np.concatenate([self.stacker.score(cands, logits[bounds[k]:bounds[k + 1]])
+                                    for k, (_, cands) in enumerate(items)] or [np.zeros(0)])
         except Exception as exc:  # noqa: BLE001 - a model fault must not lose the codes
             return [RerankResult(ranked=[], confidence=0.0, model_version=self.model_version,
                                  error=f"{type(exc).__name__}: {exc}", error_kind="reranker_exception")
@@ -265,10 +286,12 @@ class ClassifierReranker(Reranker):
         results, at = [], 0
         for _term, cands in items:
             zi = z[at:at + len(cands)]
-            p = sigmoid(zi)
+            p, p_pair = sigmoid(zi), sigmoid(logits[at:at + len(cands)])
             at += len(cands)
             order = np.argsort(-zi, kind="stable")[: self.top_n]
-            ranked = [RankedCandidate(cands[i].concept_id, float(p[i]), f"classifier p={p[i]:.3f}")
+            ranked = [RankedCandidate(cands[i].concept_id, float(p[i]),
+                                      f"classifier p={p[i]:.3f} (cross-encoder {p_pair[i]:.3f}, retrieval rank "
+                                      f"{i + 1}{_memory_note(cands[i])})")
                       for i in order]
             conf = float(self.calibration(float(p[order[0]]))) if len(order) else 0.0
             results.append(RerankResult(
@@ -277,5 +300,6 @@ class ClassifierReranker(Reranker):
                 details={"checkpoint": str(self.checkpoint), "checkpoint_hash": self.hash,
                          "top_probability": round(float(p[order[0]]), 4) if len(order) else None,
                          "retrieval_weight": self.retrieval_weight, "dtype": self.scorer.dtype,
+                         "stacker": self.stacker is not None,
                          "calibration": self.calibration.method}))
         return results

@@ -49,6 +49,9 @@ from harmonia.rerank.classifier import (
     sigmoid,
     weights_hash,
 )
+from harmonia.rerank.stacker import Stacker
+from harmonia.rerank.stacker import features as stacker_features
+from harmonia.retrieve import Candidate
 from harmonia.store import training as train_store
 from harmonia.store import vocab as vocab_store
 
@@ -75,8 +78,8 @@ class TrainOptions:
     random_negatives: int = 1        # per source
     max_positives: int = 3           # per source
     max_sources: int = 0             # 0: every development source
-    holdout: float = 0.05            # share of development sources kept out for metrics and calibration
-    holdout_max: int = 300
+    holdout: float = 0.3             # share of development sources kept out: the stacker, metrics, calibration
+    holdout_max: int = 2000
     source_vocabularies: list[str] = field(default_factory=list)  # empty: all
     save_every: int = 200
     retrieval_batch: int = 256
@@ -206,7 +209,8 @@ def build_material(conn: psycopg.Connection, settings: Settings, opts: TrainOpti
     counts["holdout_sources"] = len(hold_ids)
     counts["pairs"] = len(examples)
     holdout = {sid: {"text": sources[sid]["text"], "targets": sorted(sources[sid]["targets"]),
-                     "candidates": [(c.concept_id, candidate_text(c), c.similarity) for c in retrieved[sid]]}
+                     "candidates": [(c.concept_id, candidate_text(c), c.similarity, c.scores)
+                                    for c in retrieved[sid]]}
                for sid in hold_ids}
     return Material(examples, holdout, dict(counts))
 
@@ -237,38 +241,92 @@ def _rank_metrics(rankings: Sequence[Sequence[int]], truths: Sequence[set[int]])
     return {"top1": agg.top1, "top5": agg.top5, "mrr": agg.mrr}
 
 
-def evaluate(scorer: PairScorer, holdout: dict[int, dict]) -> tuple[dict[str, float], list[float], list[bool], float]:
-    """Figures on held-out development sources for retrieval order, the cross-encoder alone and the cross-encoder
-    plus the retrieval score with the weight (from FUSION_GRID) that maximises MRR; also each source's top fused
-    probability and whether its top-1 is right (for the calibration), and that weight."""
+def _holdout_candidates(s: dict) -> list[Candidate]:
+    """A held-out source's stored candidates as Candidates (id, text, fused score, per-generator scores); runs
+    saved before the scores were kept have 3-tuples."""
+    out = []
+    for c in s["candidates"]:
+        scores = dict(c[3]) if len(c) > 3 and c[3] else {}
+        out.append(Candidate(concept_id=int(c[0]), concept_name=c[1], domain_id="", vocabulary_id="",
+                             concept_class_id="", concept_code="", similarity=float(c[2]), scores=scores))
+    return out
+
+
+STACKER_MIN_SOURCES = 40   # fewer held-out sources: fall back to logit + weight x retrieval score
+STACKER_FOLDS = 5
+
+
+@dataclass
+class Evaluation:
+    metrics: dict[str, float]
+    top_p: list[float]          # each held-out source's top probability (out of fold for the stacker)
+    right: list[bool]           # whether its top-1 is a target
+    retrieval_weight: float     # the fallback fusion's weight (used when there is no stacker)
+    stacker: Stacker | None
+
+
+def evaluate(scorer: PairScorer, holdout: dict[int, dict], *, seed: int = 13,
+             stacker_hidden: Sequence[int] = (32,)) -> Evaluation:
+    """Figures on held-out development sources: retrieval order, the cross-encoder alone, the cross-encoder plus
+    the retrieval score with the weight (from FUSION_GRID) that maximises MRR, and, with enough sources, the
+    stacker (harmonia.rerank.stacker) over the cross-encoder's logit and the retrieval evidence: cross-fitted in
+    STACKER_FOLDS folds of sources, so its figures and the calibration points are out of fold; the stacker kept is
+    then fit on every held-out source."""
     srcs = [s for s in holdout.values()]
     if not srcs:
-        return {}, [], [], 0.0
+        return Evaluation({}, [], [], 0.0, None)
     truths = [set(s["targets"]) for s in srcs]
-    logits = [scorer.logits([s["text"]] * len(s["candidates"]), [c[1] for c in s["candidates"]])
-              if s["candidates"] else np.zeros(0) for s in srcs]
-    sims = [np.array([c[2] for c in s["candidates"]], dtype=np.float64) for s in srcs]
+    cands = [_holdout_candidates(s) for s in srcs]  # concept_name holds the text the cross-encoder reads
+    logits = [scorer.logits([s["text"]] * len(cs), [c.concept_name for c in cs]) if cs else np.zeros(0)
+              for s, cs in zip(srcs, cands, strict=True)]
+    sims = [np.array([c.similarity for c in cs], dtype=np.float64) for cs in cands]
 
-    def ranked(weight: float) -> tuple[list[list[int]], list[float]]:
+    def ranked(zs: Sequence[np.ndarray]) -> tuple[list[list[int]], list[float]]:
         rankings, top_p = [], []
-        for s, lg, sm in zip(srcs, logits, sims, strict=True):
-            z = fused_logits(lg, sm, weight)
+        for cs, z in zip(cands, zs, strict=True):
             order = np.argsort(-z, kind="stable")
-            rankings.append([s["candidates"][i][0] for i in order])
+            rankings.append([cs[i].concept_id for i in order])
             top_p.append(float(sigmoid(z[order[0]])) if len(order) else 0.0)
         return rankings, top_p
 
-    by_weight = {w: ranked(w) for w in FUSION_GRID}
+    by_weight = {w: ranked([fused_logits(lg, sm, w) for lg, sm in zip(logits, sims, strict=True)])
+                 for w in FUSION_GRID}
     scores = {w: _rank_metrics(by_weight[w][0], truths)["mrr"] for w in FUSION_GRID}
     best = max(FUSION_GRID, key=lambda w: (round(scores[w], 6), -w))  # ties: the smaller weight
-    metrics: dict[str, float] = {}
-    for name, rankings in (("none", [[c[0] for c in s["candidates"]] for s in srcs]),
-                           ("cross_encoder", by_weight[0.0][0]), ("classifier", by_weight[best][0])):
-        metrics.update({f"{name}_{k}": round(v, 4) for k, v in _rank_metrics(rankings, truths).items()})
-    metrics["sources"] = len(srcs)
+    results = {"none": [[c.concept_id for c in cs] for cs in cands], "cross_encoder": by_weight[0.0][0],
+               "fused": by_weight[best][0]}
     rankings, top_p = by_weight[best]
+
+    stacker = None
+    x = [stacker_features(cs, lg) for cs, lg in zip(cands, logits, strict=True)]
+    y = [np.array([float(c.concept_id in t) for c in cs]) for cs, t in zip(cands, truths, strict=True)]
+    usable = [i for i in range(len(srcs)) if len(y[i]) and 0 < y[i].sum() < len(y[i])]
+    usable_set = set(usable)
+    if len(usable) >= STACKER_MIN_SOURCES:
+        folds = np.random.default_rng(seed).permutation(len(usable)) % STACKER_FOLDS
+        oof: list[np.ndarray] = [np.zeros(0)] * len(srcs)
+        for f in range(STACKER_FOLDS):
+            fit_on = [usable[j] for j in range(len(usable)) if folds[j] != f]
+            model = Stacker.fit(np.vstack([x[i] for i in fit_on]), np.concatenate([y[i] for i in fit_on]),
+                                hidden=stacker_hidden, seed=seed)
+            fitted = set(fit_on)
+            for i in range(len(srcs)):
+                # Sources never fit on (no target among their candidates) are scored by the last fold's model,
+                # as out of fold for them as any.
+                if i not in fitted and (f == STACKER_FOLDS - 1 or i in usable_set):
+                    oof[i] = model.logits(x[i]) if len(x[i]) else np.zeros(0)
+        rankings, top_p = ranked(oof)
+        results["classifier"] = rankings
+        stacker = Stacker.fit(np.vstack([x[i] for i in usable]), np.concatenate([y[i] for i in usable]),
+                              hidden=stacker_hidden, seed=seed)
+    else:
+        results["classifier"] = rankings
+    metrics: dict[str, float] = {}
+    for name, r in results.items():
+        metrics.update({f"{name}_{k}": round(v, 4) for k, v in _rank_metrics(r, truths).items()})
+    metrics["sources"] = len(srcs)
     right = [bool(r) and r[0] in t for r, t in zip(rankings, truths, strict=True)]
-    return metrics, top_p, right, best
+    return Evaluation(metrics, top_p, right, best, stacker)
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -306,6 +364,7 @@ class TrainReport:
     checkpoint_hash: str
     resumed_from: int = 0
     retrieval_weight: float = 0.0
+    stacked: bool = False            # a stacker was fit (enough held-out sources)
 
 
 def _load_base(name: str, num_labels: int = 1, layers: int = 0):  # noqa: ANN202 - (tokenizer, model)
@@ -465,13 +524,17 @@ def train(conn: psycopg.Connection, settings: Settings, opts: TrainOptions, *, o
     tok.save_pretrained(model_dir)
     scorer = PairScorer(model_dir, device=device, max_length=opts.max_length, batch_size=settings.classifier_batch_size,
                         dtype=dtype)
-    metrics, top_p, right, fusion_weight = evaluate(scorer, material.holdout)
-    cal = Calibration.fit(top_p, right)
+    ev = evaluate(scorer, material.holdout, seed=opts.seed)
+    metrics, fusion_weight = ev.metrics, ev.retrieval_weight
+    cal = Calibration.fit(ev.top_p, ev.right)
     (run_dir / "calibration.json").write_text(json.dumps({**cal.to_dict(), "retrieval_weight": fusion_weight}))
-    digest = weights_hash(model_dir)
+    (run_dir / "stacker.json").unlink(missing_ok=True)
+    if ev.stacker is not None:
+        (run_dir / "stacker.json").write_text(json.dumps(ev.stacker.to_dict()))
+    digest = weights_hash(model_dir, run_dir / "stacker.json")
     card = {
         "checkpoint_hash": digest, "base_model": opts.base_model, "task": "binary (source, concept) equivalence, "
-        "one logit, BCE", "candidate_text": "name | domain | vocabulary | class", "steps": step,
+        f"one logit, {opts.loss}", "candidate_text": "name | domain | vocabulary | class", "steps": step,
         "layers": model.config.num_hidden_layers,
         "resumed_from_step": resumed_from, "epochs_seen": round(step / per_epoch, 3), "seed": opts.seed,
         "batch_size": opts.batch_size, "max_length": opts.max_length, "learning_rate": opts.learning_rate,
@@ -479,15 +542,20 @@ def train(conn: psycopg.Connection, settings: Settings, opts: TrainOptions, *, o
         "data": material.counts,
         "split": "harmonia.benchmark.split.part_of == 'dev' sources only; held-out slice of dev for metrics",
         "embedding_model_for_negatives": settings.embedding_model or "bundled all-MiniLM-L6-v2",
+        "retrieval_mode": settings.retrieval_mode,  # the stacker learnt this retriever's scores
         "holdout_metrics": metrics, "calibration": {"method": cal.method, "n": cal.n},
         "retrieval_weight": fusion_weight,
+        "stacker": ({"file": "stacker.json", "features": ev.stacker.features, "hidden": [w.shape[1] for w in
+                     ev.stacker.weights[:-1]], "fit_on_sources": len(material.holdout), "folds": STACKER_FOLDS}
+                    if ev.stacker is not None else None),
         "finished": _now_stamp(), "options": asdict(opts),
     }
     (run_dir / "model_card.json").write_text(json.dumps(card, indent=1))
     (run_dir / "README.md").write_text(_readme(card))
     shutil.rmtree(state_dir, ignore_errors=True)
     point_latest(root, run_dir)
-    return TrainReport(run_dir, step, train_seconds, material.counts, metrics, digest, resumed_from, fusion_weight)
+    return TrainReport(run_dir, step, train_seconds, material.counts, metrics, digest, resumed_from, fusion_weight,
+                       ev.stacker is not None)
 
 
 def _readme(card: dict[str, Any]) -> str:
@@ -503,7 +571,9 @@ def _readme(card: dict[str, Any]) -> str:
                   f"| none | {m['none_top1']} | {m['none_top5']} | {m['none_mrr']} |",
                   f"| cross-encoder alone | {m['cross_encoder_top1']} | {m['cross_encoder_top5']} | "
                   f"{m['cross_encoder_mrr']} |",
-                  f"| classifier (+ {card['retrieval_weight']} x retrieval score) | {m['classifier_top1']} | "
-                  f"{m['classifier_top5']} | {m['classifier_mrr']} |", ""]
+                  f"| cross-encoder + {card['retrieval_weight']} x retrieval score | {m.get('fused_top1')} | "
+                  f"{m.get('fused_top5')} | {m.get('fused_mrr')} |",
+                  f"| classifier ({'stacker, out of fold' if card.get('stacker') else 'the line above'}) | "
+                  f"{m['classifier_top1']} | {m['classifier_top5']} | {m['classifier_mrr']} |", ""]
     lines.append(f"Confidence: {card['calibration']['method']} calibration on {card['calibration']['n']} sources.")
     return "\n".join(lines) + "\n"
