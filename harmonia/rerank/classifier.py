@@ -214,7 +214,7 @@ def sigmoid(z: np.ndarray) -> np.ndarray:
 
 def _memory_note(c: Candidate) -> str:
     n = int(c.scores.get("memory_count", 0))
-    return f", {n} similar mapped source{'s' if n > 1 else ''} map here" if n else ""
+    return f", {n} similar mapped source{'s map' if n > 1 else ' maps'} here" if n else ""
 
 
 FUSION_GRID = (0.0, 2.0, 5.0, 10.0, 20.0, 40.0, 80.0)
