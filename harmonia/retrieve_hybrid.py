@@ -69,6 +69,19 @@ class FusionWeights:
 
 
 @dataclass
+class MemoryRecall:
+    """What the memory's nearest remembered sources say about one query (see HybridRetriever.memory)."""
+
+    score: dict[int, float] = field(default_factory=dict)   # target -> best similarity of a source mapping to it
+    text: dict[int, str] = field(default_factory=dict)      # target -> that source's text
+    votes: dict[int, tuple[float, int, int]] = field(default_factory=dict)  # target -> (sum sim, count, first rank)
+    top: float = 0.0                                        # the nearest remembered source's similarity
+    # target -> the longest code prefix a remembered source of the query's own vocabulary that maps there shares
+    # with the query's code, as a share of that code: hierarchical codes (ICD10 "L66.1" and "L66.9") are kin.
+    code: dict[int, float] = field(default_factory=dict)
+
+
+@dataclass
 class Pool:
     """One query's candidate union with every generator's raw score (arrays aligned with `ids`, ids ascending)."""
 
@@ -81,29 +94,12 @@ class Pool:
     lexical_order: list[int] = field(default_factory=list)
     memory: np.ndarray | None = None  # best similarity of a remembered source mapping to each id (0: none)
     memory_sources: dict[int, str] = field(default_factory=dict)  # concept_id -> the remembered source's text
-    # How the k remembered neighbours vote, per id: summed similarity of those mapping to it, how many do, and the
-    # 1-based rank of the first that does (0: none); the best neighbour's similarity (one per query); the code
-    # kinship of the query with the remembered sources mapping to it (MemoryRecall.code). Not used
-    # by the fusion: recorded in Candidate.scores for rerankers that learn from them (the classifier's stacker).
-    memory_votes: dict[int, tuple[float, int, int]] = field(default_factory=dict)
-    memory_top: float = 0.0
-    memory_code: dict[int, float] = field(default_factory=dict)  # id -> code kinship (MemoryRecall.code)
+    # The memory's votes and code kinship: not used by the fusion, recorded in Candidate.scores for rerankers that
+    # learn from them (the classifier's stacker).
+    recall: MemoryRecall = field(default_factory=MemoryRecall)
 
     def memory_scores(self) -> np.ndarray:
         return self.memory if self.memory is not None else np.zeros(len(self.ids))
-
-
-@dataclass
-class MemoryRecall:
-    """What the memory's nearest remembered sources say about one query (see HybridRetriever.memory)."""
-
-    score: dict[int, float] = field(default_factory=dict)   # target -> best similarity of a source mapping to it
-    text: dict[int, str] = field(default_factory=dict)      # target -> that source's text
-    votes: dict[int, tuple[float, int, int]] = field(default_factory=dict)  # target -> (sum sim, count, first rank)
-    top: float = 0.0                                        # the nearest remembered source's similarity
-    # target -> the longest code prefix a remembered source of the query's own vocabulary that maps there shares
-    # with the query's code, as a share of that code: hierarchical codes (ICD10 "L66.1" and "L66.9") are kin.
-    code: dict[int, float] = field(default_factory=dict)
 
 
 def code_kinship(code: str, other: str) -> float:
@@ -309,8 +305,7 @@ class HybridRetriever(LexicalRetriever):
                     rows=rows, vector_order=[c.concept_id for c in vec], lexical_order=[r[0] for r in lex],
                     memory=np.array([mscore.get(i, 0.0) for i in ids], dtype=np.float64),
                     memory_sources={i: msource[i] for i in ids if i in msource},
-                    memory_votes={i: recall.votes[i] for i in ids if i in recall.votes}, memory_top=recall.top,
-                    memory_code={i: recall.code[i] for i in ids if i in recall.code})
+                    recall=recall)
 
     def pools(self, texts: Sequence[str], *, domains: Sequence[str] | None = None,
               vocabularies: Sequence[str] | None = None, exact: bool = False,
@@ -337,9 +332,9 @@ class HybridRetriever(LexicalRetriever):
         p = self.pool(text, vector, domains=domains, vocabularies=vocabularies, exact=exact, source_key=source_key)
         out = []
         for cid, score, parts in fuse(p, self.weights, k):
-            votes, count, first = p.memory_votes.get(cid, (0.0, 0, 0))
+            votes, count, first = p.recall.votes.get(cid, (0.0, 0, 0))
             parts.update(memory_votes=votes, memory_count=float(count), memory_rank=float(first),
-                         memory_top=p.memory_top, memory_code=p.memory_code.get(cid, 0.0))
+                         memory_top=p.recall.top, memory_code=p.recall.code.get(cid, 0.0))
             c = _candidate(p.rows[cid], score, parts)
             if cid in p.memory_sources:
                 c.evidence = {"memory_source": p.memory_sources[cid]}

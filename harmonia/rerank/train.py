@@ -301,26 +301,20 @@ def evaluate(scorer: PairScorer, holdout: dict[int, dict], *, seed: int = 13,
     x = [stacker_features(cs, lg) for cs, lg in zip(cands, logits, strict=True)]
     y = [np.array([float(c.concept_id in t) for c in cs]) for cs, t in zip(cands, truths, strict=True)]
     usable = [i for i in range(len(srcs)) if len(y[i]) and 0 < y[i].sum() < len(y[i])]
-    usable_set = set(usable)
     if len(usable) >= STACKER_MIN_SOURCES:
+        stacker = Stacker.fit(np.vstack([x[i] for i in usable]), np.concatenate([y[i] for i in usable]),
+                              hidden=stacker_hidden, seed=seed)
+        # Sources with no target among their candidates are never fit on: the kept stacker is out of fold for them.
+        oof = [stacker.logits(xi) if len(xi) else np.zeros(0) for xi in x]
         folds = np.random.default_rng(seed).permutation(len(usable)) % STACKER_FOLDS
-        oof: list[np.ndarray] = [np.zeros(0)] * len(srcs)
         for f in range(STACKER_FOLDS):
             fit_on = [usable[j] for j in range(len(usable)) if folds[j] != f]
             model = Stacker.fit(np.vstack([x[i] for i in fit_on]), np.concatenate([y[i] for i in fit_on]),
                                 hidden=stacker_hidden, seed=seed)
-            fitted = set(fit_on)
-            for i in range(len(srcs)):
-                # Sources never fit on (no target among their candidates) are scored by the last fold's model,
-                # as out of fold for them as any.
-                if i not in fitted and (f == STACKER_FOLDS - 1 or i in usable_set):
-                    oof[i] = model.logits(x[i]) if len(x[i]) else np.zeros(0)
+            for j in np.flatnonzero(folds == f):
+                oof[usable[j]] = model.logits(x[usable[j]])
         rankings, top_p = ranked(oof)
-        results["classifier"] = rankings
-        stacker = Stacker.fit(np.vstack([x[i] for i in usable]), np.concatenate([y[i] for i in usable]),
-                              hidden=stacker_hidden, seed=seed)
-    else:
-        results["classifier"] = rankings
+    results["classifier"] = rankings
     metrics: dict[str, float] = {}
     for name, r in results.items():
         metrics.update({f"{name}_{k}": round(v, 4) for k, v in _rank_metrics(r, truths).items()})
