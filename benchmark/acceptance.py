@@ -17,14 +17,14 @@ import argparse
 from pathlib import Path
 
 from harmonia import db
-from harmonia.benchmark.curate import curate_maps_to_from_db, curate_usagi_from_db, write_set
-from harmonia.benchmark.run import check_gate, run_set, write_result
 from harmonia.config import load_settings
-from harmonia.embed import Embedder, embed_concepts
+from harmonia.embedding.model import Embedder, embed_concepts
+from harmonia.evaluation.curate import curate_maps_to_from_db, curate_usagi_from_db, write_set
+from harmonia.evaluation.run import check_gate, run_set, write_result
 from harmonia.paths import sample_dir
-from harmonia.pipeline import Pipeline
+from harmonia.pipeline.run import Pipeline
 from harmonia.store import vocab as vocab_store
-from harmonia.vocab import load_vocabulary
+from harmonia.vocabulary import load_vocabulary
 
 
 def main() -> None:

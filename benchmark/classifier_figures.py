@@ -25,13 +25,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import percentile  # noqa: E402
 
 from harmonia import db  # noqa: E402
-from harmonia.benchmark.metrics import aggregate, score_row  # noqa: E402
-from harmonia.benchmark.split import part_of  # noqa: E402
 from harmonia.config import load_settings  # noqa: E402
-from harmonia.embed import Embedder  # noqa: E402
-from harmonia.rerank import NoneReranker, SourceTerm  # noqa: E402
-from harmonia.rerank.classifier import ClassifierReranker, checkpoint_from_settings  # noqa: E402
-from harmonia.retrieve import make_retriever  # noqa: E402
+from harmonia.embedding.model import Embedder  # noqa: E402
+from harmonia.evaluation.metrics import aggregate, score_row  # noqa: E402
+from harmonia.groundtruth import part_of  # noqa: E402
+from harmonia.rerank.base import NoneReranker, SourceTerm  # noqa: E402
+from harmonia.rerank.classifier.scorer import ClassifierReranker, checkpoint_from_settings  # noqa: E402
+from harmonia.retrieval.vector import make_retriever  # noqa: E402
 from harmonia.store import vocab as vocab_store  # noqa: E402
 
 

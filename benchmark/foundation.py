@@ -23,11 +23,11 @@ from _common import database, percentile  # noqa: E402
 
 from harmonia import db  # noqa: E402
 from harmonia.config import Settings  # noqa: E402
-from harmonia.embed import Embedder, embed_concepts  # noqa: E402
+from harmonia.embedding.model import Embedder, embed_concepts  # noqa: E402
 from harmonia.paths import sample_dir  # noqa: E402
 from harmonia.store import embeddings as emb_store  # noqa: E402
 from harmonia.store import vocab as vocab_store  # noqa: E402
-from harmonia.vocab import load_vocabulary  # noqa: E402
+from harmonia.vocabulary import load_vocabulary  # noqa: E402
 
 
 def main() -> None:

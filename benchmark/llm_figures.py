@@ -31,9 +31,9 @@ from stub_llm_server import serve  # noqa: E402
 
 from harmonia.config import load_settings  # noqa: E402
 from harmonia.paths import sample_dir  # noqa: E402
-from harmonia.rerank import SourceTerm  # noqa: E402
-from harmonia.rerank.llm import LLMReranker, Prompt  # noqa: E402
-from harmonia.retrieve import Candidate  # noqa: E402
+from harmonia.rerank.base import SourceTerm  # noqa: E402
+from harmonia.rerank.llm.reranker import LLMReranker, Prompt  # noqa: E402
+from harmonia.retrieval.vector import Candidate  # noqa: E402
 
 
 def standard_concepts() -> list[Candidate]:

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import database  # noqa: E402
 
 from harmonia import db  # noqa: E402
-from harmonia.vocab import load_vocabulary  # noqa: E402
+from harmonia.vocabulary import load_vocabulary  # noqa: E402
 
 HEADER = ("concept_id\tconcept_name\tdomain_id\tvocabulary_id\tconcept_class_id\tstandard_concept\t"
           "concept_code\tvalid_start_date\tvalid_end_date\tinvalid_reason\n")

@@ -32,13 +32,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmark._common import percentile  # noqa: E402
 from harmonia import db  # noqa: E402
-from harmonia.benchmark.curate import BenchRow, group_pairs, read_usagi_truth  # noqa: E402
-from harmonia.benchmark.metrics import aggregate, score_row  # noqa: E402
-from harmonia.benchmark.split import part_of  # noqa: E402
 from harmonia.config import load_settings  # noqa: E402
-from harmonia.embed import Embedder  # noqa: E402
+from harmonia.embedding.model import Embedder  # noqa: E402
+from harmonia.evaluation.curate import BenchRow, group_pairs, read_usagi_truth  # noqa: E402
+from harmonia.evaluation.metrics import aggregate, score_row  # noqa: E402
+from harmonia.groundtruth import part_of  # noqa: E402
 from harmonia.paths import sample_dir  # noqa: E402
-from harmonia.retrieve_hybrid import FusionWeights, HybridRetriever, fused_ranking  # noqa: E402
+from harmonia.retrieval.hybrid import FusionWeights, HybridRetriever, fused_ranking  # noqa: E402
 from harmonia.store import embeddings as emb_store  # noqa: E402
 from harmonia.store import memory as mem_store  # noqa: E402
 from harmonia.store import vocab as vocab_store  # noqa: E402

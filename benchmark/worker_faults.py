@@ -32,16 +32,16 @@ from stub_llm_server import serve  # noqa: E402
 from harmonia import db  # noqa: E402
 from harmonia.config import load_settings  # noqa: E402
 from harmonia.paths import sample_dir  # noqa: E402
-from harmonia.rerank import SourceTerm  # noqa: E402
+from harmonia.pipeline.worker import enqueue  # noqa: E402
+from harmonia.rerank.base import SourceTerm  # noqa: E402
 from harmonia.store import queue as qstore  # noqa: E402
 from harmonia.store import vocab as vocab_store  # noqa: E402
-from harmonia.worker import enqueue  # noqa: E402
 
 
 def prepare(data_dir: Path) -> None:
     """Migrate, load and embed the bundled sample unless already done (idempotent)."""
-    from harmonia.embed import Embedder, embed_concepts
-    from harmonia.vocab import load_vocabulary
+    from harmonia.embedding.model import Embedder, embed_concepts
+    from harmonia.vocabulary import load_vocabulary
 
     s = load_settings(env={"HARMONIA_DATA_DIR": str(data_dir), "HARMONIA_CONFIG": ""})
     with db.connect(s, autocommit=True) as conn:

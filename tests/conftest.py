@@ -71,8 +71,8 @@ def _embedding_cache(conn: psycopg.Connection, model_key: str) -> Path:
 @pytest.fixture(scope="session")
 def template_db(pg_server: db.EmbeddedServer, tmp_path_factory: pytest.TempPathFactory) -> str:
     """A migrated database with the sample vocabulary loaded and embedded; tests get copies of it."""
-    from harmonia.embed import Embedder, embed_concepts
-    from harmonia.vocab import load_vocabulary
+    from harmonia.embedding.model import Embedder, embed_concepts
+    from harmonia.vocabulary import load_vocabulary
 
     url = create_database(pg_server, TEMPLATE_DB)
     s = make_settings(url, tmp_path_factory.mktemp("data"))
@@ -128,6 +128,6 @@ def conn(fresh_db: str) -> Iterator[psycopg.Connection]:
 
 @pytest.fixture(scope="session")
 def embedder():  # noqa: ANN201
-    from harmonia.embed import Embedder
+    from harmonia.embedding.model import Embedder
 
     return Embedder.from_settings(Settings())

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from harmonia.benchmark.calibrate import (
+from harmonia.config import Settings
+from harmonia.evaluation.calibrate import (
     CoveragePoint,
     at_threshold,
     calibrate_run,
@@ -16,7 +17,7 @@ from harmonia.benchmark.calibrate import (
     precision_coverage,
     reliability,
 )
-from harmonia.benchmark.curate import (
+from harmonia.evaluation.curate import (
     BenchRow,
     BenchSetError,
     curate_maps_to,
@@ -27,10 +28,9 @@ from harmonia.benchmark.curate import (
     split_balanced,
     write_set,
 )
-from harmonia.benchmark.metrics import aggregate, aggregate_by, score_row
-from harmonia.benchmark.run import check_gate, markdown, usage_summary
-from harmonia.benchmark.split import part_of
-from harmonia.config import Settings
+from harmonia.evaluation.metrics import aggregate, aggregate_by, score_row
+from harmonia.evaluation.run import check_gate, markdown, usage_summary
+from harmonia.groundtruth import part_of
 
 # ------------------------------------------------------------------------------------------------ curation
 

@@ -13,9 +13,9 @@ import psycopg
 import pytest
 from typer.testing import CliRunner
 
-from harmonia.benchmark.curate import BenchRow, read_set, write_set
-from harmonia.benchmark.split import part_of
 from harmonia.cli import app
+from harmonia.evaluation.curate import BenchRow, read_set, write_set
+from harmonia.groundtruth import part_of
 from harmonia.paths import sample_dir
 from harmonia.store import vocab as vocab_store
 

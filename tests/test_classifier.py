@@ -10,10 +10,10 @@ import numpy as np
 import psycopg
 import pytest
 
-from harmonia.benchmark.split import part_of
 from harmonia.config import Settings
-from harmonia.rerank import SourceTerm, make_reranker
-from harmonia.rerank.classifier import (
+from harmonia.groundtruth import part_of
+from harmonia.rerank.base import SourceTerm, make_reranker
+from harmonia.rerank.classifier.scorer import (
     Calibration,
     CheckpointError,
     ClassifierReranker,
@@ -22,7 +22,7 @@ from harmonia.rerank.classifier import (
     checkpoint_from_settings,
     resolve_dtype,
 )
-from harmonia.rerank.train import TrainOptions, dev_sources, load_material, review_examples, train
+from harmonia.rerank.classifier.train import TrainOptions, dev_sources, load_material, review_examples, train
 from harmonia.store import training as train_store
 from tests.conftest import make_settings
 
@@ -115,7 +115,7 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_pipeline_with_classifier_routes_and_persists(conn: psycopg.Connection, settings: Settings,
                                                      tiny_run: tuple[Settings, Path]) -> None:
-    from harmonia.pipeline import MapSummary, Pipeline, map_terms
+    from harmonia.pipeline.run import MapSummary, Pipeline, map_terms
     from harmonia.store import vocab as vocab_store
 
     _, run_dir = tiny_run
@@ -149,7 +149,7 @@ def test_pipeline_with_classifier_routes_and_persists(conn: psycopg.Connection, 
 
 
 def test_rerank_many_batches_across_items_and_records_the_checkpoint(tiny_run: tuple[Settings, Path]) -> None:
-    from harmonia.retrieve import Candidate
+    from harmonia.retrieval.vector import Candidate
 
     _, run_dir = tiny_run
     rr = ClassifierReranker(run_dir, top_n=2, batch_size=3)
@@ -224,7 +224,7 @@ def test_resume_continues_from_saved_state(conn: psycopg.Connection, settings: S
 
 
 def test_training_picks_the_retrieval_weight_that_maximises_held_out_mrr() -> None:
-    from harmonia.rerank.train import evaluate
+    from harmonia.rerank.classifier.train import evaluate
 
     class Scorer:  # a cross-encoder that slightly prefers the wrong candidate
         def logits(self, queries: list[str], docs: list[str]) -> np.ndarray:
@@ -257,8 +257,8 @@ def _holdout_where_memory_votes_decide(n: int, seed: int = 0) -> dict[int, dict]
 
 
 def test_the_stacker_learns_the_retrievers_evidence_out_of_fold() -> None:
-    from harmonia.rerank.stacker import Stacker
-    from harmonia.rerank.train import evaluate
+    from harmonia.rerank.classifier.stacker import Stacker
+    from harmonia.rerank.classifier.train import evaluate
 
     class Scorer:  # a cross-encoder that knows nothing
         def logits(self, queries: list[str], docs: list[str]) -> np.ndarray:
@@ -277,7 +277,7 @@ def test_the_stacker_learns_the_retrievers_evidence_out_of_fold() -> None:
 
 
 def test_a_stacker_for_other_features_is_refused() -> None:
-    from harmonia.rerank.stacker import FEATURES, Stacker, StackerError
+    from harmonia.rerank.classifier.stacker import FEATURES, Stacker, StackerError
 
     good = Stacker(list(FEATURES), np.zeros(len(FEATURES)), np.ones(len(FEATURES)),
                    [np.ones((len(FEATURES), 1))], [np.zeros(1)]).to_dict()
@@ -291,8 +291,8 @@ def test_a_stacker_for_other_features_is_refused() -> None:
 def test_checkpoint_stacker_ranks_by_the_memory_votes(tiny_run: tuple[Settings, Path], tmp_path: Path) -> None:
     import shutil
 
-    from harmonia.rerank.stacker import FEATURES, Stacker
-    from harmonia.retrieve import Candidate
+    from harmonia.rerank.classifier.stacker import FEATURES, Stacker
+    from harmonia.retrieval.vector import Candidate
 
     _, run_dir = tiny_run
     ck = tmp_path / "ck"
@@ -321,7 +321,7 @@ def test_checkpoint_retrieval_weight_is_applied_when_reranking(tiny_run: tuple[S
                                                                tmp_path: Path) -> None:
     import shutil
 
-    from harmonia.retrieve import Candidate
+    from harmonia.retrieval.vector import Candidate
 
     _, run_dir = tiny_run
     ck = tmp_path / "ck"
@@ -343,7 +343,7 @@ def test_checkpoint_retrieval_weight_is_applied_when_reranking(tiny_run: tuple[S
 def test_listwise_loss_rewards_the_positive_ranked_first() -> None:
     import torch
 
-    from harmonia.rerank.train import listwise_loss
+    from harmonia.rerank.classifier.train import listwise_loss
 
     labels = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0])
     sources = ["a", "a", "a", "b", "b"]
@@ -355,7 +355,7 @@ def test_listwise_loss_rewards_the_positive_ranked_first() -> None:
 
 
 def test_grouped_order_keeps_each_source_together_and_follows_the_seed() -> None:
-    from harmonia.rerank.train import Example, grouped_order
+    from harmonia.rerank.classifier.train import Example, grouped_order
 
     ex = [Example("q", "d", 1.0 if i % 3 == 0 else 0.0, f"s{i // 3}", "positive") for i in range(30)]
     order = grouped_order(ex, 5)

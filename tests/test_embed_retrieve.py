@@ -9,8 +9,8 @@ import numpy as np
 import psycopg
 import pytest
 
-from harmonia.embed import Embedder, bundled_model_path, embed_concepts
-from harmonia.retrieve import RetrievalError, Retriever
+from harmonia.embedding.model import Embedder, bundled_model_path, embed_concepts
+from harmonia.retrieval.vector import RetrievalError, Retriever
 from harmonia.store import embeddings as emb_store
 
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from harmonia.benchmark.split import part_of
-from harmonia.embed import Embedder, bundled_model_path
-from harmonia.embed_train import CHECKPOINT, TrainConfig, TrainError, make_batches, train, training_pairs
+from harmonia.embedding.model import Embedder, bundled_model_path
+from harmonia.embedding.train import CHECKPOINT, TrainConfig, TrainError, make_batches, train, training_pairs
+from harmonia.groundtruth import part_of
 from harmonia.store import vocab as vocab_store
 
 PAIRS = [("DM2", "Type 2 diabetes mellitus"), ("HTN", "Essential hypertension"), ("MI", "Myocardial infarction"),
@@ -84,7 +84,7 @@ def test_training_pairs_come_from_the_dev_part_only(conn, settings) -> None:
 
 
 def test_mapping_files_and_reviews_add_only_dev_part_pairs(conn, settings, tmp_path) -> None:
-    from harmonia.benchmark.split import part_of
+    from harmonia.groundtruth import part_of
     from harmonia.store import training as train_store
 
     a, b, c = train_store.standard_concepts(conn, ["SNOMED"])[:3]

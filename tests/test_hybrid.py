@@ -7,9 +7,9 @@ import psycopg
 import pytest
 
 from harmonia.paths import sample_dir
-from harmonia.retrieve import Retriever, make_retriever
-from harmonia.retrieve_hybrid import FusionWeights, HybridRetriever, LexicalRetriever, Pool, fuse
-from harmonia.vocab import load_vocabulary
+from harmonia.retrieval.hybrid import FusionWeights, HybridRetriever, LexicalRetriever, Pool, fuse
+from harmonia.retrieval.vector import Retriever, make_retriever
+from harmonia.vocabulary import load_vocabulary
 from tests.conftest import make_settings
 
 T2DM = "Type 2 diabetes mellitus"
@@ -118,7 +118,7 @@ def test_fuse_breaks_ties_by_concept_id_and_weights_move_the_order() -> None:
 
 
 def test_code_kinship_is_the_shared_code_prefix_share() -> None:
-    from harmonia.retrieve_hybrid import code_kinship
+    from harmonia.retrieval.hybrid import code_kinship
 
     assert code_kinship("L66.1", "L66.9") == pytest.approx(0.75)  # dots ignored: L661 vs L669
     assert code_kinship("L66.1", "L66") == pytest.approx(0.75)

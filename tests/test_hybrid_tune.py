@@ -7,11 +7,11 @@ import tomllib
 import pytest
 from typer.testing import CliRunner
 
-from harmonia.benchmark.curate import BenchRow, write_set
-from harmonia.benchmark.split import part_of
-from harmonia.retrieve_hybrid import FusionWeights, HybridRetriever
+from harmonia.evaluation.curate import BenchRow, write_set
+from harmonia.groundtruth import part_of
+from harmonia.retrieval.hybrid import FusionWeights, HybridRetriever
+from harmonia.retrieval.tune import TuneError, dev_sources_from_csv, dev_sources_from_db, evaluate, precompute, tune
 from harmonia.store import vocab as vocab_store
-from harmonia.tune import TuneError, dev_sources_from_csv, dev_sources_from_db, evaluate, precompute, tune
 
 
 def test_tuning_reads_only_dev_sources_and_never_gets_worse(conn, settings, embedder, monkeypatch) -> None:

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from harmonia.config import Settings, load_settings
-from harmonia.rerank import SourceTerm
-from harmonia.rerank.llm import LLMReranker, Prompt
-from harmonia.route import route
+from harmonia.pipeline.route import route
+from harmonia.rerank.base import SourceTerm
+from harmonia.rerank.llm.reranker import LLMReranker, Prompt
 from tests.llm_stubs import STUBS, Stub, candidates, good_input
 
 PROVIDERS = list(STUBS)

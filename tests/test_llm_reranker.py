@@ -12,9 +12,9 @@ import psycopg
 import pytest
 
 from harmonia.config import Settings, load_settings
-from harmonia.rerank import SourceTerm, make_reranker
-from harmonia.rerank.llm import LLMReranker, Prompt, RateLimiter
-from harmonia.rerank.providers import ProviderFatal
+from harmonia.rerank.base import SourceTerm, make_reranker
+from harmonia.rerank.llm.providers import ProviderFatal
+from harmonia.rerank.llm.reranker import LLMReranker, Prompt, RateLimiter
 from tests.conftest import make_settings
 from tests.llm_stubs import AnthropicStub, OpenAIStub, candidates, good_input, user_payload
 

@@ -6,13 +6,13 @@ import psycopg
 import pytest
 from typer.testing import CliRunner
 
-from harmonia.benchmark.split import part_of
 from harmonia.cli import app
-from harmonia.memory import KnownMap, build_memory, known_mappings
-from harmonia.retrieve_hybrid import FusionWeights, HybridRetriever
+from harmonia.groundtruth import part_of
+from harmonia.retrieval.hybrid import FusionWeights, HybridRetriever
+from harmonia.retrieval.memory import KnownMap, build_memory, known_mappings
+from harmonia.retrieval.tune import precompute
 from harmonia.store import memory as mem_store
 from harmonia.store import vocab as vocab_store
-from harmonia.tune import precompute
 from tests.conftest import make_settings
 
 QUERY = "Excessive vomiting in pregnancy"
@@ -69,8 +69,8 @@ def test_hybrid_finds_a_target_only_the_memory_knows_and_never_a_source_s_own_ma
     other_vocab = r.search_many([QUERY], 50, source_keys=[("HG9", "ICD10")])[0]
     assert next(c for c in other_vocab if c.concept_id == target).scores["memory_code"] == 0
     # The pipeline keeps that evidence with the ranking a reviewer sees.
-    from harmonia.pipeline import Pipeline
-    from harmonia.rerank import SourceTerm, make_reranker
+    from harmonia.pipeline.run import Pipeline
+    from harmonia.rerank.base import SourceTerm, make_reranker
 
     d = Pipeline(r, make_reranker(settings), settings).decide([SourceTerm("Q1", "LOCAL", QUERY)])[0]
     shown = next(x for x in d.ranking if x["concept_id"] == target)
@@ -108,7 +108,7 @@ def test_rebuild_replaces_the_memory_whole(conn, settings, embedder) -> None:
 
 
 def test_tuning_pools_leave_each_source_s_own_mapping_out(conn, settings, embedder) -> None:
-    from harmonia.tune import dev_sources_from_db
+    from harmonia.retrieval.tune import dev_sources_from_db
 
     row = dev_sources_from_db(conn, settings.vocabularies, limit=1, seed=3)[0]
     own = KnownMap(row.source_vocab, row.source_code, str(row.split_key), row.source_text, row.targets, "vocabulary")
@@ -129,7 +129,7 @@ def test_cli_memory_build(conn, fresh_db, tmp_path) -> None:
     res = CliRunner().invoke(app, ["memory", "build", "--no-progress"], env=env)
     assert res.exit_code == 0, res.output
     s = make_settings(fresh_db, tmp_path)
-    from harmonia.embed import Embedder
+    from harmonia.embedding.model import Embedder
 
     counts = mem_store.count(conn, Embedder.from_settings(s).key)
     assert 20 < counts["vocabulary"] < 120 and "remembered sources" in res.output
@@ -139,8 +139,8 @@ def test_cli_memory_build(conn, fresh_db, tmp_path) -> None:
 
 
 def test_none_reranker_confidence_is_the_semantic_score_not_the_fused_one() -> None:
-    from harmonia.rerank import NoneReranker, SourceTerm
-    from harmonia.retrieve import Candidate
+    from harmonia.rerank.base import NoneReranker, SourceTerm
+    from harmonia.retrieval.vector import Candidate
 
     term = SourceTerm("X1", "LOCAL", "anything")
     fused = Candidate(1, "a", "Condition", "SNOMED", "Disorder", "1", 0.98, scores={"semantic": 0.71})

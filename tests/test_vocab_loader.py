@@ -10,7 +10,7 @@ import pytest
 
 from harmonia import db
 from harmonia.paths import sample_dir
-from harmonia.vocab import VocabLoadError, load_vocabulary
+from harmonia.vocabulary import VocabLoadError, load_vocabulary
 from tests.athena_files import concept_row, write_vocab
 
 

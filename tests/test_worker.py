@@ -19,12 +19,12 @@ from pathlib import Path
 import psycopg
 from typer.testing import CliRunner
 
-from harmonia.pipeline import Pipeline
-from harmonia.rerank import RankedCandidate, Reranker, RerankResult, SourceTerm
-from harmonia.retrieve import Candidate, Retriever
+from harmonia.pipeline.run import Pipeline
+from harmonia.pipeline.worker import Worker, enqueue
+from harmonia.rerank.base import RankedCandidate, Reranker, RerankResult, SourceTerm
+from harmonia.retrieval.vector import Candidate, Retriever
 from harmonia.store import queue as qstore
 from harmonia.store import vocab as vocab_store
-from harmonia.worker import Worker, enqueue
 from tests.conftest import make_settings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -32,10 +32,10 @@ REPO = Path(__file__).resolve().parent.parent
 CHILD = r'''
 import json, os, sys, time
 from harmonia.config import load_settings
-from harmonia.pipeline import Pipeline
-from harmonia.rerank import RankedCandidate, Reranker, RerankResult
-from harmonia.retrieve import Candidate
-from harmonia.worker import Worker, run_until_signalled
+from harmonia.pipeline.run import Pipeline
+from harmonia.rerank.base import RankedCandidate, Reranker, RerankResult
+from harmonia.retrieval.vector import Candidate
+from harmonia.pipeline.worker import Worker, run_until_signalled
 
 cfg = json.loads(sys.argv[1])
 s = load_settings(cfg["settings"], env={"HARMONIA_DATABASE_URL": cfg["url"], "HARMONIA_DATA_DIR": cfg["data_dir"],

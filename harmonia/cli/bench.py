@@ -10,8 +10,8 @@ from rich.console import Console
 from rich.table import Table
 
 from harmonia import db
-from harmonia.benchmark.split import DEFAULT_SEED
 from harmonia.cli import bench_app, fail, settings
+from harmonia.groundtruth import DEFAULT_SEED
 
 console = Console()
 GATE_EXIT_CODE = 3  # distinct from 1 (error) and 2 (usage) so CI can tell a failed gate apart
@@ -44,7 +44,7 @@ def curate(seed: int = typer.Option(DEFAULT_SEED, help="Seed of the dev/test spl
            name: str = typer.Option("maps_to", help="Name of the 'Maps to' set (files NAME.dev.csv, NAME.test.csv)."),
            ) -> None:
     """Build dev/test benchmark sets from 'Maps to' ground truth (and Usagi files) as CSV."""
-    from harmonia.benchmark.curate import (
+    from harmonia.evaluation.curate import (
         BenchSetError,
         CuratedSet,
         curate_maps_to_from_db,
@@ -96,10 +96,10 @@ def curate(seed: int = typer.Option(DEFAULT_SEED, help="Seed of the dev/test spl
 
 
 def _make_pipeline(conn, s, use_cache: bool):  # noqa: ANN001, ANN202
-    from harmonia.embed import Embedder
-    from harmonia.pipeline import Pipeline
-    from harmonia.rerank import make_reranker
-    from harmonia.retrieve import make_retriever
+    from harmonia.embedding.model import Embedder
+    from harmonia.pipeline.run import Pipeline
+    from harmonia.rerank.base import make_reranker
+    from harmonia.retrieval.vector import make_retriever
 
     retriever = make_retriever(conn, Embedder.from_settings(s), s)  # first: no embeddings, no reranker to close
     reranker = make_reranker(s, conn)
@@ -125,9 +125,9 @@ def run(set_path: Path = typer.Argument(..., help="A set CSV written by `bench c
         progress: bool = typer.Option(True, help="Show a progress bar."),
         ) -> None:
     """Run the real pipeline over a set (nothing is persisted) and report top-1, top-5, MRR, recall@K."""
-    from harmonia.benchmark.curate import BenchSetError, read_set
-    from harmonia.benchmark.run import check_gate, markdown, run_set, write_result
-    from harmonia.retrieve import RetrievalError
+    from harmonia.evaluation.curate import BenchSetError, read_set
+    from harmonia.evaluation.run import check_gate, markdown, run_set, write_result
+    from harmonia.retrieval.vector import RetrievalError
 
     if gate is not None and gate not in ("dev", "hard"):
         fail(f"--gate {gate!r}: use dev or hard")
@@ -183,8 +183,8 @@ def calibrate(run_json: Path = typer.Argument(..., help="A result JSON written b
               check: Path = typer.Option(None, help="Another run (e.g. the test part) to check the threshold on."),
               ) -> None:
     """Precision-coverage table, reliability plot, and the smallest threshold reaching the target precision."""
-    from harmonia.benchmark.calibrate import at_threshold, calibrate_run, plot, table_markdown
     from harmonia.config import write_settings
+    from harmonia.evaluation.calibrate import at_threshold, calibrate_run, plot, table_markdown
 
     s = settings()
     target = s.bench_target_precision if target is None else target

@@ -80,7 +80,7 @@ def db_stop() -> None:
 def vocab_load(directory: Path = typer.Argument(..., help="Folder of an Athena download (plain or .gz)."),
                progress: bool = typer.Option(True, help="Show a progress bar.")) -> None:
     """Load an Athena vocabulary, replacing the current one atomically."""
-    from harmonia.vocab import VocabLoadError, load_vocabulary
+    from harmonia.vocabulary import VocabLoadError, load_vocabulary
 
     s = settings()
     with _conn(s, autocommit=True) as conn:
@@ -118,7 +118,7 @@ def embed(ctx: typer.Context,
     """Embed every valid standard concept of the configured vocabularies that lacks a current embedding."""
     if ctx.invoked_subcommand is not None:
         return
-    from harmonia.embed import Embedder, embed_concepts
+    from harmonia.embedding.model import Embedder, embed_concepts
 
     s = settings(embedding_model=model)
     embedder = Embedder.from_settings(s)
@@ -139,8 +139,8 @@ def search(text: str = typer.Argument(..., help="Source text to look up."),
            vocabulary: list[str] = typer.Option(None, "--vocabulary", help="Only this vocabulary_id."),
            as_json: bool = typer.Option(False, "--json")) -> None:
     """Print the top-K standard concepts for a text."""
-    from harmonia.embed import Embedder
-    from harmonia.retrieve import RetrievalError, make_retriever
+    from harmonia.embedding.model import Embedder
+    from harmonia.retrieval.vector import RetrievalError, make_retriever
 
     s = settings()
     with _conn(s) as conn:
@@ -174,7 +174,7 @@ def map_file(path: Path = typer.Argument(..., exists=True, dir_okay=False, help=
              reranker: str = typer.Option(None, help="none | llm | classifier (default: the setting)."),
              progress: bool = typer.Option(True)) -> None:
     """Map a file of source codes: retrieve -> rerank -> route -> persist; prints a reconciling summary."""
-    from harmonia.pipeline import MapSummary, map_terms
+    from harmonia.pipeline.run import MapSummary, map_terms
 
     s = settings(reranker=reranker)
     src = read_sources(path, source_vocab)
@@ -190,13 +190,13 @@ def map_file(path: Path = typer.Argument(..., exists=True, dir_okay=False, help=
 
 def _pipeline(conn, s):  # noqa: ANN001, ANN202
     """The configured pipeline, or a clear error (no API key, no checkpoint, nothing embedded) and exit 1."""
-    from harmonia.pipeline import Pipeline
-    from harmonia.rerank.providers.base import ProviderError
-    from harmonia.retrieve import RetrievalError
+    from harmonia.pipeline.run import Pipeline
+    from harmonia.rerank.llm.providers.base import ProviderError
+    from harmonia.retrieval.vector import RetrievalError
 
     errors: tuple[type[Exception], ...] = (ProviderError, RetrievalError, ValueError)
     try:
-        from harmonia.rerank.classifier import CheckpointError
+        from harmonia.rerank.classifier.scorer import CheckpointError
 
         errors += (CheckpointError,)
     except ImportError:
@@ -280,7 +280,7 @@ _RERANKER_NOTE = {
 def sample_ground_truth(conn, n: int, seed: int, vocabularies: list[str]) -> dict[tuple, dict]:  # noqa: ANN001
     """n source concepts of the benchmark's test part with 'Maps to' targets (any target counts), for scoring the
     quickstart only: nothing trained, tuned or remembered has seen them."""
-    from harmonia.benchmark.split import part_of
+    from harmonia.groundtruth import part_of
     from harmonia.store import vocab as vocab_store
 
     by_src: dict[int, dict] = {}
@@ -304,14 +304,14 @@ def quickstart(n: int = typer.Option(200, help="How many sample ICD10 terms to m
                                              "hybrid (with the mapping memory).")) -> None:
     """The main job on the bundled sample: migrate, load, embed, remember the development part's mappings, map
     sample ICD10 terms of the test part, score them."""
-    from harmonia.embed import Embedder, embed_concepts
-    from harmonia.memory import build_memory, known_mappings
+    from harmonia.embedding.model import Embedder, embed_concepts
     from harmonia.paths import sample_dir
-    from harmonia.pipeline import MapSummary, map_terms
-    from harmonia.rerank import SourceTerm
+    from harmonia.pipeline.run import MapSummary, map_terms
+    from harmonia.rerank.base import SourceTerm
+    from harmonia.retrieval.memory import build_memory, known_mappings
     from harmonia.store import memory as mem_store
     from harmonia.store import vocab as vocab_store
-    from harmonia.vocab import load_vocabulary
+    from harmonia.vocabulary import load_vocabulary
 
     s = settings(reranker=reranker, retrieval_mode=retrieval)
     t_start = time.perf_counter()

@@ -24,12 +24,12 @@ def check(text: str = typer.Argument(..., help="Source text to map."),
           as_json: bool = typer.Option(False, "--json")) -> None:
     """Retrieve candidates for TEXT and rerank them with the configured provider; print what it said."""
     from harmonia import db
-    from harmonia.embed import Embedder
-    from harmonia.rerank import SourceTerm
-    from harmonia.rerank.llm import LLMReranker
-    from harmonia.rerank.providers import ProviderFatal
-    from harmonia.retrieve import RetrievalError, make_retriever
-    from harmonia.route import route
+    from harmonia.embedding.model import Embedder
+    from harmonia.pipeline.route import route
+    from harmonia.rerank.base import SourceTerm
+    from harmonia.rerank.llm.providers import ProviderFatal
+    from harmonia.rerank.llm.reranker import LLMReranker
+    from harmonia.retrieval.vector import RetrievalError, make_retriever
 
     s = settings()
     with db.connect(s, autocommit=True) as conn:
@@ -66,7 +66,7 @@ def check(text: str = typer.Argument(..., help="Source text to map."),
 def prompt() -> None:
     """The prompt folder in use, its hash and the model_version decisions will carry."""
     from harmonia.paths import resource_dir
-    from harmonia.rerank.llm import Prompt
+    from harmonia.rerank.llm.reranker import Prompt
 
     s = settings()
     p = Prompt.load(s.llm_prompt_version)

@@ -40,7 +40,7 @@ def reranker_train(
 ) -> None:
     """Fine-tune the cross-encoder on development 'Maps to' pairs and review decisions; point `latest` at it."""
     from harmonia import db
-    from harmonia.rerank.train import TrainError, TrainOptions, train
+    from harmonia.rerank.classifier.train import TrainError, TrainOptions, train
 
     s = settings()
     opts = TrainOptions(base_model=base_model or "", layers=layers, epochs=epochs, max_steps=max_steps,
@@ -80,7 +80,7 @@ def reranker_train(
 @reranker_app.command("info")
 def reranker_info() -> None:
     """Show the checkpoint `reranker = classifier` would use, with its model card."""
-    from harmonia.rerank.classifier import CheckpointError, checkpoint_from_settings
+    from harmonia.rerank.classifier.scorer import CheckpointError, checkpoint_from_settings
 
     try:
         ck = checkpoint_from_settings(settings())

@@ -33,15 +33,15 @@ def embed_train(
 ) -> None:
     """Fine-tune the embedder on development-part 'Maps to' pairs and synonyms (MultipleNegativesRankingLoss)."""
     from harmonia import db
-    from harmonia.embed import Embedder, resolve_device
-    from harmonia.embed_train import TrainConfig, TrainError, default_out, train, training_pairs
+    from harmonia.embedding.model import Embedder, resolve_device
+    from harmonia.embedding.train import TrainConfig, TrainError, default_out, train, training_pairs
 
     s = settings()
     base_path = base or Embedder.from_settings(s).name_or_path
     if not Path(base_path).expanduser().exists():
         fail(f"base model {base_path!r} is not a local folder; training runs offline from a local model")
     target = out or default_out(s, name)
-    from harmonia.tune import TuneError
+    from harmonia.retrieval.tune import TuneError
 
     with db.connect(s, autocommit=True) as conn:
         try:
@@ -81,9 +81,16 @@ def retrieve_tune(
     """Tune the fusion weights for MRR or recall@50 on the development part (optuna TPE); report both."""
     from harmonia import db
     from harmonia.config import write_settings
-    from harmonia.embed import Embedder
-    from harmonia.retrieve import RetrievalError
-    from harmonia.tune import OBJECTIVES, TuneError, dev_sources_from_csv, dev_sources_from_db, precompute, tune
+    from harmonia.embedding.model import Embedder
+    from harmonia.retrieval.tune import (
+        OBJECTIVES,
+        TuneError,
+        dev_sources_from_csv,
+        dev_sources_from_db,
+        precompute,
+        tune,
+    )
+    from harmonia.retrieval.vector import RetrievalError
 
     if objective not in OBJECTIVES:
         fail(f"--objective must be one of {', '.join(OBJECTIVES)}, not {objective!r}")
@@ -122,9 +129,9 @@ def memory_build(
 ) -> None:
     """Rebuild the mapping memory for a model: known mappings of the development part, mapping files, reviews."""
     from harmonia import db
-    from harmonia.embed import Embedder
-    from harmonia.memory import build_memory, known_mappings
-    from harmonia.tune import TuneError
+    from harmonia.embedding.model import Embedder
+    from harmonia.retrieval.memory import build_memory, known_mappings
+    from harmonia.retrieval.tune import TuneError
 
     s = settings(embedding_model=model)
     embedder = Embedder.from_settings(s)

@@ -22,7 +22,7 @@ def enqueue(path: Path = typer.Argument(..., exists=True, dir_okay=False,
                                         help="CSV of source codes (Usagi columns: sourceCode, sourceName, ...)."),
             source_vocab: str = typer.Option("local", help="Source vocabulary when the file has no column.")) -> None:
     """Add source codes to the work queue (codes already queued are skipped); workers pick them up."""
-    from harmonia.worker import enqueue as enqueue_terms
+    from harmonia.pipeline.worker import enqueue as enqueue_terms
 
     s = settings()
     src = read_sources(path, source_vocab)
@@ -43,13 +43,13 @@ def worker(concurrency: int = typer.Option(None, "--concurrency", "-c",
            reranker: str = typer.Option(None, help="none | llm | classifier (default: the setting)."),
            as_json: bool = typer.Option(False, "--json", help="Print the final counts as JSON.")) -> None:
     """Drain the queue: claim, retrieve -> rerank -> route, persist. SIGTERM/Ctrl-C finish the items in hand."""
-    from harmonia.retrieve import RetrievalError
-    from harmonia.worker import Worker, run_until_signalled
+    from harmonia.pipeline.worker import Worker, run_until_signalled
+    from harmonia.retrieval.vector import RetrievalError
 
     s = settings(llm_concurrency=concurrency, reranker=reranker)
     if batch is not None and batch < 1:
         fail("--batch must be at least 1")
-    logging.getLogger("harmonia.worker").setLevel(logging.INFO)
+    logging.getLogger("harmonia.pipeline.worker").setLevel(logging.INFO)
     try:
         w = Worker(s, batch_size=batch, drain=drain, max_items=max_items)
     except RetrievalError as exc:
@@ -73,7 +73,7 @@ def worker(concurrency: int = typer.Option(None, "--concurrency", "-c",
 @app.command()
 def status(as_json: bool = typer.Option(False, "--json")) -> None:
     """The queue by state, throughput over the last minutes, the oldest unfinished item, review and map counts."""
-    from harmonia.worker import status as queue_status
+    from harmonia.pipeline.worker import status as queue_status
 
     s = settings()
     with db.connect(s, autocommit=True) as conn:

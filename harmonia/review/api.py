@@ -21,7 +21,7 @@ from harmonia.review import service as svc
 from harmonia.review.auth import current_user, writer
 from harmonia.store import review as store
 
-WEB = pathlib.Path(__file__).resolve().parent.parent / "web"
+WEB = pathlib.Path(__file__).resolve().parent / "web"
 INT4_MAX = 2**31 - 1
 INT8_MAX = 2**63 - 1
 
@@ -236,7 +236,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.post("/api/source-queue", tags=["queue"], summary="Enqueue source codes for mapping (duplicates skipped)")
     def enqueue(body: EnqueueIn, user: Writer) -> dict[str, Any]:
-        from harmonia.rerank import SourceTerm
+        from harmonia.rerank.base import SourceTerm
         from harmonia.store.queue import enqueue as enqueue_terms
 
         terms = [SourceTerm(source_code=t.source_code, source_vocab=t.source_vocab, source_text=t.source_text,

@@ -176,8 +176,8 @@ class ReviewService:
     def search(self, text: str, k: int, *, domains: Sequence[str] | None = None,
                vocabularies: Sequence[str] | None = None) -> list[dict[str, Any]]:
         # One retriever (embedder + its own connection) per process; searches take turns on it.
-        from harmonia.embed import Embedder
-        from harmonia.retrieve import make_retriever
+        from harmonia.embedding.model import Embedder
+        from harmonia.retrieval.vector import make_retriever
 
         with self._search_lock:
             if self._retriever is None:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 
 if TYPE_CHECKING:
-    from harmonia.route import Decision
+    from harmonia.pipeline.route import Decision
 
 
 def existing_maps(conn: psycopg.Connection, keys: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:

@@ -14,7 +14,7 @@ from typing import Any
 
 import psycopg
 
-from harmonia.rerank import SourceTerm
+from harmonia.rerank.base import SourceTerm
 
 CHANNEL = "harmonia_queue"
 FINAL_STATES = ("approved", "in_review", "failed")

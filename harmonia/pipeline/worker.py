@@ -29,9 +29,9 @@ import psycopg
 
 from harmonia import db
 from harmonia.config import Settings
-from harmonia.pipeline import Pipeline
-from harmonia.rerank import SourceTerm
-from harmonia.route import Decision
+from harmonia.pipeline.route import Decision
+from harmonia.pipeline.run import Pipeline
+from harmonia.rerank.base import SourceTerm
 from harmonia.store import mapping as map_store
 from harmonia.store import queue as qstore
 from harmonia.store.queue import EnqueueCounts, QueueItem

@@ -21,14 +21,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from harmonia.rerank import RankedCandidate, Reranker, RerankResult, SourceTerm
-from harmonia.rerank.stacker import Stacker, StackerError
+from harmonia.rerank.base import RankedCandidate, Reranker, RerankResult, SourceTerm
+from harmonia.rerank.classifier.stacker import Stacker, StackerError
 
 if TYPE_CHECKING:
     import psycopg
 
     from harmonia.config import Settings
-    from harmonia.retrieve import Candidate
+    from harmonia.retrieval.vector import Candidate
 
 
 class CheckpointError(RuntimeError):
@@ -251,7 +251,7 @@ class ClassifierReranker(Reranker):
 
     @classmethod
     def from_settings(cls, settings: Settings, conn: psycopg.Connection | None = None) -> ClassifierReranker:
-        from harmonia.embed import resolve_device
+        from harmonia.embedding.model import resolve_device
 
         return cls(checkpoint_from_settings(settings), top_n=settings.rerank_top_n,
                    batch_size=settings.classifier_batch_size, max_length=settings.classifier_max_length,

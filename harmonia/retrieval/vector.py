@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 import psycopg
 
 from harmonia.config import Settings
-from harmonia.embed import Embedder
+from harmonia.embedding.model import Embedder
 from harmonia.store import embeddings as emb_store
 
 
@@ -83,7 +83,7 @@ def make_retriever(conn: psycopg.Connection, embedder: Embedder, settings: Setti
     if settings.retrieval_mode == "vector":
         return Retriever(conn, embedder, settings)
     if settings.retrieval_mode in ("lexical", "hybrid"):
-        from harmonia.retrieve_hybrid import HybridRetriever, LexicalRetriever  # it imports this module
+        from harmonia.retrieval.hybrid import HybridRetriever, LexicalRetriever  # it imports this module
 
         cls = LexicalRetriever if settings.retrieval_mode == "lexical" else HybridRetriever
         return cls(conn, embedder, settings)

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import anthropic
 
-from harmonia.rerank.providers.base import (
+from harmonia.rerank.llm.providers.base import (
     Provider,
     ProviderFatal,
     ProviderResponse,

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import ollama
 
-from harmonia.rerank.providers.base import (
+from harmonia.rerank.llm.providers.base import (
     Provider,
     ProviderFatal,
     ProviderResponse,

@@ -34,10 +34,10 @@ from typing import Any
 import numpy as np
 import psycopg
 
-from harmonia.benchmark.metrics import aggregate, score_row
-from harmonia.benchmark.split import part_of
 from harmonia.config import Settings
-from harmonia.rerank.classifier import (
+from harmonia.evaluation.metrics import aggregate, score_row
+from harmonia.groundtruth import part_of
+from harmonia.rerank.classifier.scorer import (
     FUSION_GRID,
     Calibration,
     PairScorer,
@@ -49,9 +49,9 @@ from harmonia.rerank.classifier import (
     sigmoid,
     weights_hash,
 )
-from harmonia.rerank.stacker import Stacker
-from harmonia.rerank.stacker import features as stacker_features
-from harmonia.retrieve import Candidate
+from harmonia.rerank.classifier.stacker import Stacker
+from harmonia.rerank.classifier.stacker import features as stacker_features
+from harmonia.retrieval.vector import Candidate
 from harmonia.store import training as train_store
 from harmonia.store import vocab as vocab_store
 
@@ -154,8 +154,8 @@ def build_material(conn: psycopg.Connection, settings: Settings, opts: TrainOpti
                    progress: bool = True) -> Material:
     from tqdm import tqdm
 
-    from harmonia.embed import Embedder
-    from harmonia.retrieve import make_retriever
+    from harmonia.embedding.model import Embedder
+    from harmonia.retrieval.vector import make_retriever
 
     rng = random.Random(opts.seed)
     sources = dev_sources(conn, opts.source_vocabularies)
@@ -417,7 +417,7 @@ def train(conn: psycopg.Connection, settings: Settings, opts: TrainOptions, *, o
     from tqdm import tqdm
     from transformers import get_linear_schedule_with_warmup
 
-    from harmonia.embed import bundled_model_path, resolve_device
+    from harmonia.embedding.model import bundled_model_path, resolve_device
 
     root = reranker_root(settings)
     root.mkdir(parents=True, exist_ok=True)

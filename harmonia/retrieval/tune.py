@@ -16,12 +16,12 @@ from pathlib import Path
 
 import psycopg
 
-from harmonia.benchmark.curate import BenchRow, BenchSetError, group_pairs, read_set, read_usagi_truth
-from harmonia.benchmark.metrics import Aggregate, aggregate, score_row
-from harmonia.benchmark.split import part_of
 from harmonia.config import Settings
-from harmonia.embed import Embedder
-from harmonia.retrieve_hybrid import FusionWeights, HybridRetriever, Pool, fused_ranking
+from harmonia.embedding.model import Embedder
+from harmonia.evaluation.curate import BenchRow, BenchSetError, group_pairs, read_set, read_usagi_truth
+from harmonia.evaluation.metrics import Aggregate, aggregate, score_row
+from harmonia.groundtruth import part_of
+from harmonia.retrieval.hybrid import FusionWeights, HybridRetriever, Pool, fused_ranking
 from harmonia.store import vocab as vocab_store
 
 log = logging.getLogger(__name__)

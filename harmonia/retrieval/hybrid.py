@@ -31,8 +31,8 @@ import psycopg
 from psycopg.pq import TransactionStatus
 
 from harmonia.config import Settings
-from harmonia.embed import Embedder
-from harmonia.retrieve import Candidate, Retriever
+from harmonia.embedding.model import Embedder
+from harmonia.retrieval.vector import Candidate, Retriever
 from harmonia.store import lexical as lex_store
 from harmonia.store import memory as mem_store
 

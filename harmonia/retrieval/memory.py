@@ -28,9 +28,9 @@ from pathlib import Path
 
 import psycopg
 
-from harmonia.benchmark.split import part_of
 from harmonia.config import Settings
-from harmonia.embed import Embedder
+from harmonia.embedding.model import Embedder
+from harmonia.groundtruth import part_of
 from harmonia.store import embeddings as emb_store
 from harmonia.store import memory as mem_store
 from harmonia.store import training as train_store
@@ -59,7 +59,7 @@ def known_mappings(conn: psycopg.Connection, vocabularies: Sequence[str] | None,
                    all_parts: bool = False) -> list[KnownMap]:
     """Known mappings, in a stable order (vocabulary, then files, then reviews), of the development part unless
     `all_parts`, with targets kept only where they are valid standard concepts of `vocabularies` (None: any)."""
-    from harmonia.tune import rows_from_csv
+    from harmonia.retrieval.tune import rows_from_csv
 
     def wanted_part(key: int | str) -> bool:
         return all_parts or part_of(key) == "dev"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from harmonia.rerank.providers.base import (
+from harmonia.rerank.llm.providers.base import (
     RETRYABLE,
     Provider,
     ProviderError,
@@ -21,9 +21,9 @@ if TYPE_CHECKING:
 
 # name -> "module:Class"; imported lazily so a missing optional SDK only matters to whoever selects it
 PROVIDERS: dict[str, str] = {
-    "anthropic": "harmonia.rerank.providers.anthropic:AnthropicProvider",
-    "openai": "harmonia.rerank.providers.openai:OpenAIProvider",
-    "ollama": "harmonia.rerank.providers.ollama:OllamaProvider",
+    "anthropic": "harmonia.rerank.llm.providers.anthropic:AnthropicProvider",
+    "openai": "harmonia.rerank.llm.providers.openai:OpenAIProvider",
+    "ollama": "harmonia.rerank.llm.providers.ollama:OllamaProvider",
 }
 
 

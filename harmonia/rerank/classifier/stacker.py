@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from harmonia.retrieve import Candidate
+    from harmonia.retrieval.vector import Candidate
 
 # The order is the stored model's input order: append, never reorder (a stored stacker names its features).
 FEATURES: tuple[str, ...] = (

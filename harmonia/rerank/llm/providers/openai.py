@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import openai
 
-from harmonia.rerank.providers.base import (
+from harmonia.rerank.llm.providers.base import (
     Provider,
     ProviderFatal,
     ProviderResponse,

@@ -70,7 +70,7 @@ def training_pairs(conn: psycopg.Connection, vocabularies: Sequence[str] | None,
     valid standard concepts, the development-part rows of mapping files the user names (a benchmark set or a Usagi
     export: source name -> approved concept), and reviewers' decisions (source text -> chosen concept) whose source
     is not a test-part vocabulary concept."""
-    from harmonia.memory import known_mappings
+    from harmonia.retrieval.memory import known_mappings
 
     known = known_mappings(conn, vocabularies, extra_sets=extra_sets, include_reviews=include_reviews)
     targets = vocab_store.get_concepts(conn, sorted({t for km in known for t in km.targets}))

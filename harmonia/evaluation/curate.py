@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from harmonia.benchmark.split import DEFAULT_TEST_SHARE, part_of
+from harmonia.groundtruth import DEFAULT_TEST_SHARE, part_of
 
 if TYPE_CHECKING:
     import psycopg

@@ -6,8 +6,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from harmonia.rerank import RerankResult, SourceTerm
-from harmonia.retrieve import Candidate
+from harmonia.rerank.base import RerankResult, SourceTerm
+from harmonia.retrieval.vector import Candidate
 
 
 @dataclass

@@ -12,13 +12,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from harmonia.benchmark.curate import BenchRow
-from harmonia.benchmark.metrics import RowScore, aggregate, aggregate_by, score_row
-from harmonia.rerank import SourceTerm
+from harmonia.evaluation.curate import BenchRow
+from harmonia.evaluation.metrics import RowScore, aggregate, aggregate_by, score_row
+from harmonia.rerank.base import SourceTerm
 
 if TYPE_CHECKING:
     from harmonia.config import Settings
-    from harmonia.pipeline import Pipeline
+    from harmonia.pipeline.run import Pipeline
 
 INPUT_TOKEN_KEYS = ("input_tokens", "prompt_tokens")
 OUTPUT_TOKEN_KEYS = ("output_tokens", "completion_tokens")

@@ -25,8 +25,8 @@ import jsonschema
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt
 
 from harmonia.paths import resource_dir
-from harmonia.rerank import RankedCandidate, Reranker, RerankResult, SourceTerm
-from harmonia.rerank.providers import (
+from harmonia.rerank.base import RankedCandidate, Reranker, RerankResult, SourceTerm
+from harmonia.rerank.llm.providers import (
     RETRYABLE,
     Provider,
     ProviderError,
@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     import psycopg
 
     from harmonia.config import Settings
-    from harmonia.retrieve import Candidate
+    from harmonia.retrieval.vector import Candidate
 
 log = logging.getLogger(__name__)
 

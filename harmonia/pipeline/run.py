@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 import psycopg
 
 from harmonia.config import Settings
-from harmonia.rerank import Reranker, RerankResult, SourceTerm
-from harmonia.retrieve import Retriever
-from harmonia.route import Decision, route
+from harmonia.pipeline.route import Decision, route
+from harmonia.rerank.base import Reranker, RerankResult, SourceTerm
+from harmonia.retrieval.vector import Retriever
 from harmonia.store import mapping as map_store
 
 log = logging.getLogger(__name__)
@@ -28,9 +28,9 @@ class Pipeline:
 
     @classmethod
     def from_settings(cls, conn: psycopg.Connection, settings: Settings) -> Pipeline:
-        from harmonia.embed import Embedder
-        from harmonia.rerank import make_reranker
-        from harmonia.retrieve import make_retriever
+        from harmonia.embedding.model import Embedder
+        from harmonia.rerank.base import make_reranker
+        from harmonia.retrieval.vector import make_retriever
 
         embedder = Embedder.from_settings(settings)
         return cls(make_retriever(conn, embedder, settings), make_reranker(settings, conn), settings)

@@ -1,0 +1,1 @@
+"""The local classifier reranker: the cross-encoder scorer, the stacker and training."""

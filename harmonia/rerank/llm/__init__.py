@@ -1,0 +1,1 @@
+"""The LLM reranker: the reranker, its prompt and the providers."""

@@ -1,0 +1,1 @@
+"""Candidate retrieval: vector, lexical and hybrid search, the mapping memory, fusion tuning."""
