@@ -18,11 +18,14 @@ from pathlib import Path
 
 from harmonia import db
 from harmonia.config import load_settings
-from harmonia.embedding.model import Embedder, embed_concepts
-from harmonia.evaluation.curate import curate_maps_to_from_db, curate_usagi_from_db, write_set
+from harmonia.embedding.ingest import embed_concepts
+from harmonia.embedding.model import Embedder
+from harmonia.evaluation.curate import curate_maps_to_from_db, curate_usagi_from_db
 from harmonia.evaluation.run import check_gate, run_set, write_result
+from harmonia.groundtruth import write_set
 from harmonia.paths import sample_dir
 from harmonia.pipeline.run import Pipeline
+from harmonia.store import migrations
 from harmonia.store import vocab as vocab_store
 from harmonia.vocabulary import load_vocabulary
 
@@ -42,7 +45,7 @@ def main() -> None:
     base = load_settings({"data_dir": a.data_dir})
     out = Path(a.out) if a.out else base.data_path / "bench"
     with db.connect(base, autocommit=True) as conn:
-        db.migrate(conn)
+        migrations.migrate(conn)
         if vocab_store.counts(conn)["concept"] == 0:
             load_vocabulary(conn, sample_dir() / "vocab", progress=False)
         embed_concepts(conn, Embedder.from_settings(base), vocabularies=base.vocabularies,
@@ -59,8 +62,7 @@ def main() -> None:
                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
         for reranker in rerankers:
             s = load_settings({"data_dir": a.data_dir, "reranker": reranker})
-            pipe = Pipeline.from_settings(conn, s)
-            try:
+            with Pipeline.from_settings(conn, s) as pipe:
                 for name, (path, all_rows) in paths.items():
                     rows = all_rows[: a.max_rows] if a.max_rows else all_rows
                     same = sum(r.same_name for r in rows)
@@ -73,8 +75,6 @@ def main() -> None:
                                  f"{o['top5']:.3f} | {o['mrr']:.3f} | {o['recall']:.3f} | {r['rows_per_s']:.1f} | "
                                  f"{gate}: {'pass' if not failed else 'FAIL'} |")
                     print(lines[-1], flush=True)
-            finally:
-                pipe.reranker.close()
     print()
     print("\n".join(lines))
 

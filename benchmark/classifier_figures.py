@@ -17,22 +17,21 @@ import argparse
 import os
 import random
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import percentile  # noqa: E402
+from _common import percentile  # sibling module: python puts the script's folder first on sys.path
 
-from harmonia import db  # noqa: E402
-from harmonia.config import load_settings  # noqa: E402
-from harmonia.embedding.model import Embedder  # noqa: E402
-from harmonia.evaluation.metrics import aggregate, score_row  # noqa: E402
-from harmonia.groundtruth import part_of  # noqa: E402
-from harmonia.rerank.base import NoneReranker, SourceTerm  # noqa: E402
-from harmonia.rerank.classifier.scorer import ClassifierReranker, checkpoint_from_settings  # noqa: E402
-from harmonia.retrieval.vector import make_retriever  # noqa: E402
-from harmonia.store import vocab as vocab_store  # noqa: E402
+from harmonia import db
+from harmonia.config import load_settings
+from harmonia.domain import SourceTerm
+from harmonia.embedding.model import Embedder
+from harmonia.groundtruth import maps_to_sources
+from harmonia.metrics import aggregate, score_row
+from harmonia.rerank.base import NoneReranker
+from harmonia.rerank.classifier.checkpoint import checkpoint_from_settings
+from harmonia.rerank.classifier.reranker import ClassifierReranker
+from harmonia.retrieval import make_retriever
+from harmonia.store import concepts as concept_store
 
 
 def metrics(rankings: list[list[int]], truths: list[set[int]]) -> dict[str, float]:
@@ -58,24 +57,24 @@ def main() -> None:
         overrides["classifier_checkpoint"] = args.checkpoint
     s = load_settings(overrides)
     with db.connect(s, autocommit=True) as conn:
-        by_src: dict[int, dict] = {}
-        pairs = vocab_store.maps_to_pairs(conn, ["ICD10"])
-        target_vocab = {cid: c["vocabulary_id"] for cid, c in
-                        vocab_store.get_concepts(conn, sorted({p[5] for p in pairs})).items()}
-        for sid, code, voc, name, _dom, target in pairs:
-            if part_of(sid) != "test" or target_vocab.get(target) != "SNOMED":
-                continue
-            by_src.setdefault(sid, {"term": SourceTerm(code, voc, name), "targets": set()})["targets"].add(target)
-        ids = sorted(by_src)
-        random.Random(args.seed).shuffle(ids)
-        ids = ids[: args.n]
-        terms = [by_src[i]["term"] for i in ids]
-        truths = [by_src[i]["targets"] for i in ids]
+        sources = maps_to_sources(conn, ["ICD10"], part="test")  # by source concept_id
+        target_vocab = {cid: c.vocabulary_id for cid, c in
+                        concept_store.get_concepts(conn, {t for st in sources for t in st.targets}).items()}
+        snomed = [(st, {t for t in st.targets if target_vocab.get(t) == "SNOMED"}) for st in sources]
+        snomed = [(st, targets) for st, targets in snomed if targets]
+        order = list(range(len(snomed)))
+        random.Random(args.seed).shuffle(order)
+        order = order[: args.n]
+        terms = [SourceTerm(snomed[i][0].source_code, snomed[i][0].source_vocab, snomed[i][0].source_text)
+                 for i in order]
+        truths = [snomed[i][1] for i in order]
         retriever = make_retriever(conn, Embedder.from_settings(s), s)
         cand_lists = []
-        for start in range(0, len(terms), 128):
-            chunk = terms[start:start + 128]
-            cand_lists += retriever.search_many([t.source_text for t in chunk], source_keys=[t.key for t in chunk])
+        with retriever:
+            for start in range(0, len(terms), 128):
+                chunk = terms[start:start + 128]
+                cand_lists += retriever.search_many([t.source_text for t in chunk],
+                                                    source_keys=[t.key for t in chunk])
 
     reranker = ClassifierReranker(checkpoint_from_settings(s), top_n=max(s.rerank_top_n, 50),
                                   batch_size=s.classifier_batch_size, max_length=s.classifier_max_length,
@@ -111,7 +110,8 @@ def main() -> None:
     print(f"ICD10 -> SNOMED test part: {len(terms)} source codes (seed {args.seed}), "
           f"{pairs_per:.0f} candidates each, recall@{s.retrieval_top_k} {recall / len(terms):.3f}")
     print(f"checkpoint {reranker.checkpoint} ({reranker.model_version}, base {reranker.base_model}); retrieval "
-          f"{s.retrieval_mode}, embedder {retriever.embedder.key}; classifier dtype {reranker.scorer.dtype}, "
+          f"{s.retrieval_mode}, embedder {retriever.embedder.key if retriever.embedder else '-'}; "
+          f"classifier dtype {reranker.scorer.dtype}, "
           f"{reranker.scorer.model.config.num_hidden_layers} layers, "
           + (f"stacker over {len(reranker.stacker.features)} features" if reranker.stacker is not None
              else f"logit + {reranker.retrieval_weight:g} x retrieval score"))

@@ -11,23 +11,20 @@ from __future__ import annotations
 
 import argparse
 import random
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import psycopg
+from _common import database, percentile  # sibling module: python puts the script's folder first on sys.path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import database, percentile  # noqa: E402
-
-from harmonia import db  # noqa: E402
-from harmonia.config import Settings  # noqa: E402
-from harmonia.embedding.model import Embedder, embed_concepts  # noqa: E402
-from harmonia.paths import sample_dir  # noqa: E402
-from harmonia.store import embeddings as emb_store  # noqa: E402
-from harmonia.store import vocab as vocab_store  # noqa: E402
-from harmonia.vocabulary import load_vocabulary  # noqa: E402
+from harmonia.config import Settings
+from harmonia.embedding.ingest import embed_concepts
+from harmonia.embedding.model import Embedder
+from harmonia.paths import sample_dir
+from harmonia.store import embeddings as emb_store
+from harmonia.store import migrations
+from harmonia.store import vocab as vocab_store
+from harmonia.vocabulary import load_vocabulary
 
 
 def main() -> None:
@@ -39,7 +36,7 @@ def main() -> None:
     s = Settings()
     embedder = Embedder.from_settings(s)
     with database(a.database_url, a.data_dir) as url, psycopg.connect(url, autocommit=True) as conn:
-        db.migrate(conn)
+        migrations.migrate(conn)
         if vocab_store.counts(conn)["concept"] == 0:
             r = load_vocabulary(conn, sample_dir() / "vocab", progress=False)
             print(f"vocabulary: {r.total_rows:,} rows in {r.seconds:.1f}s")
@@ -59,8 +56,7 @@ def main() -> None:
                   f"ratio {loop / raw:.2f}")
         else:
             print("embeddings already present: ingest rate not measured (use a fresh --data-dir)")
-        pairs = vocab_store.maps_to_pairs(conn, ["ICD10"])
-        names = sorted({p[3] for p in pairs})
+        names = sorted({e.source_text for e in vocab_store.maps_to_edges(conn, ["ICD10"])})
         queries = random.Random(1).sample(names, min(a.queries, len(names)))
         vecs = embedder.encode_queries(queries)
         dim = emb_store.model_dim(conn, embedder.key)

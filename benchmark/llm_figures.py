@@ -22,18 +22,18 @@ import gzip
 import json
 import random
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stub_llm_server import serve  # noqa: E402
+from stub_llm_server import serve  # sibling module: python puts the script's folder first on sys.path
 
-from harmonia.config import load_settings  # noqa: E402
-from harmonia.paths import sample_dir  # noqa: E402
-from harmonia.rerank.base import SourceTerm  # noqa: E402
-from harmonia.rerank.llm.reranker import LLMReranker, Prompt  # noqa: E402
-from harmonia.retrieval.vector import Candidate  # noqa: E402
+from harmonia.config import load_settings
+from harmonia.domain import (
+    Candidate,
+    SourceTerm,
+)
+from harmonia.paths import sample_dir
+from harmonia.rerank.llm.prompt import Prompt
+from harmonia.rerank.llm.reranker import LLMReranker
 
 
 def standard_concepts() -> list[Candidate]:

@@ -11,18 +11,15 @@ from __future__ import annotations
 import argparse
 import gzip
 import random
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import psycopg
+from _common import database  # sibling module: python puts the script's folder first on sys.path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import database  # noqa: E402
-
-from harmonia import db  # noqa: E402
-from harmonia.vocabulary import load_vocabulary  # noqa: E402
+from harmonia.store import migrations
+from harmonia.vocabulary import load_vocabulary
 
 HEADER = ("concept_id\tconcept_name\tdomain_id\tvocabulary_id\tconcept_class_id\tstandard_concept\t"
           "concept_code\tvalid_start_date\tvalid_end_date\tinvalid_reason\n")
@@ -64,7 +61,7 @@ def main() -> None:
         write_concepts(path, a.rows, a.gzip)
         print(f"wrote {a.rows:,} rows ({path.stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - t:.1f}s")
         with database(a.database_url) as url, psycopg.connect(url, autocommit=True) as conn:
-            db.migrate(conn)
+            migrations.migrate(conn)
             r = load_vocabulary(conn, folder, progress=False)
             rate = r.rows["concept"] / r.seconds
             print(f"loaded {r.rows['concept']:,} concepts in {r.seconds:.1f}s: {rate:,.0f} rows/s "

@@ -24,43 +24,43 @@ import argparse
 import dataclasses
 import os
 import random
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from _common import percentile  # sibling module: python puts the script's folder first on sys.path
 
-from benchmark._common import percentile  # noqa: E402
-from harmonia import db  # noqa: E402
-from harmonia.config import load_settings  # noqa: E402
-from harmonia.embedding.model import Embedder  # noqa: E402
-from harmonia.evaluation.curate import BenchRow, group_pairs, read_usagi_truth  # noqa: E402
-from harmonia.evaluation.metrics import aggregate, score_row  # noqa: E402
-from harmonia.groundtruth import part_of  # noqa: E402
-from harmonia.paths import sample_dir  # noqa: E402
-from harmonia.retrieval.hybrid import FusionWeights, HybridRetriever, fused_ranking  # noqa: E402
-from harmonia.store import embeddings as emb_store  # noqa: E402
-from harmonia.store import memory as mem_store  # noqa: E402
-from harmonia.store import vocab as vocab_store  # noqa: E402
+from harmonia import db
+from harmonia.config import load_settings
+from harmonia.domain import SourceTargets
+from harmonia.embedding.model import Embedder
+from harmonia.groundtruth import maps_to_sources, part_of, read_usagi_truth
+from harmonia.metrics import aggregate, score_row
+from harmonia.paths import sample_dir
+from harmonia.retrieval.hybrid import FusionWeights, HybridRetriever, fused_ranking
+from harmonia.store import concepts as concept_store
+from harmonia.store import embeddings as emb_store
+from harmonia.store import memory as mem_store
 
 K = 50
 
 
-def icd10_test(conn, vocabularies: list[str], n: int, seed: int) -> list[BenchRow]:  # noqa: ANN001
-    pairs = [p for p in vocab_store.maps_to_pairs(conn, ["ICD10"]) if part_of(p[0]) == "test"]
-    valid = {cid for cid, c in vocab_store.get_concepts(conn, sorted({p[5] for p in pairs})).items()
-             if c["vocabulary_id"] in vocabularies}
-    rows = group_pairs([p for p in pairs if p[5] in valid])
+def icd10_test(conn, vocabularies: list[str], n: int, seed: int) -> list[SourceTargets]:  # noqa: ANN001
+    rows = maps_to_sources(conn, ["ICD10"], part="test")
+    valid = {cid for cid, c in concept_store.get_concepts(conn, {t for r in rows for t in r.targets}).items()
+             if c.vocabulary_id in vocabularies}
+    for r in rows:
+        r.targets = [t for t in r.targets if t in valid]
+    rows = [r for r in rows if r.targets]
     if n and len(rows) > n:
         rows = sorted(random.Random(seed).sample(rows, n), key=lambda r: r.source_concept_id)
     return rows
 
 
-def lab_rows(conn, path: Path, vocabularies: list[str], part: str) -> tuple[list[BenchRow], int]:  # noqa: ANN001
+def lab_rows(conn, path: Path, vocabularies: list[str], part: str  # noqa: ANN001
+             ) -> tuple[list[SourceTargets], int]:
     rows = read_usagi_truth(path)
-    concepts = vocab_store.get_concepts(conn, sorted({t for r in rows for t in r.targets}))
-    ok = {cid for cid, c in concepts.items() if c["standard_concept"] == "S" and c["invalid_reason"] is None
-          and c["vocabulary_id"] in vocabularies}
+    concepts = concept_store.get_concepts(conn, {t for r in rows for t in r.targets})
+    ok = {cid for cid, c in concepts.items() if c.is_valid_standard and c.vocabulary_id in vocabularies}
     kept = []
     dropped = 0
     for r in rows:
@@ -108,13 +108,13 @@ def main() -> None:
     latency: dict[str, list[float]] = {}
     for set_name, rows in sets.items():
         for ename, emb in embedders.items():
-            r = HybridRetriever(conn, emb, s)
             t0 = time.perf_counter()
             pools = []
-            for i in range(0, len(rows), 64):
-                chunk = rows[i:i + 64]
-                keys = [(x.source_code, x.source_vocab) for x in chunk]
-                pools.extend(zip(chunk, r.pools([x.source_text for x in chunk], source_keys=keys), strict=True))
+            with HybridRetriever(conn, emb, s) as r:
+                for i in range(0, len(rows), 64):
+                    chunk = rows[i:i + 64]
+                    pools.extend(zip(chunk, r.pools([x.source_text for x in chunk], source_keys=[x.key for x in chunk]),
+                                     strict=True))
             memory = mem_store.count(conn, emb.key)
             print(f"{set_name}, {ename} embedder: {len(pools)} pools in {time.perf_counter() - t0:.0f}s; memory "
                   f"{sum(memory.values()):,} sources {memory}", flush=True)
@@ -128,17 +128,17 @@ def main() -> None:
                 results.append((set_name, "hybrid + memory" + suffix,
                                 score(pools, lambda p: fused_ranking(p, w, K).tolist())))
     # Latency: one query at a time, as the pipeline's single lookups do.
-    r = HybridRetriever(conn, embedders["base"], s)
     texts = [x.source_text for x in sets["ICD10->SNOMED test"][:a.latency_n]]
     enc, ret = [], []
-    for t in texts:
-        t0 = time.perf_counter()
-        v = r.embedder.encode_queries([t])[0]
-        t1 = time.perf_counter()
-        r.search_encoded(t, v, K)
-        t2 = time.perf_counter()
-        enc.append((t1 - t0) * 1000)
-        ret.append((t2 - t1) * 1000)
+    with HybridRetriever(conn, embedders["base"], s) as r:
+        for t in texts:
+            t0 = time.perf_counter()
+            v = r.embedder.encode_queries([t])[0]
+            t1 = time.perf_counter()
+            r.search_encoded(t, v, K)
+            t2 = time.perf_counter()
+            enc.append((t1 - t0) * 1000)
+            ret.append((t2 - t1) * 1000)
     with_memory = " + memory" if r.memory_rows and w.boost_memory else ""
     latency[f"hybrid retrieval{with_memory}, excl. encoding"] = ret
     latency["query encoding alone"] = enc

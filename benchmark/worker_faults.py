@@ -26,26 +26,27 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stub_llm_server import serve  # noqa: E402
+from stub_llm_server import serve  # sibling module: python puts the script's folder first on sys.path
 
-from harmonia import db  # noqa: E402
-from harmonia.config import load_settings  # noqa: E402
-from harmonia.paths import sample_dir  # noqa: E402
-from harmonia.pipeline.worker import enqueue  # noqa: E402
-from harmonia.rerank.base import SourceTerm  # noqa: E402
-from harmonia.store import queue as qstore  # noqa: E402
-from harmonia.store import vocab as vocab_store  # noqa: E402
+from harmonia import db
+from harmonia.config import load_settings
+from harmonia.domain import SourceTerm
+from harmonia.paths import sample_dir
+from harmonia.pipeline.worker import enqueue
+from harmonia.store import migrations
+from harmonia.store import queue as qstore
+from harmonia.store import vocab as vocab_store
 
 
 def prepare(data_dir: Path) -> None:
     """Migrate, load and embed the bundled sample unless already done (idempotent)."""
-    from harmonia.embedding.model import Embedder, embed_concepts
+    from harmonia.embedding.ingest import embed_concepts
+    from harmonia.embedding.model import Embedder
     from harmonia.vocabulary import load_vocabulary
 
     s = load_settings(env={"HARMONIA_DATA_DIR": str(data_dir), "HARMONIA_CONFIG": ""})
     with db.connect(s, autocommit=True) as conn:
-        db.migrate(conn)
+        migrations.migrate(conn)
         if vocab_store.counts(conn)["concept"] == 0:
             t0 = time.perf_counter()
             load_vocabulary(conn, sample_dir() / "vocab", progress=False)
@@ -86,8 +87,8 @@ def main() -> int:
     run_vocab = f"ICD10-run{int(time.time())}"
     with db.connect(s, autocommit=True) as conn:
         names: dict[str, str] = {}
-        for _sid, code, _voc, name, _dom, _t in vocab_store.maps_to_pairs(conn, ["ICD10"]):
-            names.setdefault(code, name)
+        for e in vocab_store.maps_to_edges(conn, ["ICD10"]):
+            names.setdefault(e.source_code, e.source_text)
         codes = sorted(names)
         random.Random(a.seed).shuffle(codes)
         terms = [SourceTerm(source_code=c, source_vocab=run_vocab, source_text=names[c]) for c in codes[: a.codes]]

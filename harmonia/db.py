@@ -2,33 +2,27 @@
 
 The embedded server lives in `<data_dir>/pgdata`, listens only on a Unix socket in that directory, and is left
 running after a command exits so the next command (or another worker process) reuses it; `harmonia db stop`
-stops it. Migrations are ordered SQL files in `migrations/`, applied once each and recorded.
+stops it. Migrations are applied by harmonia.store.migrations; every SQL statement lives in harmonia.store.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 import psycopg
-from psycopg import sql
 
 from harmonia.config import Settings
-from harmonia.paths import resource_dir
+from harmonia.store import server as server_store
 
 log = logging.getLogger(__name__)
 
 DB_NAME = "harmonia"
-MIGRATIONS_TABLE = "public.harmonia_migrations"
-_MIGRATE_LOCK = 7_314_159  # advisory lock id: two processes migrating at once take turns
 
 
 def _prepare_runtime_dir() -> None:
@@ -99,9 +93,7 @@ def resolve_url(settings: Settings) -> str:
         return settings.database_url
     server = start_embedded(settings.ensure_data_path() / "pgdata")
     with psycopg.connect(server.uri("postgres"), autocommit=True) as conn:
-        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DB_NAME,)).fetchone()
-        if not exists:
-            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(DB_NAME)))
+        server_store.ensure_database(conn, DB_NAME)
     return server.uri(DB_NAME)
 
 
@@ -117,78 +109,3 @@ def database_url(settings: Settings) -> str:
 
 def connect(settings: Settings, *, autocommit: bool = False, **kw: object) -> psycopg.Connection:
     return psycopg.connect(database_url(settings), autocommit=autocommit, **kw)  # type: ignore[arg-type]
-
-
-def pool(settings: Settings, *, min_size: int = 1, max_size: int | None = None):  # noqa: ANN201
-    from psycopg_pool import ConnectionPool
-
-    return ConnectionPool(database_url(settings), min_size=min_size,
-                          max_size=max_size or settings.db_pool_size, open=True)
-
-
-# ---------------------------------------------------------------------------------------------- migrations
-
-
-@dataclass(frozen=True)
-class Migration:
-    version: str
-    name: str
-    path: Path
-
-    @property
-    def checksum(self) -> str:
-        return hashlib.sha256(self.path.read_bytes()).hexdigest()
-
-
-def list_migrations(directory: Path | None = None) -> list[Migration]:
-    directory = directory or resource_dir("migrations")
-    out = []
-    for p in sorted(directory.glob("*.sql")):
-        version, _, name = p.stem.partition("_")
-        if not version.isdigit():
-            raise ValueError(f"migration file {p.name} must start with a number (e.g. 004_name.sql)")
-        out.append(Migration(version=version, name=name, path=p))
-    versions = [m.version for m in out]
-    if len(set(versions)) != len(versions):
-        raise ValueError(f"two migration files share a number in {directory}: {versions}")
-    return out
-
-
-def migrate(conn: psycopg.Connection, directory: Path | None = None) -> list[str]:
-    """Apply every migration not yet recorded, each in its own transaction; return the versions applied."""
-    applied_now: list[str] = []
-    with conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATE_LOCK,))
-        conn.execute(f"""CREATE TABLE IF NOT EXISTS {MIGRATIONS_TABLE} (
-            version text PRIMARY KEY, name text NOT NULL, checksum text NOT NULL,
-            applied_at timestamptz NOT NULL DEFAULT now())""")
-    for m in list_migrations(directory):
-        with conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATE_LOCK,))
-            row = conn.execute(f"SELECT checksum FROM {MIGRATIONS_TABLE} WHERE version = %s",
-                               (m.version,)).fetchone()
-            if row:
-                if row[0] != m.checksum:
-                    log.warning("migration %s_%s changed after it was applied; not re-applied", m.version, m.name)
-                continue
-            conn.execute(m.path.read_text())  # type: ignore[arg-type]
-            conn.execute(f"INSERT INTO {MIGRATIONS_TABLE} (version, name, checksum) VALUES (%s, %s, %s)",
-                         (m.version, m.name, m.checksum))
-            applied_now.append(f"{m.version}_{m.name}")
-    return applied_now
-
-
-def applied_migrations(conn: psycopg.Connection) -> list[str]:
-    exists = conn.execute("SELECT to_regclass(%s)", (MIGRATIONS_TABLE,)).fetchone()
-    if not exists or exists[0] is None:
-        return []
-    return [f"{v}_{n}" for v, n in conn.execute(f"SELECT version, name FROM {MIGRATIONS_TABLE} ORDER BY version")]
-
-
-@contextmanager
-def session(settings: Settings, *, autocommit: bool = False) -> Iterator[psycopg.Connection]:
-    conn = connect(settings, autocommit=autocommit)
-    try:
-        yield conn
-    finally:
-        conn.close()

@@ -9,7 +9,7 @@ import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harmonia.rerank.base import SourceTerm
+from harmonia.domain import SourceTerm
 
 CODE_COLUMNS = ("sourceCode", "source_code")
 NAME_COLUMNS = ("sourceName", "source_name", "sourceText", "source_text")

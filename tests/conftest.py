@@ -21,6 +21,7 @@ from psycopg import sql
 from harmonia import db
 from harmonia.config import Settings, load_settings
 from harmonia.paths import sample_dir
+from harmonia.store import migrations
 
 REPO = Path(__file__).resolve().parent.parent
 TEMPLATE_DB = "harmonia_template"
@@ -71,14 +72,15 @@ def _embedding_cache(conn: psycopg.Connection, model_key: str) -> Path:
 @pytest.fixture(scope="session")
 def template_db(pg_server: db.EmbeddedServer, tmp_path_factory: pytest.TempPathFactory) -> str:
     """A migrated database with the sample vocabulary loaded and embedded; tests get copies of it."""
-    from harmonia.embedding.model import Embedder, embed_concepts
+    from harmonia.embedding.ingest import embed_concepts
+    from harmonia.embedding.model import Embedder
     from harmonia.vocabulary import load_vocabulary
 
     url = create_database(pg_server, TEMPLATE_DB)
     s = make_settings(url, tmp_path_factory.mktemp("data"))
     embedder = Embedder.from_settings(s)
     with psycopg.connect(url, autocommit=True) as conn:
-        db.migrate(conn)
+        migrations.migrate(conn)
         load_vocabulary(conn, sample_dir() / "vocab", progress=False)
         cache = _embedding_cache(conn, embedder.key)
         if cache.exists():

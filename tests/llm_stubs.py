@@ -19,7 +19,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from harmonia.retrieval.vector import Candidate
+from harmonia.domain import Candidate
 
 Step = tuple
 TIMEOUT_SLEEP_S = 2.5

@@ -8,14 +8,15 @@ from pathlib import Path
 import psycopg
 
 from harmonia import db
+from harmonia.store import migrations
 
 
 def test_migrations_are_idempotent_and_recorded(empty_db: str) -> None:
     with psycopg.connect(empty_db, autocommit=True) as conn:
-        first = db.migrate(conn)
+        first = migrations.migrate(conn)
         assert first[:3] == ["001_vocab", "002_embeddings", "003_app"]
-        assert db.migrate(conn) == []
-        assert db.applied_migrations(conn) == first
+        assert migrations.migrate(conn) == []
+        assert migrations.applied(conn) == first
         tables = {r[0] for r in conn.execute(
             "SELECT schemaname || '.' || tablename FROM pg_tables WHERE schemaname IN ('vocab', 'harmonia')")}
         for t in ("vocab.concept", "vocab.concept_relationship", "vocab.concept_synonym", "vocab.vocabulary",

@@ -9,8 +9,10 @@ import numpy as np
 import psycopg
 import pytest
 
-from harmonia.embedding.model import Embedder, bundled_model_path, embed_concepts
-from harmonia.retrieval.vector import RetrievalError, Retriever
+from harmonia.embedding.ingest import embed_concepts
+from harmonia.embedding.model import Embedder, bundled_model_path
+from harmonia.retrieval.base import RetrievalError
+from harmonia.retrieval.vector import VectorRetriever
 from harmonia.store import embeddings as emb_store
 
 
@@ -83,7 +85,7 @@ def test_bge_models_get_their_query_instruction() -> None:
 
 def test_top_k_rows_come_back_even_with_a_small_ef_search(conn, settings, embedder: Embedder) -> None:
     settings.hnsw_ef_search = 10  # below k: the retriever raises it, else pgvector returns only 10-40 rows
-    r = Retriever(conn, embedder, settings)
+    r = VectorRetriever(conn, embedder, settings)
     cands = r.search("Essential hypertension", 50)
     assert len(cands) == 50
     assert len({c.concept_id for c in cands}) == 50
@@ -94,7 +96,7 @@ def test_top_k_rows_come_back_even_with_a_small_ef_search(conn, settings, embedd
 
 
 def test_filters_by_domain_and_vocabulary(conn, settings, embedder: Embedder) -> None:
-    r = Retriever(conn, embedder, settings)
+    r = VectorRetriever(conn, embedder, settings)
     meas = r.search("hemoglobin in blood", 50, domains=["Measurement"])
     assert len(meas) == 50 and {c.domain_id for c in meas} == {"Measurement"}
     loinc = r.search("hemoglobin in blood", 20, vocabularies=["LOINC"])
@@ -106,12 +108,12 @@ def test_works_when_search_path_lacks_public(fresh_db: str, settings, embedder: 
         assert c.execute("SHOW search_path").fetchone()[0] == "vocab"
         with pytest.raises(psycopg.errors.UndefinedObject):
             c.execute("SELECT '[1,2]'::vector")  # unqualified, pgvector is out of reach ...
-        cands = Retriever(c, embedder, settings).search("Asthma", 50)  # ... qualified, it all works
+        cands = VectorRetriever(c, embedder, settings).search("Asthma", 50)  # ... qualified, it all works
         assert len(cands) == 50 and "asthma" in cands[0].concept_name.lower()
 
 
 def test_index_is_used_and_agrees_with_exact_search(conn, settings, embedder: Embedder) -> None:
-    r = Retriever(conn, embedder, settings)
+    r = VectorRetriever(conn, embedder, settings)
     queries = ["Acute myocardial infarction", "Fracture of neck of femur", "Glucose in serum",
                "Malignant neoplasm of breast", "Urinary tract infection", "Sodium in urine", "milligram per liter",
                "Chronic obstructive lung disease", "Iron deficiency anemia", "Pneumonia due to Streptococcus"]
@@ -130,10 +132,10 @@ def test_index_is_used_and_agrees_with_exact_search(conn, settings, embedder: Em
 
 
 def test_retriever_without_embeddings_says_what_to_do(empty_db: str, tmp_path: Path, embedder: Embedder) -> None:
-    from harmonia import db
+    from harmonia.store import migrations
     from tests.conftest import make_settings
 
     with psycopg.connect(empty_db, autocommit=True) as c:
-        db.migrate(c)
+        migrations.migrate(c)
         with pytest.raises(RetrievalError, match="run `harmonia embed` first"):
-            Retriever(c, embedder, make_settings(empty_db, tmp_path))
+            VectorRetriever(c, embedder, make_settings(empty_db, tmp_path))

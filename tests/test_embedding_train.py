@@ -76,8 +76,9 @@ def test_batches_never_repeat_a_text() -> None:
 
 def test_training_pairs_come_from_the_dev_part_only(conn, settings) -> None:
     pairs, info = training_pairs(conn, settings.vocabularies)
-    maps = vocab_store.maps_to_pairs(conn)
-    test_only = {p[3] for p in maps if part_of(p[0]) == "test"} - {p[3] for p in maps if part_of(p[0]) == "dev"}
+    maps = vocab_store.maps_to_edges(conn)
+    test_only = ({e.source_text for e in maps if part_of(e.source_concept_id) == "test"}
+                 - {e.source_text for e in maps if part_of(e.source_concept_id) == "dev"})
     assert info["maps_to_pairs"] > 1000 and pairs
     assert not test_only & {a for a, _ in pairs}
     assert len(pairs) == len(set(pairs))
@@ -85,19 +86,19 @@ def test_training_pairs_come_from_the_dev_part_only(conn, settings) -> None:
 
 def test_mapping_files_and_reviews_add_only_dev_part_pairs(conn, settings, tmp_path) -> None:
     from harmonia.groundtruth import part_of
-    from harmonia.store import training as train_store
+    from harmonia.store import concepts as concept_store
 
-    a, b, c = train_store.standard_concepts(conn, ["SNOMED"])[:3]
+    a, b, c = concept_store.standard_concepts(conn, ["SNOMED"])[:3]
     assert part_of("LAB:G6") == "dev" and part_of("LAB:G1") == "test"
     usagi = tmp_path / "lab.usagi.csv"
     usagi.write_text("sourceCode,sourceName,conceptId,mappingStatus,sourceVocabularyId\n"
-                     f"G6,dev lab name,{a[0]},APPROVED,LAB\nG1,test lab name,{b[0]},APPROVED,LAB\n")
+                     f"G6,dev lab name,{a.concept_id},APPROVED,LAB\nG1,test lab name,{b.concept_id},APPROVED,LAB\n")
     conn.execute("""INSERT INTO harmonia.concept_map (source_code, source_vocab, source_text, omop_concept_id,
                         decided_by) VALUES ('L1', 'LOCAL', 'reviewed dev text', %s, 'reviewer'),
-                        ('L3', 'LOCAL', 'reviewed test text', %s, 'reviewer')""", (c[0], c[0]))
+                        ('L3', 'LOCAL', 'reviewed test text', %s, 'reviewer')""", (c.concept_id, c.concept_id))
     pairs, info = training_pairs(conn, settings.vocabularies, extra_sets=[usagi])
-    assert ("dev lab name", a[1]) in pairs and ("reviewed dev text", c[1]) in pairs
+    assert ("dev lab name", a.concept_name) in pairs and ("reviewed dev text", c.concept_name) in pairs
     assert not {"test lab name", "reviewed test text"} & {x for x, _ in pairs}
     assert info["mapping_file_pairs"] == 1 and info["review_pairs"] == 1
     without, info2 = training_pairs(conn, settings.vocabularies, include_reviews=False)
-    assert ("reviewed dev text", c[1]) not in without and info2["review_pairs"] == 0
+    assert ("reviewed dev text", c.concept_name) not in without and info2["review_pairs"] == 0

@@ -1,4 +1,4 @@
-"""The benchmark's pure parts: curation, metrics, usage/cost, calibration, gates (no database needed)."""
+"""The benchmark's pure parts: curation, usage/cost, calibration, gates (no database needed)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from harmonia.config import Settings
+from harmonia.domain import MapsToEdge
 from harmonia.evaluation.calibrate import (
     CoveragePoint,
     at_threshold,
@@ -17,27 +18,16 @@ from harmonia.evaluation.calibrate import (
     precision_coverage,
     reliability,
 )
-from harmonia.evaluation.curate import (
-    BenchRow,
-    BenchSetError,
-    curate_maps_to,
-    curate_usagi,
-    group_pairs,
-    read_set,
-    read_usagi_truth,
-    split_balanced,
-    write_set,
-)
-from harmonia.evaluation.metrics import aggregate, aggregate_by, score_row
+from harmonia.evaluation.curate import curate_maps_to, curate_usagi, split_balanced
 from harmonia.evaluation.run import check_gate, markdown, usage_summary
-from harmonia.groundtruth import part_of
+from harmonia.groundtruth import group_edges, part_of, read_usagi_truth
 
 # ------------------------------------------------------------------------------------------------ curation
 
 
-def _pairs(n_icd: int = 300, n_other: int = 40) -> list[tuple]:
-    """Synthetic maps_to_pairs rows: every 7th ICD10 source has two targets."""
-    out = []
+def _pairs(n_icd: int = 300, n_other: int = 40) -> list[MapsToEdge]:
+    """Synthetic 'Maps to' edges: every 7th ICD10 source has two targets."""
+    out: list[tuple[int, str, str, str, str, int]] = []
     for i in range(n_icd):
         sid = 1000 + i
         out.append((sid, f"A{i:03d}", "ICD10", f"disease {i}", "Condition", 5000 + i))
@@ -45,23 +35,11 @@ def _pairs(n_icd: int = 300, n_other: int = 40) -> list[tuple]:
             out.append((sid, f"A{i:03d}", "ICD10", f"disease {i}", "Condition", 9000 + i))
     for i in range(n_other):
         out.append((2000 + i, f"L{i}", "LAB", f"lab {i}", "Measurement", 6000 + i))
-    return out
-
-
-def test_group_pairs_keeps_every_target_of_a_source() -> None:
-    rows = group_pairs(_pairs(14, 0), {5000: "Disease 0", 9000: "other"})
-    assert len(rows) == 14
-    first = rows[0]
-    assert first.source_concept_id == 1000 and first.targets == [5000, 9000]
-    assert first.target_names == ["Disease 0", "other"]
-    assert first.same_name  # case-insensitive, either target counts
-    assert [r.targets for r in rows if len(r.targets) > 1] == [[5000, 9000], [5007, 9007]]
-    # a prediction hitting the second target counts as correct
-    assert score_row([9007, 1], [9007, 1], rows[7].targets).hit1
+    return [MapsToEdge(*p) for p in out]
 
 
 def test_split_no_source_in_both_parts_and_follows_the_shared_rule() -> None:
-    rows = group_pairs(_pairs())
+    rows = group_edges(_pairs())
     parts = split_balanced(rows, seed=5, per_vocab=None)
     dev = {r.source_concept_id for r in parts["dev"]}
     test = {r.source_concept_id for r in parts["test"]}
@@ -76,7 +54,7 @@ def test_split_no_source_in_both_parts_and_follows_the_shared_rule() -> None:
 
 
 def test_split_is_balanced_per_source_vocabulary() -> None:
-    rows = group_pairs(_pairs(300, 40))
+    rows = group_edges(_pairs(300, 40))
     parts = split_balanced(rows, seed=1, per_vocab=25)
     for p in ("dev", "test"):
         vocabs = [r.source_vocab for r in parts[p]]
@@ -90,8 +68,9 @@ def test_split_is_balanced_per_source_vocabulary() -> None:
 
 
 def test_same_name_sources_are_counted_separately() -> None:
-    pairs = [(1, "X1", "ICD10", "Asthma", "Condition", 10), (2, "X2", "ICD10", "Gout  of knee", "Condition", 11),
-             (3, "X3", "ICD10", "Something else", "Condition", 12)]
+    pairs = [MapsToEdge(1, "X1", "ICD10", "Asthma", "Condition", 10),
+             MapsToEdge(2, "X2", "ICD10", "Gout  of knee", "Condition", 11),
+             MapsToEdge(3, "X3", "ICD10", "Something else", "Condition", 12)]
     cs = curate_maps_to(pairs, {10: "asthma", 11: "Gout of knee", 12: "Other"}, seed=3, per_vocab=None)
     rows = cs.parts["dev"] + cs.parts["test"]
     assert sorted(r.source_code for r in rows if r.same_name) == ["X1", "X2"]
@@ -131,58 +110,6 @@ def test_usagi_truth_groups_per_code_and_keeps_approved_only(tmp_path: Path) -> 
     assert cs.summary["rows_dropped_no_valid_target"] == 1 and cs.summary["targets_dropped_not_in_vocabulary"] == 1
     for r in kept:
         assert r in cs.parts[part_of(f"lab:{r.source_code}", 2)]
-
-
-@pytest.mark.parametrize(("text", "message"), [
-    ("sourceCode,sourceName\n1,x\n", "no conceptId column"),
-    ("sourceCode,sourceName,conceptId\n1,x,12\n2,y,abc\n", "line 3: conceptId='abc'"),
-    ("sourceCode,sourceName,conceptId\n,x,12\n", "line 2: empty sourceCode"),
-    ("sourceCode,sourceName,conceptId,mappingStatus\n1,x,12,UNCHECKED\n", "no approved rows"),
-])
-def test_usagi_bad_input_names_the_line_or_field(tmp_path: Path, text: str, message: str) -> None:
-    with pytest.raises(BenchSetError, match=message.replace("(", r"\(")):
-        read_usagi_truth(_usagi(tmp_path, text, gz=False))
-
-
-def test_set_round_trip_and_bad_rows(tmp_path: Path) -> None:
-    rows = [BenchRow(7, "C1", "ICD10", "Cholera, unspecified", "Condition", [1, 2], ["a", "b"], True),
-            BenchRow(None, "9", "lab", 'P -"Na"', "", [3])]
-    path = write_set(rows, tmp_path / "s.csv")
-    assert read_set(path) == rows
-    (tmp_path / "bad.csv").write_text("source_code,source_vocab,source_text,target_concept_ids\nA,V,text,1;x\n")
-    with pytest.raises(BenchSetError, match="line 2: target_concept_ids='1;x'"):
-        read_set(tmp_path / "bad.csv")
-    (tmp_path / "bad2.csv").write_text("source_code,source_text\nA,t\n")
-    with pytest.raises(BenchSetError, match="missing column.*source_vocab"):
-        read_set(tmp_path / "bad2.csv")
-
-
-# ------------------------------------------------------------------------------------------------- metrics
-
-
-def test_metrics_on_hand_made_rankings() -> None:
-    cases = [  # (ranked top-5, all retrieved, targets)
-        ([1, 2, 3, 4, 5], [1, 2, 3, 4, 5, 6], [1]),        # rank 1
-        ([1, 2, 3, 4, 5], [1, 2, 3, 4, 5, 6], [3, 99]),    # rank 3
-        ([1, 2, 3, 4, 5], [1, 2, 3, 4, 5, 6], [6]),        # retrieved at 6, not ranked
-        ([1, 2], [1, 2], [42]),                              # not retrieved
-        ([], [], [1]),                                       # nothing
-        ([9, 8, 7, 6, 5], list(range(1, 51)), [5, 8]),     # rank 2 (any target)
-    ]
-    scores = [score_row(r, c, t) for r, c, t in cases]
-    assert [s.rank for s in scores] == [1, 3, None, None, None, 2]
-    assert [s.hit1 for s in scores] == [True, False, False, False, False, False]
-    assert [s.hit5 for s in scores] == [True, True, False, False, False, True]
-    assert [s.recall for s in scores] == [True, True, True, False, False, True]
-    a = aggregate(scores)
-    assert a.n == 6
-    assert a.top1 == pytest.approx(1 / 6)
-    assert a.top5 == pytest.approx(3 / 6)
-    assert a.mrr == pytest.approx((1 + 1 / 3 + 1 / 2) / 6)
-    assert a.recall == pytest.approx(4 / 6)
-    groups = aggregate_by(list(zip("aabbbc", scores, strict=True)), key=lambda g: g)
-    assert groups["a"].top5 == 1.0 and groups["b"].top5 == 0.0 and groups["c"].mrr == 0.5
-    assert aggregate([]).n == 0
 
 
 def test_usage_summary_excludes_cache_hits_from_cost() -> None:

@@ -14,9 +14,10 @@ import pytest
 from typer.testing import CliRunner
 
 from harmonia.cli import app
-from harmonia.evaluation.curate import BenchRow, read_set, write_set
-from harmonia.groundtruth import part_of
+from harmonia.domain import SourceTargets
+from harmonia.groundtruth import part_of, read_set, write_set
 from harmonia.paths import sample_dir
+from harmonia.store import concepts as concept_store
 from harmonia.store import vocab as vocab_store
 
 runner = CliRunner()
@@ -51,8 +52,8 @@ def test_curate_from_maps_to_and_usagi(env: dict[str, str], tmp_path: Path) -> N
     # the ground truth is the vocabulary's: every target is a 'Maps to' target of that source
     with psycopg.connect(env["HARMONIA_DATABASE_URL"]) as conn:
         truth: dict[int, set[int]] = {}
-        for sid, *_rest, target in vocab_store.maps_to_pairs(conn):
-            truth.setdefault(sid, set()).add(target)
+        for e in vocab_store.maps_to_edges(conn):
+            truth.setdefault(e.source_concept_id, set()).add(e.target_concept_id)
     assert all(set(x.targets) == truth[x.source_concept_id] for x in dev + test)
     # the external set: grouped per code, split on "vocab:code"
     lab_dev, lab_test = read_set(out / "finomop_lab.dev.csv"), read_set(out / "finomop_lab.test.csv")
@@ -74,17 +75,18 @@ def test_curate_bad_usagi_names_the_problem(env: dict[str, str], tmp_path: Path)
     assert not (tmp_path / "o" / "bad.dev.csv").exists()
 
 
-def _exact_name_rows(env: dict[str, str], n: int = 8) -> list[BenchRow]:
+def _exact_name_rows(env: dict[str, str], n: int = 8) -> list[SourceTargets]:
     """Sources whose text is a standard concept's own (unique) name: retrieval should rank it first."""
     with psycopg.connect(env["HARMONIA_DATABASE_URL"]) as conn:
-        pairs = vocab_store.maps_to_pairs(conn, ["ICD10"])
-        targets = vocab_store.get_concepts(conn, sorted({p[5] for p in pairs}))
+        edges = vocab_store.maps_to_edges(conn, ["ICD10"])
+        targets = concept_store.get_concepts(conn, sorted({e.target_concept_id for e in edges}))
     names: dict[str, list[int]] = {}
     for cid, c in targets.items():
-        names.setdefault(c["concept_name"].casefold(), []).append(cid)
-    unique = sorted((cid, c) for cid, c in targets.items() if len(names[c["concept_name"].casefold()]) == 1
-                    and len(c["concept_name"]) > 25)[:n]
-    return [BenchRow(None, f"S{i}", "TEST", c["concept_name"], c["domain_id"], [cid], [c["concept_name"]], True)
+        names.setdefault(c.concept_name.casefold(), []).append(cid)
+    unique = sorted(((cid, c) for cid, c in targets.items() if len(names[c.concept_name.casefold()]) == 1
+                     and len(c.concept_name) > 25), key=lambda ic: ic[0])[:n]
+    return [SourceTargets(f"S{i}", "TEST", c.concept_name, [cid], source_domain=c.domain_id,
+                          target_names=[c.concept_name], same_name=True)
             for i, (cid, c) in enumerate(unique)]
 
 
@@ -93,8 +95,8 @@ def test_run_gates_and_calibrate(env: dict[str, str], tmp_path: Path) -> None:
     assert len(good) == 8
     good_set = write_set(good, tmp_path / "good.csv")
     # the same texts, each credited with another row's concept: everything is wrong
-    bad_set = write_set([BenchRow(None, r.source_code, r.source_vocab, r.source_text, r.source_domain,
-                                  good[(i + 1) % len(good)].targets) for i, r in enumerate(good)],
+    bad_set = write_set([SourceTargets(r.source_code, r.source_vocab, r.source_text, good[(i + 1) % len(good)].targets,
+                                       source_domain=r.source_domain) for i, r in enumerate(good)],
                         tmp_path / "bad.csv")
     runs = tmp_path / "runs"
     r = invoke(env, "bench", "run", str(good_set), "--reranker", "none", "--out", str(runs), "--gate", "dev",
@@ -203,7 +205,8 @@ def test_llm_run_is_cached_and_no_cache_asks_again(env: dict[str, str], tmp_path
 
 
 def test_csv_columns_are_documented_ones(tmp_path: Path) -> None:
-    path = write_set([BenchRow(1, "A", "V", "t", "D", [2, 3], ["x", "y"], False)], tmp_path / "x.csv")
+    path = write_set([SourceTargets("A", "V", "t", [2, 3], source_concept_id=1, source_domain="D",
+                                    target_names=["x", "y"], same_name=False)], tmp_path / "x.csv")
     with open(path, newline="") as fh:
         row = next(csv.DictReader(fh))
     assert row == {"source_concept_id": "1", "source_code": "A", "source_vocab": "V", "source_text": "t",

@@ -13,11 +13,10 @@ from typer.testing import CliRunner
 
 from harmonia.cli import app
 from harmonia.config import Settings
-from harmonia.pipeline.route import Decision
+from harmonia.domain import Decision, SourceTerm
 from harmonia.pipeline.run import MapSummary, Pipeline, map_terms
-from harmonia.rerank.base import SourceTerm
 from harmonia.rerank.llm.reranker import LLMReranker, Prompt
-from harmonia.retrieval.vector import make_retriever
+from harmonia.retrieval import make_retriever
 from harmonia.store import mapping as map_store
 from tests.conftest import make_settings
 from tests.llm_stubs import OllamaStub, OpenAIStub, Stub, good_input, user_payload
@@ -198,8 +197,8 @@ def test_switching_to_an_llm_provider_is_configuration_only(fresh_db: str, conn:
 
 
 def test_router_never_approves_a_non_candidate_or_an_unsure_top1() -> None:
+    from harmonia.domain import RankedCandidate, RerankResult
     from harmonia.pipeline.route import route
-    from harmonia.rerank.base import RankedCandidate, RerankResult
     from tests.llm_stubs import candidates
 
     cands = candidates(10)

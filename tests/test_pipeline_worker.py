@@ -19,10 +19,11 @@ from pathlib import Path
 import psycopg
 from typer.testing import CliRunner
 
+from harmonia.domain import Candidate, RankedCandidate, RerankResult, SourceTerm
 from harmonia.pipeline.run import Pipeline
 from harmonia.pipeline.worker import Worker, enqueue
-from harmonia.rerank.base import RankedCandidate, Reranker, RerankResult, SourceTerm
-from harmonia.retrieval.vector import Candidate, Retriever
+from harmonia.rerank.base import Reranker
+from harmonia.retrieval.vector import VectorRetriever
 from harmonia.store import queue as qstore
 from harmonia.store import vocab as vocab_store
 from tests.conftest import make_settings
@@ -33,16 +34,18 @@ CHILD = r'''
 import json, os, sys, time
 from harmonia.config import load_settings
 from harmonia.pipeline.run import Pipeline
-from harmonia.rerank.base import RankedCandidate, Reranker, RerankResult
-from harmonia.retrieval.vector import Candidate
+from harmonia.domain import RankedCandidate, RerankResult
+from harmonia.rerank.base import Reranker
+from harmonia.domain import Candidate
 from harmonia.pipeline.worker import Worker, run_until_signalled
+from harmonia.retrieval.base import Retriever
 
 cfg = json.loads(sys.argv[1])
 s = load_settings(cfg["settings"], env={"HARMONIA_DATABASE_URL": cfg["url"], "HARMONIA_DATA_DIR": cfg["data_dir"],
                                         "HARMONIA_CONFIG": ""})
 cand = Candidate(cfg["concept_id"], "fixed", "Condition", "SNOMED", "Clinical Finding", "0", 0.99)
 
-class FixedRetriever:
+class FixedRetriever(Retriever):
     def search_many(self, texts, k=None, **kw):
         return [[cand] for _ in texts]
 
@@ -68,8 +71,9 @@ print(json.dumps({"stats": stats.to_dict()}), flush=True)
 
 def sample_terms(conn: psycopg.Connection, n: int) -> list[SourceTerm]:
     seen: dict[str, SourceTerm] = {}
-    for _sid, code, voc, name, _dom, _target in vocab_store.maps_to_pairs(conn, ["ICD10"]):
-        seen.setdefault(code, SourceTerm(source_code=code, source_vocab=voc, source_text=name))
+    for e in vocab_store.maps_to_edges(conn, ["ICD10"]):
+        seen.setdefault(e.source_code, SourceTerm(source_code=e.source_code, source_vocab=e.source_vocab,
+                                                  source_text=e.source_text))
         if len(seen) == n:
             break
     return list(seen.values())
@@ -139,7 +143,7 @@ def make_worker(settings_url: str, tmp_path: Path, conn: psycopg.Connection, emb
     overrides = {"worker_poll_s": 0.05, "worker_lease_s": 10.0, **{k: v for k, v in kw.items()
                                                                     if k.startswith("worker_")}}
     s = make_settings(settings_url, tmp_path, **overrides)
-    pipe = Pipeline(Retriever(conn, embedder, s), reranker, s)
+    pipe = Pipeline(VectorRetriever(conn, embedder, s), reranker, s)
     rest = {k: v for k, v in kw.items() if not k.startswith("worker_")}
     return Worker(s, pipeline=pipe, **rest)  # type: ignore[arg-type]
 
@@ -398,8 +402,7 @@ def test_stop_while_idle_exits_promptly(fresh_db: str, tmp_path: Path, conn: psy
 def test_worker_with_llm_reranker_against_stub_provider(fresh_db: str, tmp_path: Path,
                                                         conn: psycopg.Connection, monkeypatch) -> None:  # noqa: ANN001
     """The real LLM reranker (openai SDK) against the OpenAI-wire stub: calls run concurrently, outcomes land."""
-    sys.path.insert(0, str(REPO / "benchmark"))
-    from stub_llm_server import serve
+    from benchmark.stub_llm_server import serve
 
     server, stub = serve(0, delay=0.5, confidence=0.95)
     try:

@@ -11,19 +11,14 @@ import psycopg
 import pytest
 
 from harmonia.config import Settings
+from harmonia.domain import SourceTerm
 from harmonia.groundtruth import part_of
-from harmonia.rerank.base import SourceTerm, make_reranker
-from harmonia.rerank.classifier.scorer import (
-    Calibration,
-    CheckpointError,
-    ClassifierReranker,
-    PairScorer,
-    candidate_text,
-    checkpoint_from_settings,
-    resolve_dtype,
-)
+from harmonia.rerank import make_reranker
+from harmonia.rerank.classifier.checkpoint import Calibration, CheckpointError, checkpoint_from_settings
+from harmonia.rerank.classifier.reranker import ClassifierReranker
+from harmonia.rerank.classifier.scorer import PairScorer, candidate_text, resolve_dtype
 from harmonia.rerank.classifier.train import TrainOptions, dev_sources, load_material, review_examples, train
-from harmonia.store import training as train_store
+from harmonia.store import concepts as concept_store
 from tests.conftest import make_settings
 
 TINY = dict(max_sources=12, batch_size=8, learning_rate=3e-4, layers=2, hard_negatives=1, hard_top=1,
@@ -84,7 +79,7 @@ def test_no_test_part_source_in_training_pairs(conn: psycopg.Connection, tiny_ru
     # and the whole development pool the trainer draws from holds no test source, though the sample has them
     from harmonia.store import vocab as vocab_store
 
-    all_sources = {r[0] for r in vocab_store.maps_to_pairs(conn, ["ICD10"])}
+    all_sources = {e.source_concept_id for e in vocab_store.maps_to_edges(conn, ["ICD10"])}
     dev = dev_sources(conn, ["ICD10"])
     assert any(part_of(sid) == "test" for sid in all_sources)
     assert dev and set(dev) < all_sources and all(part_of(sid) == "dev" for sid in dev)
@@ -121,9 +116,11 @@ def test_pipeline_with_classifier_routes_and_persists(conn: psycopg.Connection, 
     _, run_dir = tiny_run
     s = make_settings(settings.database_url, settings.data_path, reranker="classifier",
                       classifier_checkpoint=str(run_dir), auto_approve_threshold=0.0)
-    test_sources = {r[0]: r for r in vocab_store.maps_to_pairs(conn, ["ICD10"]) if part_of(r[0]) == "test"}
+    test_sources = {e.source_concept_id: e for e in vocab_store.maps_to_edges(conn, ["ICD10"])
+                    if part_of(e.source_concept_id) == "test"}
     rows = list(test_sources.values())
-    terms = [SourceTerm(source_code=r[1], source_vocab=r[2], source_text=r[3]) for r in rows[:6]]
+    terms = [SourceTerm(source_code=r.source_code, source_vocab=r.source_vocab, source_text=r.source_text)
+             for r in rows[:6]]
     pipe = Pipeline.from_settings(conn, s)
     assert isinstance(pipe.reranker, ClassifierReranker)
     summary = map_terms(conn, pipe, terms, summary=MapSummary(input_rows=len(terms)), progress=False)
@@ -139,7 +136,8 @@ def test_pipeline_with_classifier_routes_and_persists(conn: psycopg.Connection, 
     # the same codes with an unreachable threshold go to review instead, with the ranking attached
     s2 = make_settings(settings.database_url, settings.data_path, reranker="classifier",
                        classifier_checkpoint=str(run_dir), auto_approve_threshold=1.0)
-    terms2 = [SourceTerm(source_code=r[1], source_vocab=r[2], source_text=r[3]) for r in rows[6:9]]
+    terms2 = [SourceTerm(source_code=r.source_code, source_vocab=r.source_vocab, source_text=r.source_text)
+              for r in rows[6:9]]
     summary2 = map_terms(conn, Pipeline.from_settings(conn, s2), terms2, progress=False)
     assert summary2.review == len(terms2)
     q = conn.execute("SELECT model_version, reason, jsonb_array_length(candidates_json) FROM harmonia.review_queue"
@@ -149,7 +147,7 @@ def test_pipeline_with_classifier_routes_and_persists(conn: psycopg.Connection, 
 
 
 def test_rerank_many_batches_across_items_and_records_the_checkpoint(tiny_run: tuple[Settings, Path]) -> None:
-    from harmonia.retrieval.vector import Candidate
+    from harmonia.domain import Candidate
 
     _, run_dir = tiny_run
     rr = ClassifierReranker(run_dir, top_n=2, batch_size=3)
@@ -162,13 +160,14 @@ def test_rerank_many_batches_across_items_and_records_the_checkpoint(tiny_run: t
 
 
 def test_review_decisions_become_pairs(conn: psycopg.Connection, settings: Settings) -> None:
-    rows = train_store.standard_concepts(conn, ["SNOMED"])[:3]
+    rows = concept_store.standard_concepts(conn, ["SNOMED"])[:3]
     good, rejected, other = rows
     conn.execute("""INSERT INTO harmonia.concept_map (source_code, source_vocab, source_text, omop_concept_id,
                         confidence, decided_by) VALUES ('L1', 'LOCAL', 'my local lab name', %s, 1, 'reviewer'),
-                        ('L2', 'LOCAL', 'auto approved text', %s, 0.99, 'auto')""", (good[0], other[0]))
+                        ('L2', 'LOCAL', 'auto approved text', %s, 0.99, 'auto')""", (good.concept_id, other.concept_id))
     conn.execute("""INSERT INTO harmonia.concept_map_history (source_code, source_vocab, action, old_concept_id,
-                        new_concept_id) VALUES ('L1', 'LOCAL', 'correct', %s, %s)""", (rejected[0], good[0]))
+                        new_concept_id) VALUES ('L1', 'LOCAL', 'correct', %s, %s)""",
+                 (rejected.concept_id, good.concept_id))
     ex = review_examples(conn)
     assert [(e.query, e.doc, e.label, e.kind) for e in ex] == [
         ("my local lab name", candidate_text(good), 1.0, "review_positive"),
@@ -184,10 +183,11 @@ def test_review_decisions_become_pairs(conn: psycopg.Connection, settings: Setti
 def test_review_decision_on_a_test_part_vocabulary_source_is_left_out(conn: psycopg.Connection) -> None:
     from harmonia.store import vocab as vocab_store
 
-    sid, code, voc, name, _dom, target = next(r for r in vocab_store.maps_to_pairs(conn, ["ICD10"])
-                                              if part_of(r[0]) == "test")
+    e = next(e for e in vocab_store.maps_to_edges(conn, ["ICD10"]) if part_of(e.source_concept_id) == "test")
+    target = e.target_concept_id
     conn.execute("""INSERT INTO harmonia.concept_map (source_code, source_vocab, source_text, omop_concept_id,
-                        decided_by) VALUES (%s, %s, %s, %s, 'reviewer')""", (code, voc, name, target))
+                        decided_by) VALUES (%s, %s, %s, %s, 'reviewer')""",
+                 (e.source_code, e.source_vocab, e.source_text, target))
     assert review_examples(conn) == []
     # an external code of the test part ("vocab:code" key, as the benchmark keys the lab set) is left out too
     conn.execute("""INSERT INTO harmonia.concept_map (source_code, source_vocab, source_text, omop_concept_id,
@@ -291,8 +291,8 @@ def test_a_stacker_for_other_features_is_refused() -> None:
 def test_checkpoint_stacker_ranks_by_the_memory_votes(tiny_run: tuple[Settings, Path], tmp_path: Path) -> None:
     import shutil
 
+    from harmonia.domain import Candidate
     from harmonia.rerank.classifier.stacker import FEATURES, Stacker
-    from harmonia.retrieval.vector import Candidate
 
     _, run_dir = tiny_run
     ck = tmp_path / "ck"
@@ -321,7 +321,7 @@ def test_checkpoint_retrieval_weight_is_applied_when_reranking(tiny_run: tuple[S
                                                                tmp_path: Path) -> None:
     import shutil
 
-    from harmonia.retrieval.vector import Candidate
+    from harmonia.domain import Candidate
 
     _, run_dir = tiny_run
     ck = tmp_path / "ck"

@@ -12,7 +12,8 @@ import psycopg
 import pytest
 
 from harmonia.config import Settings, load_settings
-from harmonia.rerank.base import SourceTerm, make_reranker
+from harmonia.domain import SourceTerm
+from harmonia.rerank import make_reranker
 from harmonia.rerank.llm.providers import ProviderFatal
 from harmonia.rerank.llm.reranker import LLMReranker, Prompt, RateLimiter
 from tests.conftest import make_settings

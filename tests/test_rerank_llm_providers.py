@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from harmonia.config import Settings, load_settings
+from harmonia.domain import SourceTerm
 from harmonia.pipeline.route import route
-from harmonia.rerank.base import SourceTerm
 from harmonia.rerank.llm.reranker import LLMReranker, Prompt
 from tests.llm_stubs import STUBS, Stub, candidates, good_input
 

@@ -7,8 +7,10 @@ import psycopg
 import pytest
 
 from harmonia.paths import sample_dir
-from harmonia.retrieval.hybrid import FusionWeights, HybridRetriever, LexicalRetriever, Pool, fuse
-from harmonia.retrieval.vector import Retriever, make_retriever
+from harmonia.retrieval import make_retriever
+from harmonia.retrieval.hybrid import FusionWeights, HybridRetriever, Pool, fuse
+from harmonia.retrieval.lexical import LexicalRetriever
+from harmonia.retrieval.vector import VectorRetriever
 from harmonia.vocabulary import load_vocabulary
 from tests.conftest import make_settings
 
@@ -75,7 +77,7 @@ def test_lexical_index_survives_a_vocabulary_reload(conn, settings) -> None:
 def test_make_retriever_dispatches_on_mode(conn, fresh_db, tmp_path, embedder) -> None:
     kinds = {m: type(make_retriever(conn, embedder, make_settings(fresh_db, tmp_path, retrieval_mode=m)))
              for m in ("vector", "lexical", "hybrid")}
-    assert kinds == {"vector": Retriever, "lexical": LexicalRetriever, "hybrid": HybridRetriever}
+    assert kinds == {"vector": VectorRetriever, "lexical": LexicalRetriever, "hybrid": HybridRetriever}
 
 
 def test_hybrid_is_deterministic_fuses_and_respects_filters(conn, fresh_db, tmp_path, embedder) -> None:

@@ -7,12 +7,11 @@ import pytest
 from typer.testing import CliRunner
 
 from harmonia.cli import app
-from harmonia.groundtruth import part_of
+from harmonia.domain import SourceTargets
 from harmonia.retrieval.hybrid import FusionWeights, HybridRetriever
-from harmonia.retrieval.memory import KnownMap, build_memory, known_mappings
+from harmonia.retrieval.memory import build_memory
 from harmonia.retrieval.tune import precompute
 from harmonia.store import memory as mem_store
-from harmonia.store import vocab as vocab_store
 from tests.conftest import make_settings
 
 QUERY = "Excessive vomiting in pregnancy"
@@ -24,20 +23,9 @@ def _id(conn: psycopg.Connection, name: str) -> int:
                         "AND invalid_reason IS NULL", (name,)).fetchone()[0]
 
 
-def test_known_mappings_keep_the_split_and_only_valid_targets(conn, settings) -> None:
-    dev = known_mappings(conn, settings.vocabularies)
-    everything = known_mappings(conn, settings.vocabularies, all_parts=True)
-    assert len(dev) > 1000 and len(everything) > len(dev)
-    assert all(part_of(int(km.source_key)) == "dev" for km in dev)
-    assert any(part_of(int(km.source_key)) == "test" for km in everything)
-    concepts = vocab_store.get_concepts(conn, sorted({t for km in everything for t in km.targets}))
-    assert all(concepts[t]["standard_concept"] == "S" and concepts[t]["invalid_reason"] is None
-               and concepts[t]["vocabulary_id"] in settings.vocabularies for km in everything for t in km.targets)
-
-
 def _remember(conn, settings, embedder, target: int) -> None:  # noqa: ANN001
-    maps = [KnownMap("LOCAL", "HG1", "LOCAL:HG1", "Excessive vomiting in pregnancy, unspecified", [target], "review"),
-            KnownMap("LOCAL", "X2", "LOCAL:X2", "Fracture of femur", [_id(conn, "Fracture of femur")], "file")]
+    maps = [SourceTargets("HG1", "LOCAL", "Excessive vomiting in pregnancy, unspecified", [target], origin="review"),
+            SourceTargets("X2", "LOCAL", "Fracture of femur", [_id(conn, "Fracture of femur")], origin="file")]
     r = build_memory(conn, embedder, settings, maps, progress=False)
     assert r.rows == 2 and r.by_origin == {"review": 1, "file": 1}
 
@@ -69,8 +57,9 @@ def test_hybrid_finds_a_target_only_the_memory_knows_and_never_a_source_s_own_ma
     other_vocab = r.search_many([QUERY], 50, source_keys=[("HG9", "ICD10")])[0]
     assert next(c for c in other_vocab if c.concept_id == target).scores["memory_code"] == 0
     # The pipeline keeps that evidence with the ranking a reviewer sees.
+    from harmonia.domain import SourceTerm
     from harmonia.pipeline.run import Pipeline
-    from harmonia.rerank.base import SourceTerm, make_reranker
+    from harmonia.rerank import make_reranker
 
     d = Pipeline(r, make_reranker(settings), settings).decide([SourceTerm("Q1", "LOCAL", QUERY)])[0]
     shown = next(x for x in d.ranking if x["concept_id"] == target)
@@ -99,7 +88,7 @@ def test_remembered_targets_pass_the_same_filters(conn, settings, embedder) -> N
 
 def test_rebuild_replaces_the_memory_whole(conn, settings, embedder) -> None:
     _remember(conn, settings, embedder, _id(conn, TARGET))
-    one = [KnownMap("LOCAL", "Z9", "LOCAL:Z9", "Type 2 diabetes", [_id(conn, "Type 2 diabetes mellitus")], "file")]
+    one = [SourceTargets("Z9", "LOCAL", "Type 2 diabetes", [_id(conn, "Type 2 diabetes mellitus")], origin="file")]
     build_memory(conn, embedder, settings, one, progress=False)
     assert mem_store.count(conn, embedder.key) == {"file": 1}
     n_idx = conn.execute("SELECT count(*) FROM pg_indexes WHERE indexname = %s",
@@ -111,7 +100,8 @@ def test_tuning_pools_leave_each_source_s_own_mapping_out(conn, settings, embedd
     from harmonia.retrieval.tune import dev_sources_from_db
 
     row = dev_sources_from_db(conn, settings.vocabularies, limit=1, seed=3)[0]
-    own = KnownMap(row.source_vocab, row.source_code, str(row.split_key), row.source_text, row.targets, "vocabulary")
+    own = SourceTargets(row.source_code, row.source_vocab, row.source_text, row.targets,
+                        source_concept_id=row.source_concept_id, origin="vocabulary")
     build_memory(conn, embedder, settings, [own], progress=False)
     (_, pool), = precompute(conn, embedder, settings, [row])
     assert not pool.memory.any()  # its own row is the only one, and it is left out
@@ -139,8 +129,8 @@ def test_cli_memory_build(conn, fresh_db, tmp_path) -> None:
 
 
 def test_none_reranker_confidence_is_the_semantic_score_not_the_fused_one() -> None:
-    from harmonia.rerank.base import NoneReranker, SourceTerm
-    from harmonia.retrieval.vector import Candidate
+    from harmonia.domain import Candidate, SourceTerm
+    from harmonia.rerank.base import NoneReranker
 
     term = SourceTerm("X1", "LOCAL", "anything")
     fused = Candidate(1, "a", "Condition", "SNOMED", "Disorder", "1", 0.98, scores={"semantic": 0.71})

@@ -7,15 +7,15 @@ import tomllib
 import pytest
 from typer.testing import CliRunner
 
-from harmonia.evaluation.curate import BenchRow, write_set
-from harmonia.groundtruth import part_of
+from harmonia.domain import SourceTargets
+from harmonia.groundtruth import part_of, write_set
 from harmonia.retrieval.hybrid import FusionWeights, HybridRetriever
 from harmonia.retrieval.tune import TuneError, dev_sources_from_csv, dev_sources_from_db, evaluate, precompute, tune
 from harmonia.store import vocab as vocab_store
 
 
 def test_tuning_reads_only_dev_sources_and_never_gets_worse(conn, settings, embedder, monkeypatch) -> None:
-    test_texts = {p[3] for p in vocab_store.maps_to_pairs(conn) if part_of(p[0]) == "test"}
+    test_texts = {e.source_text for e in vocab_store.maps_to_edges(conn) if part_of(e.source_concept_id) == "test"}
     seen: list[str] = []
     real = HybridRetriever.pools
 
@@ -39,14 +39,16 @@ def test_tuning_reads_only_dev_sources_and_never_gets_worse(conn, settings, embe
 
 
 def test_test_part_sources_are_refused_or_skipped(conn, settings, embedder, tmp_path) -> None:
-    pairs = vocab_store.maps_to_pairs(conn)
-    test_src = next(p for p in pairs if part_of(p[0]) == "test")
-    dev_src = next(p for p in pairs if part_of(p[0]) == "dev")
-    rows = [BenchRow(p[0], p[1], p[2], p[3], p[4], [p[5]]) for p in (test_src, dev_src)]
+    edges = vocab_store.maps_to_edges(conn)
+    test_src = next(e for e in edges if part_of(e.source_concept_id) == "test")
+    dev_src = next(e for e in edges if part_of(e.source_concept_id) == "dev")
+    rows = [SourceTargets(e.source_code, e.source_vocab, e.source_text, [e.target_concept_id],
+                          source_concept_id=e.source_concept_id, source_domain=e.source_domain)
+            for e in (test_src, dev_src)]
     with pytest.raises(TuneError, match="test-part"):
         precompute(conn, embedder, settings, rows)
     path = write_set(rows, tmp_path / "mixed.csv")
-    assert [r.source_concept_id for r in dev_sources_from_csv(path)] == [dev_src[0]]
+    assert [r.source_concept_id for r in dev_sources_from_csv(path)] == [dev_src.source_concept_id]
     write_set(rows[:1], tmp_path / "only_test.csv")
     with pytest.raises(TuneError, match="no development-part rows"):
         dev_sources_from_csv(tmp_path / "only_test.csv")

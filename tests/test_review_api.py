@@ -198,8 +198,7 @@ def test_approve_then_correct_updates_the_one_map_and_keeps_history(
 
 def test_reviewer_corrects_an_auto_approved_map(client: TestClient, conn: psycopg.Connection,
                                                tokens: dict[str, str], diabetes: list[dict[str, Any]]) -> None:
-    from harmonia.pipeline.route import Decision
-    from harmonia.rerank.base import SourceTerm
+    from harmonia.domain import Decision, SourceTerm
 
     term = SourceTerm("E11.9", "ICD10", "Type 2 diabetes")
     c1, c3 = diabetes[0]["concept_id"], diabetes[2]["concept_id"]

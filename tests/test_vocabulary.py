@@ -8,8 +8,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from harmonia import db
 from harmonia.paths import sample_dir
+from harmonia.store import migrations
 from harmonia.vocabulary import VocabLoadError, load_vocabulary
 from tests.athena_files import concept_row, write_vocab
 
@@ -17,7 +17,7 @@ from tests.athena_files import concept_row, write_vocab
 @pytest.fixture
 def vconn(empty_db: str):
     with psycopg.connect(empty_db, autocommit=True) as c:
-        db.migrate(c)
+        migrations.migrate(c)
         yield c
 
 

@@ -8,13 +8,15 @@ import importlib.util
 import logging
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import typer
 
 from harmonia.config import ConfigError, Settings, load_settings
 
 if TYPE_CHECKING:
+    import psycopg
+
     from harmonia.sources import SourceFile
 
 app = typer.Typer(help="Harmonia: map clinical source codes to OMOP standard concepts.", no_args_is_help=True,
@@ -58,7 +60,16 @@ def settings(**extra: object) -> Settings:
         return load_settings({**_overrides, **{k: v for k, v in extra.items() if v is not None}})
     except ConfigError as exc:
         fail(str(exc))
-        raise  # unreachable
+
+
+def connect(s: Settings | None = None, *, autocommit: bool = True) -> psycopg.Connection:
+    """A connection to the configured database (embedded server started if needed), migrations applied."""
+    from harmonia import db
+    from harmonia.store import migrations
+
+    conn = db.connect(s or settings(), autocommit=autocommit)
+    migrations.migrate(conn)
+    return conn
 
 
 def read_sources(path: Path, source_vocab: str | None) -> SourceFile:
@@ -69,13 +80,12 @@ def read_sources(path: Path, source_vocab: str | None) -> SourceFile:
         src = read_source_csv(path, **({"default_vocab": source_vocab} if source_vocab else {}))
     except SourceFileError as exc:
         fail(str(exc))
-        raise  # unreachable
     for p in src.problems:
         typer.secho(f"skipped {path.name} {p}", fg=typer.colors.YELLOW, err=True)
     return src
 
 
-def fail(message: str, code: int = 1) -> None:
+def fail(message: str, code: int = 1) -> NoReturn:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
 

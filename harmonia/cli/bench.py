@@ -5,25 +5,21 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import psycopg
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from harmonia import db
-from harmonia.cli import bench_app, fail, settings
+from harmonia.cli import bench_app, connect, fail, settings
+from harmonia.config import Settings
 from harmonia.groundtruth import DEFAULT_SEED
+from harmonia.pipeline.run import Pipeline
 
 console = Console()
 GATE_EXIT_CODE = 3  # distinct from 1 (error) and 2 (usage) so CI can tell a failed gate apart
 
 
-def _conn(s):  # noqa: ANN001, ANN202
-    conn = db.connect(s, autocommit=True)
-    db.migrate(conn)
-    return conn
-
-
-def _bench_dir(s, out: Path | None) -> Path:  # noqa: ANN001
+def _bench_dir(s: Settings, out: Path | None) -> Path:
     return out if out is not None else s.data_path / "bench"
 
 
@@ -44,19 +40,14 @@ def curate(seed: int = typer.Option(DEFAULT_SEED, help="Seed of the dev/test spl
            name: str = typer.Option("maps_to", help="Name of the 'Maps to' set (files NAME.dev.csv, NAME.test.csv)."),
            ) -> None:
     """Build dev/test benchmark sets from 'Maps to' ground truth (and Usagi files) as CSV."""
-    from harmonia.evaluation.curate import (
-        BenchSetError,
-        CuratedSet,
-        curate_maps_to_from_db,
-        curate_usagi_from_db,
-        write_set,
-    )
+    from harmonia.evaluation.curate import CuratedSet, curate_maps_to_from_db, curate_usagi_from_db
+    from harmonia.groundtruth import GroundTruthError, write_set
     from harmonia.store import vocab as vocab_store
 
     s = settings()
     out_dir = _bench_dir(s, out)
     sets: list[CuratedSet] = []
-    with _conn(s) as conn:
+    with connect(s) as conn:
         if vocab_store.counts(conn)["concept"] == 0:
             fail("no vocabulary loaded: run `harmonia vocab load DIR` (or `harmonia quickstart`) first")
         try:
@@ -64,7 +55,7 @@ def curate(seed: int = typer.Option(DEFAULT_SEED, help="Seed of the dev/test spl
                 sets.append(curate_maps_to_from_db(conn, seed=seed, per_vocab=per_vocab or None,
                                                    vocabularies=vocabulary or None, name=name))
             sets.extend(curate_usagi_from_db(conn, path, seed=seed) for path in usagi or [])
-        except BenchSetError as exc:
+        except GroundTruthError as exc:
             fail(str(exc))
     if not sets:
         fail("nothing to curate: --maps-to is off and no --usagi file was given")
@@ -95,21 +86,13 @@ def curate(seed: int = typer.Option(DEFAULT_SEED, help="Seed of the dev/test spl
 # ----------------------------------------------------------------------------------------------------- run
 
 
-def _make_pipeline(conn, s, use_cache: bool):  # noqa: ANN001, ANN202
-    from harmonia.embedding.model import Embedder
-    from harmonia.pipeline.run import Pipeline
-    from harmonia.rerank.base import make_reranker
-    from harmonia.retrieval.vector import make_retriever
+def _make_pipeline(conn: psycopg.Connection, s: Settings, use_cache: bool) -> Pipeline:
+    from harmonia.rerank.llm.reranker import LLMReranker
 
-    retriever = make_retriever(conn, Embedder.from_settings(s), s)  # first: no embeddings, no reranker to close
-    reranker = make_reranker(s, conn)
-    if not use_cache:
-        if hasattr(reranker, "use_cache"):
-            reranker.use_cache = False  # LLMReranker: ask afresh (and do not overwrite the cache)
-        elif s.reranker == "llm":
-            reranker.close()
-            raise ValueError("this LLM reranker has no response cache to switch off")
-    return Pipeline(retriever, reranker, s)
+    pipe = Pipeline.from_settings(conn, s)
+    if not use_cache and isinstance(pipe.reranker, LLMReranker):
+        pipe.reranker.use_cache = False  # ask afresh (and do not overwrite the cache)
+    return pipe
 
 
 @bench_app.command("run")
@@ -125,38 +108,33 @@ def run(set_path: Path = typer.Argument(..., help="A set CSV written by `bench c
         progress: bool = typer.Option(True, help="Show a progress bar."),
         ) -> None:
     """Run the real pipeline over a set (nothing is persisted) and report top-1, top-5, MRR, recall@K."""
-    from harmonia.evaluation.curate import BenchSetError, read_set
     from harmonia.evaluation.run import check_gate, markdown, run_set, write_result
-    from harmonia.retrieval.vector import RetrievalError
+    from harmonia.groundtruth import GroundTruthError, read_set
+    from harmonia.retrieval.base import RetrievalError
 
     if gate is not None and gate not in ("dev", "hard"):
         fail(f"--gate {gate!r}: use dev or hard")
     s = settings(reranker=reranker, llm_concurrency=concurrency)
     try:
         rows = read_set(set_path)
-    except BenchSetError as exc:
+    except GroundTruthError as exc:
         fail(str(exc))
-        return
     if exclude_same_name:
         rows = [r for r in rows if not r.same_name]
     if max_rows:
         rows = rows[:max_rows]
     if not rows:
         fail(f"{set_path}: no rows to run")
-    with _conn(s) as conn:
+    with connect(s) as conn:
         try:
             pipe = _make_pipeline(conn, s, use_cache=not no_cache)
         except RetrievalError as exc:
             fail(str(exc))
-            return
         except Exception as exc:  # noqa: BLE001 - no key, no checkpoint, bad provider: one clear line
             fail(f"cannot start the {s.reranker} reranker: {type(exc).__name__}: {exc}")
-            return
-        try:
+        with pipe:
             result = run_set(pipe, rows, batch_size=batch_size or max(32, 4 * s.llm_concurrency),
                              progress=progress, set_path=str(set_path))
-        finally:
-            pipe.reranker.close()
     result["exclude_same_name"] = exclude_same_name
     stem = set_path.name.removesuffix(".gz").removesuffix(".csv") + f".{s.reranker}"
     json_path, md_path = write_result(result, out if out is not None else _bench_dir(s, None) / "runs", stem)
@@ -194,7 +172,6 @@ def calibrate(run_json: Path = typer.Argument(..., help="A result JSON written b
         result = json.loads(run_json.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         fail(f"{run_json}: cannot read a bench run result ({exc})")
-        return
     if not isinstance(result, dict) or not isinstance(result.get("rows_detail"), list):
         fail(f"{run_json}: not a `bench run` result (no rows_detail)")
     cal = calibrate_run(result, target)
@@ -215,7 +192,6 @@ def calibrate(run_json: Path = typer.Argument(..., help="A result JSON written b
             other = json.loads(check.read_text())
         except (OSError, json.JSONDecodeError) as exc:
             fail(f"{check}: cannot read a bench run result ({exc})")
-            return
         p = at_threshold(other, cal.threshold)
         console.print(f"on {check.name}: threshold {cal.threshold:.4f} auto-approves {p.approved} "
                       f"({p.share:.1%}) with precision {p.precision:.3f}")

@@ -6,25 +6,21 @@ import json
 import random
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 
+import psycopg
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from harmonia import db
-from harmonia.cli import app, config_app, db_app, embed_app, fail, read_sources, settings, vocab_app
-from harmonia.config import docs_markdown, setting_fields
+from harmonia.cli import app, config_app, connect, db_app, embed_app, fail, read_sources, settings, vocab_app
+from harmonia.config import Settings, docs_markdown, setting_fields
+from harmonia.domain import SourceTargets
+from harmonia.pipeline.run import MapSummary, Pipeline
+from harmonia.store import migrations
 
 console = Console()
-
-
-def _conn(s=None, autocommit: bool = True):  # noqa: ANN001, ANN202
-    s = s or settings()
-    conn = db.connect(s, autocommit=autocommit)
-    db.migrate(conn)
-    return conn
 
 
 # ------------------------------------------------------------------------------------------------------ db
@@ -35,9 +31,9 @@ def db_migrate() -> None:
     """Apply pending migrations (idempotent)."""
     s = settings()
     with db.connect(s, autocommit=True) as conn:
-        applied = db.migrate(conn)
+        applied = migrations.migrate(conn)
         console.print(f"applied {len(applied)} migration(s): {', '.join(applied) or '-'}; "
-                      f"{len(db.applied_migrations(conn))} recorded")
+                      f"{len(migrations.applied(conn))} recorded")
 
 
 @db_app.command("url")
@@ -50,15 +46,16 @@ def db_url() -> None:
 def db_status() -> None:
     """Server, migrations and row counts."""
     from harmonia.store import mapping
+    from harmonia.store import server as server_store
     from harmonia.store import vocab as vocab_store
 
     s = settings()
-    with _conn(s) as conn:
-        version = conn.execute("SELECT version()").fetchone()[0]
-        ext = conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'vector'").fetchone()
-        console.print(f"server: {version.split(',')[0]}; pgvector {ext[0] if ext else 'missing'}")
+    with connect(s) as conn:
+        version = server_store.server_version(conn)
+        ext = server_store.extension_version(conn, "vector")
+        console.print(f"server: {version.split(',')[0]}; pgvector {ext or 'missing'}")
         console.print(f"embedded: {not s.database_url} (data dir {s.data_path})")
-        console.print(f"migrations: {', '.join(db.applied_migrations(conn))}")
+        console.print(f"migrations: {', '.join(migrations.applied(conn))}")
         console.print(f"vocabulary: {vocab_store.counts(conn)}")
         console.print(f"maps: {mapping.summary_counts(conn)}")
 
@@ -83,12 +80,11 @@ def vocab_load(directory: Path = typer.Argument(..., help="Folder of an Athena d
     from harmonia.vocabulary import VocabLoadError, load_vocabulary
 
     s = settings()
-    with _conn(s, autocommit=True) as conn:
+    with connect(s) as conn:
         try:
             report = load_vocabulary(conn, directory, progress=progress)
         except (VocabLoadError, RuntimeError) as exc:
             fail(f"{exc}\nnothing was changed: the previous vocabulary is intact")
-            return
     rate = report.total_rows / report.seconds if report.seconds else 0
     console.print(f"loaded {report.total_rows:,} rows in {report.seconds:.1f}s ({rate:,.0f} rows/s): "
                   + ", ".join(f"{t}={n:,}" for t, n in report.rows.items() if n))
@@ -101,7 +97,7 @@ def vocab_status() -> None:
     """Row counts of the loaded vocabulary."""
     from harmonia.store import vocab as vocab_store
 
-    with _conn() as conn:
+    with connect() as conn:
         for k, v in vocab_store.counts(conn).items():
             console.print(f"{k:>22}: {v:,}")
 
@@ -118,11 +114,12 @@ def embed(ctx: typer.Context,
     """Embed every valid standard concept of the configured vocabularies that lacks a current embedding."""
     if ctx.invoked_subcommand is not None:
         return
-    from harmonia.embedding.model import Embedder, embed_concepts
+    from harmonia.embedding.ingest import embed_concepts
+    from harmonia.embedding.model import Embedder
 
     s = settings(embedding_model=model)
     embedder = Embedder.from_settings(s)
-    with _conn(s) as conn:
+    with connect(s) as conn:
         r = embed_concepts(conn, embedder, vocabularies=None if all_vocabularies else s.vocabularies,
                            batch_size=batch_size or s.embedding_batch_size, progress=progress, settings=s)
     console.print(f"model {r.model} ({r.dim}-d): embedded {r.written:,} concepts in {r.batches} batches, "
@@ -140,18 +137,18 @@ def search(text: str = typer.Argument(..., help="Source text to look up."),
            as_json: bool = typer.Option(False, "--json")) -> None:
     """Print the top-K standard concepts for a text."""
     from harmonia.embedding.model import Embedder
-    from harmonia.retrieval.vector import RetrievalError, make_retriever
+    from harmonia.retrieval import RetrievalError, make_retriever
 
     s = settings()
-    with _conn(s) as conn:
+    with connect(s) as conn:
         try:
             r = make_retriever(conn, Embedder.from_settings(s), s)
         except RetrievalError as exc:
             fail(str(exc))
-            return
-        t0 = time.perf_counter()
-        cands = r.search(text, k or s.retrieval_top_k, domains=domain or None, vocabularies=vocabulary or None)
-        ms = (time.perf_counter() - t0) * 1000
+        with r:
+            t0 = time.perf_counter()
+            cands = r.search(text, k or s.retrieval_top_k, domains=domain or None, vocabularies=vocabulary or None)
+            ms = (time.perf_counter() - t0) * 1000
     if as_json:
         print(json.dumps([c.to_dict() for c in cands], indent=1))
         return
@@ -174,40 +171,31 @@ def map_file(path: Path = typer.Argument(..., exists=True, dir_okay=False, help=
              reranker: str = typer.Option(None, help="none | llm | classifier (default: the setting)."),
              progress: bool = typer.Option(True)) -> None:
     """Map a file of source codes: retrieve -> rerank -> route -> persist; prints a reconciling summary."""
-    from harmonia.pipeline.run import MapSummary, map_terms
+    from harmonia.pipeline.run import map_terms
 
     s = settings(reranker=reranker)
     src = read_sources(path, source_vocab)
-    with _conn(s) as conn:
-        pipe = _pipeline(conn, s)
+    with connect(s) as conn, _pipeline(conn, s) as pipe:
         summary = MapSummary(input_rows=src.rows, skipped_invalid=len(src.problems), duplicates=src.duplicates)
         map_terms(conn, pipe, src.terms, summary=summary, progress=progress)
-        pipe.reranker.close()
     _print_summary(summary, s.reranker)
     if not summary.reconciles:
         fail("summary does not reconcile with the input count")
 
 
-def _pipeline(conn, s):  # noqa: ANN001, ANN202
+def _pipeline(conn: psycopg.Connection, s: Settings) -> Pipeline:
     """The configured pipeline, or a clear error (no API key, no checkpoint, nothing embedded) and exit 1."""
-    from harmonia.pipeline.run import Pipeline
+    from harmonia.rerank.classifier.checkpoint import CheckpointError
     from harmonia.rerank.llm.providers.base import ProviderError
-    from harmonia.retrieval.vector import RetrievalError
+    from harmonia.retrieval.base import RetrievalError
 
-    errors: tuple[type[Exception], ...] = (ProviderError, RetrievalError, ValueError)
-    try:
-        from harmonia.rerank.classifier.scorer import CheckpointError
-
-        errors += (CheckpointError,)
-    except ImportError:
-        pass
     try:
         return Pipeline.from_settings(conn, s)
-    except errors as exc:
+    except (ProviderError, RetrievalError, CheckpointError, ValueError) as exc:
         fail(f"cannot build the {s.reranker!r} pipeline: {exc}")
 
 
-def _print_summary(summary, reranker: str) -> None:  # noqa: ANN001
+def _print_summary(summary: MapSummary, reranker: str) -> None:
     console.print(
         f"input rows {summary.input_rows} = approved {summary.approved} + to review {summary.review} "
         f"(of which errors {summary.errors}) + already mapped {summary.already_mapped} "
@@ -227,7 +215,7 @@ def export(fmt: str = typer.Option("usagi", "--format", help="usagi | stcm"),
 
     if fmt not in FORMATS:
         fail(f"--format must be one of {', '.join(FORMATS)}")
-    with _conn() as conn:
+    with connect() as conn:
         text = export_csv(conn, fmt, source_vocab)
     if output:
         output.write_text(text)
@@ -277,21 +265,16 @@ _RERANKER_NOTE = {
 }
 
 
-def sample_ground_truth(conn, n: int, seed: int, vocabularies: list[str]) -> dict[tuple, dict]:  # noqa: ANN001
+def sample_ground_truth(conn: psycopg.Connection, n: int, seed: int, vocabularies: list[str]
+                        ) -> dict[tuple[str, str], SourceTargets]:
     """n source concepts of the benchmark's test part with 'Maps to' targets (any target counts), for scoring the
-    quickstart only: nothing trained, tuned or remembered has seen them."""
-    from harmonia.groundtruth import part_of
-    from harmonia.store import vocab as vocab_store
+    quickstart only: nothing trained, tuned or remembered has seen them. Keyed by (source_code, source_vocab)."""
+    from harmonia.groundtruth import maps_to_sources
 
-    by_src: dict[int, dict] = {}
-    for sid, code, voc, name, _dom, target in vocab_store.maps_to_pairs(conn, vocabularies):
-        if part_of(sid) != "test":
-            continue
-        e = by_src.setdefault(sid, {"code": code, "vocab": voc, "name": name, "targets": set()})
-        e["targets"].add(target)
-    ids = sorted(by_src)
-    random.Random(seed).shuffle(ids)
-    return {(by_src[i]["code"], by_src[i]["vocab"]): by_src[i] for i in ids[:n]}
+    sources = maps_to_sources(conn, vocabularies, part="test")  # by source concept_id
+    order = list(range(len(sources)))
+    random.Random(seed).shuffle(order)
+    return {sources[i].key: sources[i] for i in order[:n]}
 
 
 @app.command()
@@ -304,11 +287,13 @@ def quickstart(n: int = typer.Option(200, help="How many sample ICD10 terms to m
                                              "hybrid (with the mapping memory).")) -> None:
     """The main job on the bundled sample: migrate, load, embed, remember the development part's mappings, map
     sample ICD10 terms of the test part, score them."""
-    from harmonia.embedding.model import Embedder, embed_concepts
+    from harmonia.domain import SourceTerm
+    from harmonia.embedding.ingest import embed_concepts
+    from harmonia.embedding.model import Embedder
+    from harmonia.groundtruth import known_mappings
     from harmonia.paths import sample_dir
-    from harmonia.pipeline.run import MapSummary, map_terms
-    from harmonia.rerank.base import SourceTerm
-    from harmonia.retrieval.memory import build_memory, known_mappings
+    from harmonia.pipeline.run import map_terms
+    from harmonia.retrieval.memory import build_memory
     from harmonia.store import memory as mem_store
     from harmonia.store import vocab as vocab_store
     from harmonia.vocabulary import load_vocabulary
@@ -316,9 +301,9 @@ def quickstart(n: int = typer.Option(200, help="How many sample ICD10 terms to m
     s = settings(reranker=reranker, retrieval_mode=retrieval)
     t_start = time.perf_counter()
     console.rule("1. database")
-    with _conn(s) as conn:
+    with connect(s) as conn:
         console.print(f"{'external server' if s.database_url else 'embedded PostgreSQL + pgvector'} ready; "
-                      f"migrations: {len(db.applied_migrations(conn))} applied")
+                      f"migrations: {len(migrations.applied(conn))} applied")
         console.rule("2. vocabulary")
         counts = vocab_store.counts(conn)
         if counts["concept"] == 0 or reload:
@@ -343,23 +328,18 @@ def quickstart(n: int = typer.Option(200, help="How many sample ICD10 terms to m
         console.rule(f"4. map {n} ICD10 terms (reranker={s.reranker})")
         console.print(_RERANKER_NOTE.get(s.reranker, ""))
         truth = sample_ground_truth(conn, n, seed, ["ICD10"])
-        terms = [SourceTerm(source_code=e["code"], source_vocab=e["vocab"], source_text=e["name"])
+        terms = [SourceTerm(source_code=e.source_code, source_vocab=e.source_vocab, source_text=e.source_text)
                  for e in truth.values()]
-        pipe = _pipeline(conn, s)
-        summary = map_terms(conn, pipe, terms, summary=MapSummary(input_rows=len(terms)), skip_existing=False)
-        pipe.reranker.close()
+        with _pipeline(conn, s) as pipe:
+            summary = map_terms(conn, pipe, terms, summary=MapSummary(input_rows=len(terms)), skip_existing=False)
     hits1 = hits5 = recall = 0
-    per_domain: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for i, d in enumerate(summary.decisions):
-        targets = truth[d.term.key]["targets"]
+        targets = truth[d.term.key].targets
         top = [r["concept_id"] for r in d.ranking]
         ok1 = bool(top) and top[0] in targets
         hits1 += ok1
         hits5 += any(t in targets for t in top[:5])
         recall += any(c.concept_id in targets for c in d.candidates)
-        dom = d.candidates[0].domain_id if d.candidates else "-"
-        per_domain[dom][0] += ok1
-        per_domain[dom][1] += 1
         if i < show:
             t = Table(title=f"{d.term.source_code} {d.term.source_text!r} -> {d.action} "
                             f"(confidence {d.confidence:.2f}, {d.reason})", title_justify="left")

@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from harmonia.cli import app, fail, settings
+from harmonia.cli import app, connect, fail, settings
 
 console = Console()
 llm_app = typer.Typer(help="The LLM reranker: try the provider, prompt version, call log and costs.",
@@ -23,26 +23,24 @@ def check(text: str = typer.Argument(..., help="Source text to map."),
           no_cache: bool = typer.Option(False, "--no-cache", help="Call the provider even on a cache hit."),
           as_json: bool = typer.Option(False, "--json")) -> None:
     """Retrieve candidates for TEXT and rerank them with the configured provider; print what it said."""
-    from harmonia import db
+    from harmonia.domain import SourceTerm
     from harmonia.embedding.model import Embedder
     from harmonia.pipeline.route import route
-    from harmonia.rerank.base import SourceTerm
     from harmonia.rerank.llm.providers import ProviderFatal
     from harmonia.rerank.llm.reranker import LLMReranker
-    from harmonia.retrieval.vector import RetrievalError, make_retriever
+    from harmonia.retrieval import RetrievalError, make_retriever
 
     s = settings()
-    with db.connect(s, autocommit=True) as conn:
-        db.migrate(conn)
+    with connect(s) as conn:
         try:
-            cands = make_retriever(conn, Embedder.from_settings(s), s).search(text)
+            with make_retriever(conn, Embedder.from_settings(s), s) as retriever:
+                cands = retriever.search(text)
             rr = LLMReranker.from_settings(s, conn, use_cache=not no_cache)
         except (RetrievalError, ProviderFatal, ValueError) as exc:
             fail(str(exc))
-            return
         term = SourceTerm(code, source_vocab, text)
-        result = rr.safe_rerank(term, cands)
-        rr.close()
+        with rr:
+            result = rr.safe_rerank(term, cands)
     d = route(term, cands, result, s.auto_approve_threshold, s.rerank_top_n)
     if as_json:
         print(json.dumps({"action": d.action, "reason": d.reason, **d.ranking_json()}, indent=1, default=str))
@@ -66,7 +64,7 @@ def check(text: str = typer.Argument(..., help="Source text to map."),
 def prompt() -> None:
     """The prompt folder in use, its hash and the model_version decisions will carry."""
     from harmonia.paths import resource_dir
-    from harmonia.rerank.llm.reranker import Prompt
+    from harmonia.rerank.llm.prompt import Prompt
 
     s = settings()
     p = Prompt.load(s.llm_prompt_version)
@@ -77,12 +75,10 @@ def prompt() -> None:
 @llm_app.command("stats")
 def stats(since: str = typer.Option(None, help="Only calls at or after this timestamp (e.g. 2026-11-22).")) -> None:
     """Calls, failures, tokens, latency and estimated cost from the call log."""
-    from harmonia import db
     from harmonia.store import llm as llm_store
 
     s = settings()
-    with db.connect(s, autocommit=True) as conn:
-        db.migrate(conn)
+    with connect(s) as conn:
         st = llm_store.call_stats(conn, since)
     cost = (st["input_tokens"] * s.llm_price_input_per_mtok + st["output_tokens"] * s.llm_price_output_per_mtok) / 1e6
     console.print(f"calls {st['calls']} (failed {st['errors']}), input tokens {st['input_tokens']:,}, "

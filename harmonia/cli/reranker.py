@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from harmonia.cli import fail, reranker_app, settings
+from harmonia.cli import connect, fail, reranker_app, settings
 
 
 @reranker_app.command("train")
@@ -39,7 +39,6 @@ def reranker_train(
                              "candidates: trains the ranking within a source)."),
 ) -> None:
     """Fine-tune the cross-encoder on development 'Maps to' pairs and review decisions; point `latest` at it."""
-    from harmonia import db
     from harmonia.rerank.classifier.train import TrainError, TrainOptions, train
 
     s = settings()
@@ -55,12 +54,10 @@ def reranker_train(
     if opts.batch_size < 1 or opts.epochs < 0 or opts.max_steps < 0:
         fail("--batch-size must be at least 1, --epochs and --max-steps not negative")
     try:
-        with db.connect(s, autocommit=True) as conn:
-            db.migrate(conn)
+        with connect(s) as conn:
             r = train(conn, s, opts, out=out, resume=resume)
     except TrainError as exc:
         fail(str(exc))
-        return
     typer.echo(f"trained {r.steps} steps ({'resumed at ' + str(r.resumed_from) + ', ' if r.resumed_from else ''}"
                f"{r.seconds:.0f}s) on {r.counts.get('pairs', 0):,} pairs from {r.counts.get('train_sources', 0):,} "
                f"development sources")
@@ -80,13 +77,12 @@ def reranker_train(
 @reranker_app.command("info")
 def reranker_info() -> None:
     """Show the checkpoint `reranker = classifier` would use, with its model card."""
-    from harmonia.rerank.classifier.scorer import CheckpointError, checkpoint_from_settings
+    from harmonia.rerank.classifier.checkpoint import CheckpointError, checkpoint_from_settings
 
     try:
         ck = checkpoint_from_settings(settings())
     except CheckpointError as exc:
         fail(str(exc))
-        return
     card = ck / "model_card.json"
     typer.echo(str(ck))
     if card.exists():

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from harmonia.cli import embed_app, fail, memory_app, retrieve_app, settings
+from harmonia.cli import connect, embed_app, fail, memory_app, retrieve_app, settings
 
 console = Console()
 
@@ -32,23 +32,20 @@ def embed_train(
     progress: bool = typer.Option(True),
 ) -> None:
     """Fine-tune the embedder on development-part 'Maps to' pairs and synonyms (MultipleNegativesRankingLoss)."""
-    from harmonia import db
     from harmonia.embedding.model import Embedder, resolve_device
     from harmonia.embedding.train import TrainConfig, TrainError, default_out, train, training_pairs
+    from harmonia.groundtruth import GroundTruthError
 
     s = settings()
     base_path = base or Embedder.from_settings(s).name_or_path
     if not Path(base_path).expanduser().exists():
         fail(f"base model {base_path!r} is not a local folder; training runs offline from a local model")
     target = out or default_out(s, name)
-    from harmonia.retrieval.tune import TuneError
-
-    with db.connect(s, autocommit=True) as conn:
+    with connect(s) as conn:
         try:
             pairs, info = training_pairs(conn, s.vocabularies, extra_sets=pairs_from, include_reviews=not no_reviews)
-        except TuneError as exc:
+        except GroundTruthError as exc:
             fail(str(exc))
-            return
     console.print(f"{len(pairs):,} pairs ({info['maps_to_pairs']:,} 'Maps to' of {info['dev_sources']:,} dev "
                   f"sources, {info['synonym_pairs']:,} synonyms, {info['mapping_file_pairs']:,} from mapping files, "
                   f"{info['review_pairs']:,} from reviews); base {base_path}")
@@ -60,7 +57,6 @@ def embed_train(
                   device=resolve_device(s.embedding_device))
     except TrainError as exc:
         fail(str(exc))
-        return
     console.print(f"trained {r.steps} steps in {r.seconds:.0f}s (from step {r.resumed_from}); last loss "
                   f"{r.last_loss:.4f}; saved to {r.out}")
     console.print(f"next: harmonia embed --model {r.out}  (and set embedding_model to use it)")
@@ -79,9 +75,10 @@ def retrieve_tune(
     write: bool = typer.Option(True, help="Write the best weights to the configuration file."),
 ) -> None:
     """Tune the fusion weights for MRR or recall@50 on the development part (optuna TPE); report both."""
-    from harmonia import db
     from harmonia.config import write_settings
     from harmonia.embedding.model import Embedder
+    from harmonia.groundtruth import GroundTruthError
+    from harmonia.retrieval.base import RetrievalError
     from harmonia.retrieval.tune import (
         OBJECTIVES,
         TuneError,
@@ -90,12 +87,11 @@ def retrieve_tune(
         precompute,
         tune,
     )
-    from harmonia.retrieval.vector import RetrievalError
 
     if objective not in OBJECTIVES:
         fail(f"--objective must be one of {', '.join(OBJECTIVES)}, not {objective!r}")
     s = settings()
-    with db.connect(s, autocommit=True) as conn:
+    with connect(s) as conn:
         try:
             sources = (dev_sources_from_csv(dev_set) if dev_set
                        else dev_sources_from_db(conn, s.vocabularies, limit=limit, seed=seed))
@@ -103,9 +99,8 @@ def retrieve_tune(
                 sources = sources[:limit]
             console.print(f"{len(sources):,} development sources; precomputing candidate pools …")
             pools = precompute(conn, Embedder.from_settings(s), s, sources)
-        except (TuneError, RetrievalError) as exc:
+        except (TuneError, GroundTruthError, RetrievalError) as exc:
             fail(str(exc))
-            return
     r = tune(pools, s, trials=trials, seed=seed, objective=objective)
     console.print(f"before: MRR {r.before.mrr:.4f}  recall@50 {r.before.recall:.4f}  top-1 {r.before.top1:.4f}")
     console.print(f"after:  MRR {r.after.mrr:.4f}  recall@50 {r.after.recall:.4f}  top-1 {r.after.top1:.4f}"
@@ -128,20 +123,18 @@ def memory_build(
     progress: bool = typer.Option(True),
 ) -> None:
     """Rebuild the mapping memory for a model: known mappings of the development part, mapping files, reviews."""
-    from harmonia import db
     from harmonia.embedding.model import Embedder
-    from harmonia.retrieval.memory import build_memory, known_mappings
-    from harmonia.retrieval.tune import TuneError
+    from harmonia.groundtruth import GroundTruthError, known_mappings
+    from harmonia.retrieval.memory import build_memory
 
     s = settings(embedding_model=model)
     embedder = Embedder.from_settings(s)
-    with db.connect(s, autocommit=True) as conn:
+    with connect(s) as conn:
         try:
             maps = known_mappings(conn, s.vocabularies, extra_sets=pairs_from, include_reviews=not no_reviews,
                                   all_parts=all_parts)
-        except TuneError as exc:
+        except GroundTruthError as exc:
             fail(str(exc))
-            return
         if not maps:
             fail("nothing to remember: no 'Maps to' sources, mapping-file rows or reviews with valid targets")
         r = build_memory(conn, embedder, s, maps, progress=progress)

@@ -6,8 +6,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from harmonia import db
-from harmonia.cli import app, fail, settings, user_app
+from harmonia.cli import app, connect, fail, settings, user_app
 from harmonia.store import users as user_store
 
 console = Console()
@@ -24,8 +23,7 @@ def serve(
     from harmonia.review.api import create_app
 
     s = settings(serve_host=host, serve_port=port)
-    with db.connect(s, autocommit=True) as conn:
-        db.migrate(conn)
+    with connect(s) as conn:
         if not user_store.list_users(conn):
             console.print("[yellow]no users yet: create one with `harmonia user add NAME`[/yellow]")
     console.print(f"review page: http://{s.serve_host}:{s.serve_port}/   API docs: /docs")
@@ -41,13 +39,11 @@ def user_add(
 ) -> None:
     """Create a user and print their API token; it is shown only this once (only its hash is stored)."""
     s = settings()
-    with db.connect(s, autocommit=True) as conn:
-        db.migrate(conn)
+    with connect(s) as conn:
         try:
             user, token = user_store.add_user(conn, name, role, rotate=rotate)
         except user_store.UserError as exc:
             fail(str(exc))
-            return
     typer.echo(f"user {user['name']} (role {user['role']}); API token, shown once:", err=True)
     print(token)
 
@@ -56,8 +52,7 @@ def user_add(
 def user_list() -> None:
     """Users and their roles (tokens are never shown: only their hashes are stored)."""
     s = settings()
-    with db.connect(s, autocommit=True) as conn:
-        db.migrate(conn)
+    with connect(s) as conn:
         users = user_store.list_users(conn)
     table = Table("id", "name", "role", "created", "disabled")
     for u in users:
@@ -70,8 +65,7 @@ def user_list() -> None:
 def user_disable(name: str = typer.Argument(..., help="The user's name.")) -> None:
     """Disable a user: their token stops working at once."""
     s = settings()
-    with db.connect(s, autocommit=True) as conn:
-        db.migrate(conn)
+    with connect(s) as conn:
         if not user_store.disable_user(conn, name):
             fail(f"no active user {name!r}")
     console.print(f"disabled {name}")

@@ -11,8 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from harmonia import db
-from harmonia.cli import app, fail, read_sources, settings
+from harmonia.cli import app, connect, fail, read_sources, settings
 
 console = Console(width=200)
 
@@ -26,8 +25,7 @@ def enqueue(path: Path = typer.Argument(..., exists=True, dir_okay=False,
 
     s = settings()
     src = read_sources(path, source_vocab)
-    with db.connect(s, autocommit=True) as conn:
-        db.migrate(conn)
+    with connect(s) as conn:
         counts = enqueue_terms(conn, src.terms)
     console.print(f"{src.rows} rows: {counts.new} queued, {counts.duplicate} already in the queue, "
                   f"{src.duplicates} repeated in the file, {len(src.problems)} invalid rows skipped")
@@ -44,7 +42,7 @@ def worker(concurrency: int = typer.Option(None, "--concurrency", "-c",
            as_json: bool = typer.Option(False, "--json", help="Print the final counts as JSON.")) -> None:
     """Drain the queue: claim, retrieve -> rerank -> route, persist. SIGTERM/Ctrl-C finish the items in hand."""
     from harmonia.pipeline.worker import Worker, run_until_signalled
-    from harmonia.retrieval.vector import RetrievalError
+    from harmonia.retrieval.base import RetrievalError
 
     s = settings(llm_concurrency=concurrency, reranker=reranker)
     if batch is not None and batch < 1:
@@ -54,7 +52,6 @@ def worker(concurrency: int = typer.Option(None, "--concurrency", "-c",
         w = Worker(s, batch_size=batch, drain=drain, max_items=max_items)
     except RetrievalError as exc:
         fail(str(exc))
-        return
     typer.echo(f"worker {w.owner} started (reranker={s.reranker}, batch={w.batch_size}, "
                f"llm_concurrency={s.llm_concurrency}, lease={w.lease_s:g}s)", err=True)
     try:
@@ -73,11 +70,10 @@ def worker(concurrency: int = typer.Option(None, "--concurrency", "-c",
 @app.command()
 def status(as_json: bool = typer.Option(False, "--json")) -> None:
     """The queue by state, throughput over the last minutes, the oldest unfinished item, review and map counts."""
-    from harmonia.pipeline.worker import status as queue_status
+    from harmonia.store.queue import status as queue_status
 
     s = settings()
-    with db.connect(s, autocommit=True) as conn:
-        db.migrate(conn)
+    with connect(s) as conn:
         st = queue_status(conn)
     if as_json:
         print(json.dumps(st, indent=1))

@@ -1,7 +1,7 @@
 """Contrastive fine-tuning of the embedding model (`harmonia embed train`).
 
 Pairs come from the vocabulary itself: each non-standard source concept of the benchmark's DEVELOPMENT part
-(harmonia.benchmark.split.part_of) with its 'Maps to' target, and each synonym of a valid standard concept with
+(harmonia.groundtruth.part_of) with its 'Maps to' target, and each synonym of a valid standard concept with
 the concept's name. MultipleNegativesRankingLoss treats the other positives of a batch as negatives, so a batch
 never holds the same anchor or positive twice. The loop is plain PyTorch, so training runs offline and resumes
 exactly: a checkpoint holds the model, optimiser, scheduler and step, and batches follow from (seed, epoch).
@@ -22,8 +22,9 @@ from pathlib import Path
 import psycopg
 
 from harmonia.config import Settings
+from harmonia.groundtruth import known_mappings
+from harmonia.store import concepts as concept_store
 from harmonia.store import lexical as lex_store
-from harmonia.store import vocab as vocab_store
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +71,9 @@ def training_pairs(conn: psycopg.Connection, vocabularies: Sequence[str] | None,
     valid standard concepts, the development-part rows of mapping files the user names (a benchmark set or a Usagi
     export: source name -> approved concept), and reviewers' decisions (source text -> chosen concept) whose source
     is not a test-part vocabulary concept."""
-    from harmonia.retrieval.memory import known_mappings
-
     known = known_mappings(conn, vocabularies, extra_sets=extra_sets, include_reviews=include_reviews)
-    targets = vocab_store.get_concepts(conn, sorted({t for km in known for t in km.targets}))
-    names = {cid: c["concept_name"] for cid, c in targets.items()}
+    targets = concept_store.get_concepts(conn, {t for km in known for t in km.targets})
+    names = {cid: c.concept_name for cid, c in targets.items()}
 
     def named(origin: str) -> list[tuple[str, str]]:
         # An identical pair teaches nothing.
@@ -93,7 +92,7 @@ def training_pairs(conn: psycopg.Connection, vocabularies: Sequence[str] | None,
     info = {"maps_to_pairs": len(maps), "synonym_pairs": len(syn), "dev_sources": dev_sources,
             "mapping_file_pairs": len(ext_pairs), "mapping_files": [str(p) for p in extra_sets],
             "review_pairs": len(review_pairs),
-            "split": "harmonia.benchmark.split.part_of(source key) == 'dev'"}
+            "split": "harmonia.groundtruth.part_of(source key) == 'dev'"}
     return out, info
 
 

@@ -12,9 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from harmonia.evaluation.curate import BenchRow
-from harmonia.evaluation.metrics import RowScore, aggregate, aggregate_by, score_row
-from harmonia.rerank.base import SourceTerm
+from harmonia.domain import SourceTargets, SourceTerm
+from harmonia.metrics import RowScore, aggregate, aggregate_by, score_row
 
 if TYPE_CHECKING:
     from harmonia.config import Settings
@@ -63,14 +62,14 @@ def usage_summary(usages: Sequence[dict[str, Any]], n_rows: int, settings: Setti
                                 "output": settings.llm_price_output_per_mtok}}
 
 
-def run_set(pipeline: Pipeline, rows: Sequence[BenchRow], *, batch_size: int = 32, progress: bool = True,
+def run_set(pipeline: Pipeline, rows: Sequence[SourceTargets], *, batch_size: int = 32, progress: bool = True,
             set_path: str = "") -> dict[str, Any]:
     """Decide every row, score it, and return the whole result (what goes into the JSON file)."""
     from tqdm import tqdm
 
     s = pipeline.settings
     per_row: list[dict[str, Any]] = []
-    scored: list[tuple[BenchRow, RowScore]] = []
+    scored: list[tuple[SourceTargets, RowScore]] = []
     usages: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     with tqdm(total=len(rows), unit="row", desc=f"bench {s.reranker}", disable=not progress) as bar:
@@ -95,7 +94,8 @@ def run_set(pipeline: Pipeline, rows: Sequence[BenchRow], *, batch_size: int = 3
     n = len(per_row)
     result: dict[str, Any] = {
         "set": set_path, "reranker": s.reranker, "model_version": pipeline.reranker.model_version,
-        "embedding_model": getattr(pipeline.retriever.embedder, "key", ""), "retrieval_mode": s.retrieval_mode,
+        "embedding_model": pipeline.retriever.embedder.key if pipeline.retriever.embedder else "",
+        "retrieval_mode": s.retrieval_mode,
         "retrieval_top_k": s.retrieval_top_k, "rerank_top_n": s.rerank_top_n,
         "auto_approve_threshold": s.auto_approve_threshold, "rows": n, "seconds": round(seconds, 3),
         "rows_per_s": round(n / seconds, 3) if seconds > 0 else None,

@@ -3,30 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal
 
-from harmonia.rerank.base import RerankResult, SourceTerm
-from harmonia.retrieval.vector import Candidate
-
-
-@dataclass
-class Decision:
-    term: SourceTerm
-    action: Literal["approve", "review"]
-    concept_id: int | None              # the top-1 (approve: the mapped concept)
-    confidence: float
-    model_version: str
-    ranking: list[dict[str, Any]]       # top-N with names, scores and rationales: what a reviewer sees
-    reason: str                         # approved | low_confidence | no_match | no_candidates | <error kind>
-    error: str | None = None
-    usage: dict[str, Any] = field(default_factory=dict)
-    candidates: list[Candidate] = field(default_factory=list)  # all retrieved (for metrics; not stored)
-
-    def ranking_json(self) -> dict[str, Any]:
-        return {"model_version": self.model_version, "confidence": self.confidence, "ranked": self.ranking,
-                "reason": self.reason, "error": self.error, "usage": self.usage,
-                "retrieved": len(self.candidates), "source_frequency": self.term.source_frequency}
+from harmonia.domain import Action, Candidate, Decision, RankingEntry, RerankResult, SourceTerm
 
 
 def route(term: SourceTerm, candidates: Sequence[Candidate], result: RerankResult, threshold: float,
@@ -34,15 +12,16 @@ def route(term: SourceTerm, candidates: Sequence[Candidate], result: RerankResul
     by_id = {c.concept_id: c for c in candidates}
     # The reranker should only return candidates; anything else is dropped here too (the FK is the last line).
     ranked = [r for r in result.ranked if r.concept_id in by_id][:top_n]
-    ranking = [{"concept_id": r.concept_id, "concept_name": by_id[r.concept_id].concept_name,
-                "domain_id": by_id[r.concept_id].domain_id, "vocabulary_id": by_id[r.concept_id].vocabulary_id,
-                "concept_class_id": by_id[r.concept_id].concept_class_id,
-                "concept_code": by_id[r.concept_id].concept_code,
-                "similarity": round(by_id[r.concept_id].similarity, 4),
-                "score": round(float(r.score), 4), "rationale": r.rationale,
-                # e.g. the already-mapped source through which the mapping memory proposed this concept
-                **({"evidence": by_id[r.concept_id].evidence} if by_id[r.concept_id].evidence else {})}
-               for r in ranked]
+    ranking: list[RankingEntry] = []
+    for r in ranked:
+        c = by_id[r.concept_id]
+        entry = RankingEntry(concept_id=r.concept_id, concept_name=c.concept_name, domain_id=c.domain_id,
+                             vocabulary_id=c.vocabulary_id, concept_class_id=c.concept_class_id,
+                             concept_code=c.concept_code, similarity=round(c.similarity, 4),
+                             score=round(float(r.score), 4), rationale=r.rationale)
+        if c.evidence:  # e.g. the already-mapped source through which the mapping memory proposed this concept
+            entry["evidence"] = c.evidence
+        ranking.append(entry)
     confidence = max(0.0, min(1.0, float(result.confidence)))
     top = ranked[0].concept_id if ranked else None
     if result.error:
@@ -55,7 +34,7 @@ def route(term: SourceTerm, candidates: Sequence[Candidate], result: RerankResul
         reason = "approved"
     else:
         reason = "low_confidence"
-    action: Literal["approve", "review"] = "approve" if reason == "approved" else "review"
+    action: Action = "approve" if reason == "approved" else "review"
     return Decision(term=term, action=action, concept_id=top, confidence=confidence,
                     model_version=result.model_version, ranking=ranking, reason=reason, error=result.error,
                     usage=result.usage, candidates=list(candidates))

@@ -1,6 +1,9 @@
 """retrieve -> rerank -> route -> persist, for a list of source terms (used by `harmonia map`, the quickstart,
 the benchmark and the workers). Deciding and persisting are separate so a worker can persist a decision and its
-queue state in one transaction."""
+queue state in one transaction.
+
+A Pipeline owns its retriever and reranker: closing it (or leaving its `with` block) closes both.
+"""
 
 from __future__ import annotations
 
@@ -8,19 +11,24 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Self
 
 import psycopg
 
 from harmonia.config import Settings
-from harmonia.pipeline.route import Decision, route
-from harmonia.rerank.base import Reranker, RerankResult, SourceTerm
-from harmonia.retrieval.vector import Retriever
+from harmonia.domain import Decision, RerankResult, SourceTerm
+from harmonia.pipeline.route import route
+from harmonia.rerank.base import Reranker
+from harmonia.retrieval.base import Retriever
 from harmonia.store import mapping as map_store
 
 log = logging.getLogger(__name__)
 
 
 class Pipeline:
+    """retrieve -> rerank -> route for batches of source terms; owns (and closes) its retriever and reranker."""
+
     def __init__(self, retriever: Retriever, reranker: Reranker, settings: Settings) -> None:
         self.retriever = retriever
         self.reranker = reranker
@@ -28,12 +36,33 @@ class Pipeline:
 
     @classmethod
     def from_settings(cls, conn: psycopg.Connection, settings: Settings) -> Pipeline:
+        """The configured retriever (on `conn`) and reranker. The retriever comes first: without embeddings there
+        is no reranker to close."""
         from harmonia.embedding.model import Embedder
-        from harmonia.rerank.base import make_reranker
-        from harmonia.retrieval.vector import make_retriever
+        from harmonia.rerank import make_reranker
+        from harmonia.retrieval import make_retriever
 
-        embedder = Embedder.from_settings(settings)
-        return cls(make_retriever(conn, embedder, settings), make_reranker(settings, conn), settings)
+        retriever = make_retriever(conn, Embedder.from_settings(settings), settings)
+        try:
+            reranker = make_reranker(settings, conn)
+        except BaseException:
+            retriever.close()
+            raise
+        return cls(retriever, reranker, settings)
+
+    def close(self) -> None:
+        """Close the reranker and the retriever (not the connection the retriever was given)."""
+        try:
+            self.reranker.close()
+        finally:
+            self.retriever.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
 
     def decide(self, terms: Sequence[SourceTerm]) -> list[Decision]:
         """Retrieval batched across the terms, then the reranker (which may batch or run concurrently)."""
@@ -61,7 +90,7 @@ class MapSummary:
     skipped_invalid: int = 0
     duplicates: int = 0
     errors: int = 0  # decisions that went to review because of a fault (counted in review too)
-    reasons: Counter = field(default_factory=Counter)
+    reasons: Counter[str] = field(default_factory=Counter)
     decisions: list[Decision] = field(default_factory=list)
 
     @property

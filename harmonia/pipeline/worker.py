@@ -29,10 +29,10 @@ import psycopg
 
 from harmonia import db
 from harmonia.config import Settings
-from harmonia.pipeline.route import Decision
+from harmonia.domain import Decision, SourceTerm
 from harmonia.pipeline.run import Pipeline
-from harmonia.rerank.base import SourceTerm
 from harmonia.store import mapping as map_store
+from harmonia.store import migrations
 from harmonia.store import queue as qstore
 from harmonia.store.queue import EnqueueCounts, QueueItem
 
@@ -87,7 +87,7 @@ class LeaseRenewer(threading.Thread):
     """Keeps the leases of the items in hand alive while the batch is decided (LLM calls can take minutes).
     Uses its own connection: the worker's connection may be busy in a long query."""
 
-    def __init__(self, settings: Settings, owner: str, lease_s: float, url: str) -> None:
+    def __init__(self, owner: str, lease_s: float, url: str) -> None:
         super().__init__(name="lease-renewer", daemon=True)
         self.owner, self.lease_s, self.url = owner, lease_s, url
         self.interval = max(0.05, lease_s / 3)
@@ -148,16 +148,16 @@ class Worker:
         self.poll_s = max(0.01, settings.worker_poll_s)
         self.url = db.database_url(settings)
         self.conn = psycopg.connect(self.url, autocommit=True)
-        db.migrate(self.conn)
+        migrations.migrate(self.conn)
         self._listen = psycopg.connect(self.url, autocommit=True)
-        self._listen.execute(f"LISTEN {qstore.CHANNEL}")
+        qstore.listen(self._listen)
         self.pipeline = pipeline or Pipeline.from_settings(self.conn, settings)
         embedder = getattr(self.pipeline.retriever, "embedder", None)
         if embedder is not None:  # load the model now: a worker is ready (or fails) before it claims anything
             embedder.encode_queries(["warm-up"])
         self.stats = WorkerStats(owner=self.owner)
         self._stop = threading.Event()
-        self._renewer = LeaseRenewer(settings, self.owner, self.lease_s, self.url)
+        self._renewer = LeaseRenewer(self.owner, self.lease_s, self.url)
 
     # ------------------------------------------------------------------------------------------- control
 
@@ -170,9 +170,12 @@ class Worker:
         return self._stop.is_set()
 
     def close(self) -> None:
-        self.pipeline.reranker.close()
-        self._listen.close()
-        self.conn.close()
+        """Close the pipeline (its reranker and retriever) and the worker's connections."""
+        try:
+            self.pipeline.close()
+        finally:
+            self._listen.close()
+            self.conn.close()
 
     # ---------------------------------------------------------------------------------------------- loop
 
@@ -322,10 +325,3 @@ def run_until_signalled(worker: Worker) -> WorkerStats:
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
-
-
-def status(conn: psycopg.Connection) -> dict[str, Any]:
-    return qstore.status(conn)
-
-
-__all__ = ["EnqueueCounts", "LeaseRenewer", "Worker", "WorkerStats", "enqueue", "run_until_signalled", "status"]

@@ -1,1 +1,32 @@
-"""Rerankers: base.py (the interface and `none`), llm/ and classifier/."""
+"""Rerankers: given a source term and its retrieved candidates, rank the best few with a confidence.
+
+One interface (base.py), three kinds chosen by the `reranker` setting: `none` (retrieval order, similarity as
+confidence, base.py), `llm` (llm/: a provider forced through a JSON-schema tool call) and `classifier`
+(classifier/: a local fine-tuned cross-encoder). `make_reranker` builds the one the settings name.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from harmonia.config import Settings
+from harmonia.rerank.base import NoneReranker, Reranker
+
+if TYPE_CHECKING:
+    import psycopg
+
+
+def make_reranker(settings: Settings, conn: psycopg.Connection | None = None) -> Reranker:
+    """The reranker the settings name (the caller closes it). Swapping providers or kinds is configuration, never
+    code. `conn` only says a database is in use (the LLM reranker then logs and caches on its own connection)."""
+    if settings.reranker == "none":
+        return NoneReranker(settings.rerank_top_n)
+    if settings.reranker == "llm":
+        from harmonia.rerank.llm.reranker import LLMReranker
+
+        return LLMReranker.from_settings(settings, conn=conn)
+    if settings.reranker == "classifier":
+        from harmonia.rerank.classifier.reranker import ClassifierReranker
+
+        return ClassifierReranker.from_settings(settings, conn=conn)
+    raise ValueError(f"unknown reranker {settings.reranker!r}")

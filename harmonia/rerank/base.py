@@ -1,61 +1,21 @@
-"""Rerankers: given a source term and its retrieved candidates, rank the best few with a confidence.
+"""The reranker interface, and `none` (retrieval order).
 
-One interface, three kinds chosen by the `reranker` setting: `none` (retrieval order, similarity as confidence),
-`llm` (harmonia.rerank.llm, a provider forced through a JSON-schema tool call) and `classifier`
-(harmonia.rerank.classifier, a local fine-tuned cross-encoder). The router (harmonia.route) treats all alike.
+A reranker turns a source term and its retrieved candidates into a RerankResult (harmonia.domain): the best few,
+a confidence in the first, the model_version behind them. The router (harmonia.pipeline.route) treats all alike.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from types import TracebackType
+from typing import Self
 
-if TYPE_CHECKING:
-    import psycopg
-
-    from harmonia.config import Settings
-    from harmonia.retrieval.vector import Candidate
-
-
-@dataclass
-class SourceTerm:
-    source_code: str
-    source_vocab: str
-    source_text: str
-    source_frequency: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-    line: int | None = None  # where it came from in an input file, for messages
-
-    @property
-    def key(self) -> tuple[str, str]:
-        return (self.source_code, self.source_vocab)
-
-
-@dataclass
-class RankedCandidate:
-    concept_id: int
-    score: float
-    rationale: str = ""
-
-
-@dataclass
-class RerankResult:
-    ranked: list[RankedCandidate]          # best first, at most rerank_top_n, only ids among the candidates
-    confidence: float                      # 0..1: how sure the top-1 is right
-    model_version: str                     # reranker, model and prompt/checkpoint hash behind this answer
-    no_match: bool = False                 # the reranker says no candidate matches
-    error: str | None = None               # a fault: the code goes to review with it
-    error_kind: str | None = None          # schema_violation, provider_error, timeout, ...
-    usage: dict[str, Any] = field(default_factory=dict)    # tokens, calls, cache hits, latency
-    details: dict[str, Any] = field(default_factory=dict)  # anything else worth keeping with the decision
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+from harmonia.domain import Candidate, RankedCandidate, RerankResult, SourceTerm
 
 
 class Reranker:
-    """Base class; subclasses implement `rerank` and may override `rerank_many` to batch or run concurrently."""
+    """Base class; subclasses implement `rerank` and may override `rerank_many` to batch or run concurrently, and
+    `close` to release what they opened (a client, a connection). A reranker is a context manager."""
 
     name = "base"
 
@@ -80,6 +40,13 @@ class Reranker:
     def close(self) -> None:  # noqa: B027 - optional hook
         pass
 
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
 
 class NoneReranker(Reranker):
     """Keeps the retrieval order. The confidence is the top candidate's absolute semantic similarity (its cosine,
@@ -99,18 +66,3 @@ class NoneReranker(Reranker):
         top = candidates[0] if ranked else None
         conf = max(0.0, min(1.0, top.scores.get("semantic", top.similarity))) if top is not None else 0.0
         return RerankResult(ranked=ranked, confidence=conf, model_version="none", no_match=not ranked)
-
-
-def make_reranker(settings: Settings, conn: psycopg.Connection | None = None) -> Reranker:
-    """The reranker the settings name. Swapping providers or kinds is configuration, never code."""
-    if settings.reranker == "none":
-        return NoneReranker(settings.rerank_top_n)
-    if settings.reranker == "llm":
-        from harmonia.rerank.llm.reranker import LLMReranker
-
-        return LLMReranker.from_settings(settings, conn=conn)
-    if settings.reranker == "classifier":
-        from harmonia.rerank.classifier.scorer import ClassifierReranker
-
-        return ClassifierReranker.from_settings(settings, conn=conn)
-    raise ValueError(f"unknown reranker {settings.reranker!r}")

@@ -1,5 +1,5 @@
-"""Lexical and hybrid retrieval: a trigram generator over names and synonyms, fused with vector search and, where
-one is built, the mapping memory (harmonia.memory).
+"""Hybrid retrieval: the trigram generator (harmonia.retrieval.lexical) fused with vector search
+(harmonia.retrieval.vector) and, where one is built, the mapping memory (harmonia.retrieval.memory).
 
 Hybrid search gathers the vector generator's top `retrieval_vector_k`, the lexical generator's top
 `retrieval_lexical_k` and the targets of the `retrieval_memory_k` most similar already-mapped sources, completes
@@ -20,6 +20,7 @@ so `harmonia retrieve tune` can fuse thousands of times without SQL.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import weakref
 from collections.abc import Sequence
@@ -31,18 +32,16 @@ import psycopg
 from psycopg.pq import TransactionStatus
 
 from harmonia.config import Settings
+from harmonia.domain import Candidate, SourceKey
 from harmonia.embedding.model import Embedder
-from harmonia.retrieval.vector import Candidate, Retriever
+from harmonia.retrieval.base import Retriever
+from harmonia.retrieval.lexical import LEXICAL_THRESHOLD, LexicalRetriever
+from harmonia.retrieval.vector import VectorRetriever
+from harmonia.store import concepts as concept_store
 from harmonia.store import lexical as lex_store
 from harmonia.store import memory as mem_store
 
-# Lexical hits must cover this share of the query's trigrams (pg_trgm word_similarity): lower finds more typos
-# but costs time, as every hit is scored.
-LEXICAL_THRESHOLD = 0.35
-
 log = logging.getLogger(__name__)
-
-SourceKey = tuple[str, str]  # (source_code, source_vocab) of the text retrieved for
 
 
 @dataclass(frozen=True)
@@ -89,7 +88,7 @@ class Pool:
     vector: np.ndarray
     name: np.ndarray
     synonym: np.ndarray
-    rows: dict[int, tuple] = field(default_factory=dict)  # concept_id -> the six candidate columns
+    rows: dict[int, Candidate] = field(default_factory=dict)  # concept_id -> the candidate as a generator found it
     vector_order: list[int] = field(default_factory=list)  # each generator's own ranking, for comparisons
     lexical_order: list[int] = field(default_factory=list)
     memory: np.ndarray | None = None  # best similarity of a remembered source mapping to each id (0: none)
@@ -162,59 +161,23 @@ def fused_ranking(pool: Pool, w: FusionWeights, k: int) -> np.ndarray:
     return pool.ids[np.argsort(-fused, kind="stable")[:k]]
 
 
-def _candidate(row: tuple, similarity: float, scores: dict[str, float]) -> Candidate:
-    return Candidate(concept_id=row[0], concept_name=row[1], domain_id=row[2], vocabulary_id=row[3],
-                     concept_class_id=row[4], concept_code=row[5], similarity=similarity, scores=scores)
-
-
 def _close_side(conn: psycopg.Connection, thread: ThreadPoolExecutor | None) -> None:
     if thread is not None:
         thread.shutdown(wait=True)
     conn.close()
 
 
-class LexicalRetriever(Retriever):
-    """Trigram retrieval only: needs no embeddings (the embedder is kept for the API, never called)."""
-
-    def __init__(self, conn: psycopg.Connection, embedder: Embedder | None, settings: Settings,
-                 threshold: float = LEXICAL_THRESHOLD) -> None:
-        self.conn = conn
-        self.embedder = embedder  # type: ignore[assignment]
-        self.settings = settings
-        self.threshold = threshold
-
-    def _vocabularies(self, vocabularies: Sequence[str] | None) -> list[str] | None:
-        # Vector search only sees embedded (configured) vocabularies; lexical search must filter for the same.
-        v = vocabularies if vocabularies else self.settings.vocabularies
-        return list(v) if v else None
-
-    def lexical(self, text: str, k: int, *, domains: Sequence[str] | None = None,
-                vocabularies: Sequence[str] | None = None, conn: psycopg.Connection | None = None) -> list[tuple]:
-        s = self.settings
-        return lex_store.lexical_search(conn or self.conn, text, k, domains=domains,
-                                        vocabularies=self._vocabularies(vocabularies),
-                                        boost_name=s.retrieval_boost_name, boost_synonym=s.retrieval_boost_synonym,
-                                        threshold=self.threshold)
-
-    def search_many(self, texts: Sequence[str], k: int | None = None, *, domains: Sequence[str] | None = None,
-                    vocabularies: Sequence[str] | None = None, exact: bool = False,
-                    source_keys: Sequence[SourceKey | None] | None = None) -> list[list[Candidate]]:
-        k = k or self.settings.retrieval_top_k
-        domains = domains if domains is not None else (self.settings.retrieval_domains or None)
-        out = []
-        for t in texts:
-            rows = self.lexical(t, k, domains=domains, vocabularies=vocabularies)
-            out.append([_candidate(r[:6], r[6], {"lexical": r[6], "name": r[7], "synonym": r[8]}) for r in rows])
-        return out
-
-
-class HybridRetriever(LexicalRetriever):
+class HybridRetriever(Retriever):
     """Vector, lexical and mapping-memory candidates fused into one ranking (see the module docstring)."""
 
     def __init__(self, conn: psycopg.Connection, embedder: Embedder, settings: Settings,
                  threshold: float = LEXICAL_THRESHOLD, weights: FusionWeights | None = None) -> None:
-        Retriever.__init__(self, conn, embedder, settings)  # checks the model's embeddings exist
-        self.threshold = threshold
+        self.vector_retriever = VectorRetriever(conn, embedder, settings)  # checks the model's embeddings exist
+        self.lexical_retriever = LexicalRetriever(conn, embedder, settings, threshold)
+        self.conn = conn
+        self.embedder: Embedder = embedder
+        self.settings = settings
+        self.dim = self.vector_retriever.dim
         self.weights = weights or FusionWeights.from_settings(settings)
         # The memory is consulted whenever this model has one (its boost may be 0, but tuning needs the scores).
         # Counted once: a long-lived process (API server, worker) sees a memory rebuilt later after a restart.
@@ -274,24 +237,25 @@ class HybridRetriever(LexicalRetriever):
         side = self._side_connection()
         lex_job = None
         if side is not None and self._side_thread is not None:
-            lex_job = self._side_thread.submit(self.lexical, text, s.retrieval_lexical_k, domains=domains,
-                                               vocabularies=vocabularies, conn=side)
-        vec = self.search_vector(vector, s.retrieval_vector_k, domains=domains, vocabularies=vocabularies,
-                                 exact=exact)
+            lex_job = self._side_thread.submit(self.lexical_retriever.rows, text, s.retrieval_lexical_k,
+                                               domains=domains, vocabularies=vocabularies, conn=side)
+        vec = self.vector_retriever.search_vector(vector, s.retrieval_vector_k, domains=domains,
+                                                  vocabularies=vocabularies, exact=exact)
         recall = self.memory(vector, source_key)
         mscore, msource = recall.score, recall.text
-        lex = (lex_job.result() if lex_job is not None
-               else self.lexical(text, s.retrieval_lexical_k, domains=domains, vocabularies=vocabularies))
-        rows = {c.concept_id: (c.concept_id, c.concept_name, c.domain_id, c.vocabulary_id, c.concept_class_id,
-                               c.concept_code) for c in vec}
+        lex = (lex_job.result() if lex_job is not None else
+               self.lexical_retriever.rows(text, s.retrieval_lexical_k, domains=domains, vocabularies=vocabularies))
+        rows = {c.concept_id: c for c in vec}
         vscore = {c.concept_id: c.similarity for c in vec}
-        lscore = {r[0]: (r[7], r[8]) for r in lex}
-        for r in lex:
-            rows.setdefault(r[0], tuple(r[:6]))
+        lscore = {c.concept_id: (c.scores["name"], c.scores["synonym"]) for c in lex}
+        for c in lex:
+            rows.setdefault(c.concept_id, c)
         # Remembered targets pass the same filters as the generators' own candidates (valid standard, domains,
         # vocabularies); the vocabulary may have changed since the memory was built.
-        rows.update(lex_store.concept_rows(self.conn, [t for t in mscore if t not in rows], domains=domains,
-                                           vocabularies=self._vocabularies(vocabularies)))
+        remembered = concept_store.get_concepts(
+            self.conn, [t for t in mscore if t not in rows], valid_standard=True, domains=domains,
+            vocabularies=self.lexical_retriever.vocabularies(vocabularies))
+        rows.update({cid: Candidate.of(concept, 0.0) for cid, concept in remembered.items()})
         ids = sorted(rows)
         missing_v = [i for i in ids if i not in vscore]
         missing_l = [i for i in ids if i not in lscore]
@@ -302,7 +266,7 @@ class HybridRetriever(LexicalRetriever):
                     vector=np.array([vscore.get(i, floor) for i in ids], dtype=np.float64),
                     name=np.array([lscore.get(i, (0.0, 0.0))[0] for i in ids], dtype=np.float64),
                     synonym=np.array([lscore.get(i, (0.0, 0.0))[1] for i in ids], dtype=np.float64),
-                    rows=rows, vector_order=[c.concept_id for c in vec], lexical_order=[r[0] for r in lex],
+                    rows=rows, vector_order=[c.concept_id for c in vec], lexical_order=[c.concept_id for c in lex],
                     memory=np.array([mscore.get(i, 0.0) for i in ids], dtype=np.float64),
                     memory_sources={i: msource[i] for i in ids if i in msource},
                     recall=recall)
@@ -335,7 +299,7 @@ class HybridRetriever(LexicalRetriever):
             votes, count, first = p.recall.votes.get(cid, (0.0, 0, 0))
             parts.update(memory_votes=votes, memory_count=float(count), memory_rank=float(first),
                          memory_top=p.recall.top, memory_code=p.recall.code.get(cid, 0.0))
-            c = _candidate(p.rows[cid], score, parts)
+            c = dataclasses.replace(p.rows[cid], similarity=score, scores=parts, evidence={})
             if cid in p.memory_sources:
                 c.evidence = {"memory_source": p.memory_sources[cid]}
             out.append(c)

@@ -1,7 +1,7 @@
 """`harmonia retrieve tune`: fusion weights that maximise MRR (or recall@50) on the benchmark's DEVELOPMENT part.
 
 Every dev source's candidate pool (vector, lexical and mapping-memory candidates with all raw scores, see
-harmonia.retrieve_hybrid) is computed once from the database; optuna's seeded TPE sampler then searches the
+harmonia.retrieval.hybrid) is computed once from the database; optuna's seeded TPE sampler then searches the
 weights, fusing the pools in Python (milliseconds per trial). Test-part sources are refused wherever sources come
 from, so nothing tuned here has seen them; the mapping memory leaves each source's own mapping out of its pool.
 """
@@ -17,12 +17,12 @@ from pathlib import Path
 import psycopg
 
 from harmonia.config import Settings
+from harmonia.domain import SourceTargets
 from harmonia.embedding.model import Embedder
-from harmonia.evaluation.curate import BenchRow, BenchSetError, group_pairs, read_set, read_usagi_truth
-from harmonia.evaluation.metrics import Aggregate, aggregate, score_row
-from harmonia.groundtruth import part_of
+from harmonia.groundtruth import maps_to_sources, part_of, read_mapping_file
+from harmonia.metrics import Aggregate, aggregate, score_row
 from harmonia.retrieval.hybrid import FusionWeights, HybridRetriever, Pool, fused_ranking
-from harmonia.store import vocab as vocab_store
+from harmonia.store import concepts as concept_store
 
 log = logging.getLogger(__name__)
 
@@ -37,24 +37,24 @@ class TuneResult:
     after: Aggregate
     weights: FusionWeights
     trials: int
-    source_keys: list  # the split keys of the sources used (all in the dev part)
+    source_keys: list[int | str]  # the split keys of the sources used (all in the dev part)
 
 
-def dev_only(rows: Sequence[BenchRow]) -> list[BenchRow]:
+def dev_only(rows: Sequence[SourceTargets]) -> list[SourceTargets]:
     return [r for r in rows if part_of(r.split_key) == "dev"]
 
 
 def dev_sources_from_db(conn: psycopg.Connection, vocabularies: Sequence[str] | None, *, limit: int = 0,
-                        seed: int = 13) -> list[BenchRow]:
-    """Dev-part sources of the vocabulary's 'Maps to' ground truth whose targets are in the configured
+                        seed: int = 13) -> list[SourceTargets]:
+    """Dev-part sources of the vocabulary's 'Maps to' ground truth, keeping the targets in the configured
     vocabularies; a seeded sample of `limit` (0: all)."""
-    pairs = vocab_store.maps_to_pairs(conn)
-    dev_pairs = [p for p in pairs if part_of(p[0]) == "dev"]
+    rows = maps_to_sources(conn, part="dev")
     if vocabularies:
-        ok = {cid for cid, c in vocab_store.get_concepts(conn, sorted({p[5] for p in dev_pairs})).items()
-              if c["vocabulary_id"] in set(vocabularies)}
-        dev_pairs = [p for p in dev_pairs if p[5] in ok]
-    rows = dev_only(group_pairs(dev_pairs))
+        wanted = set(vocabularies)
+        concepts = concept_store.get_concepts(conn, {t for r in rows for t in r.targets})
+        for r in rows:
+            r.targets = [t for t in r.targets if t in concepts and concepts[t].vocabulary_id in wanted]
+        rows = [r for r in rows if r.targets]
     if not rows:
         raise TuneError("no development-part sources: the vocabulary holds no 'Maps to' ground truth")
     if limit and len(rows) > limit:
@@ -62,22 +62,9 @@ def dev_sources_from_db(conn: psycopg.Connection, vocabularies: Sequence[str] | 
     return rows
 
 
-def rows_from_csv(path: Path) -> list[BenchRow]:
-    """Every row of a benchmark set CSV (harmonia.benchmark.curate.write_set) or a Usagi export."""
-    try:
-        return read_set(path)
-    except BenchSetError as exc:
-        if "missing column" not in str(exc):
-            raise TuneError(str(exc)) from exc
-        try:
-            return read_usagi_truth(path)
-        except BenchSetError as exc2:
-            raise TuneError(f"{path}: neither a benchmark set nor a Usagi file ({exc2})") from exc2
-
-
-def dev_sources_from_csv(path: Path) -> list[BenchRow]:
-    """A benchmark set CSV or a Usagi export; only its dev-part rows."""
-    rows = rows_from_csv(path)
+def dev_sources_from_csv(path: Path) -> list[SourceTargets]:
+    """A benchmark set CSV or a Usagi export (harmonia.groundtruth.read_mapping_file); only its dev-part rows."""
+    rows = read_mapping_file(path)
     dev = dev_only(rows)
     if len(dev) < len(rows):
         log.warning("%s: %d test-part row(s) skipped", path, len(rows) - len(dev))
@@ -86,23 +73,22 @@ def dev_sources_from_csv(path: Path) -> list[BenchRow]:
     return dev
 
 
-def precompute(conn: psycopg.Connection, embedder: Embedder, settings: Settings, sources: Sequence[BenchRow],
-               batch: int = 64) -> list[tuple[BenchRow, Pool]]:
+def precompute(conn: psycopg.Connection, embedder: Embedder, settings: Settings,
+               sources: Sequence[SourceTargets], batch: int = 64) -> list[tuple[SourceTargets, Pool]]:
     leaked = [r.split_key for r in sources if part_of(r.split_key) != "dev"]
     if leaked:
         raise TuneError(f"refusing to tune on test-part sources: {leaked[:5]}")
-    retriever = HybridRetriever(conn, embedder, settings)
-    out = []
-    for i in range(0, len(sources), batch):
-        chunk = list(sources[i:i + batch])
-        # Each source's own (code, vocab) goes along: the mapping memory leaves it out (leave-one-out).
-        out.extend(zip(chunk, retriever.pools([r.source_text for r in chunk],
-                                              source_keys=[(r.source_code, r.source_vocab) for r in chunk]),
-                       strict=True))
+    out: list[tuple[SourceTargets, Pool]] = []
+    with HybridRetriever(conn, embedder, settings) as retriever:
+        for i in range(0, len(sources), batch):
+            chunk = list(sources[i:i + batch])
+            # Each source's own (code, vocab) goes along: the mapping memory leaves it out (leave-one-out).
+            out.extend(zip(chunk, retriever.pools([r.source_text for r in chunk], source_keys=[r.key for r in chunk]),
+                           strict=True))
     return out
 
 
-def evaluate(pools: Sequence[tuple[BenchRow, Pool]], w: FusionWeights, k: int = 50) -> Aggregate:
+def evaluate(pools: Sequence[tuple[SourceTargets, Pool]], w: FusionWeights, k: int = 50) -> Aggregate:
     scores = []
     for row, pool in pools:
         ranked = fused_ranking(pool, w, k).tolist()
@@ -121,7 +107,7 @@ def objective_value(a: Aggregate, objective: str) -> float:
     return a.mrr
 
 
-def tune(pools: Sequence[tuple[BenchRow, Pool]], settings: Settings, *, trials: int = 100, seed: int = 13,
+def tune(pools: Sequence[tuple[SourceTargets, Pool]], settings: Settings, *, trials: int = 100, seed: int = 13,
          objective: str = "mrr") -> TuneResult:
     import optuna
 

@@ -16,10 +16,13 @@ from pydantic import BaseModel, Field
 
 from harmonia import __version__
 from harmonia.config import Settings
+from harmonia.domain import SourceTerm
 from harmonia.export import export_csv
 from harmonia.review import service as svc
 from harmonia.review.auth import current_user, writer
+from harmonia.store import concepts as concept_store
 from harmonia.store import review as store
+from harmonia.store.queue import enqueue as enqueue_terms
 
 WEB = pathlib.Path(__file__).resolve().parent / "web"
 INT4_MAX = 2**31 - 1
@@ -173,7 +176,7 @@ def create_app(settings: Settings) -> FastAPI:
         results = []
         if q.strip().isdigit() and int(q) <= INT4_MAX:  # a concept id typed in
             with service.connection() as conn:
-                results = list(store.concepts_by_ids(conn, [int(q)]).values())
+                results = [c.to_dict() for c in concept_store.get_concepts(conn, [int(q)]).values()]
         try:
             results += service.search(q, k, domains=domain, vocabularies=vocabulary)
         except Exception as exc:  # noqa: BLE001 - e.g. no embeddings yet: say so, do not 500
@@ -184,10 +187,10 @@ def create_app(settings: Settings) -> FastAPI:
     @app.get("/api/concepts/{concept_id}", tags=["concepts"], summary="One concept")
     def concept(concept_id: Annotated[int, Path(ge=0, le=INT4_MAX)], user: User) -> dict[str, Any]:
         with service.connection() as conn:
-            found = store.concepts_by_ids(conn, [concept_id]).get(concept_id)
+            found = concept_store.get_concepts(conn, [concept_id]).get(concept_id)
         if found is None:
             raise HTTPException(404, f"concept_id {concept_id} does not exist")
-        return found
+        return found.to_dict()
 
     # ------------------------------------------------------------------------------------------------ maps
 
@@ -236,8 +239,6 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.post("/api/source-queue", tags=["queue"], summary="Enqueue source codes for mapping (duplicates skipped)")
     def enqueue(body: EnqueueIn, user: Writer) -> dict[str, Any]:
-        from harmonia.rerank.base import SourceTerm
-        from harmonia.store.queue import enqueue as enqueue_terms
 
         terms = [SourceTerm(source_code=t.source_code, source_vocab=t.source_vocab, source_text=t.source_text,
                             source_frequency=t.source_frequency, extra=t.extra) for t in body.terms]

@@ -11,10 +11,15 @@ from typing import Any, Literal
 
 import psycopg
 from psycopg import errors as pg_errors
+from psycopg_pool import ConnectionPool
 
 from harmonia import db
 from harmonia.config import Settings
+from harmonia.domain import Concept, RankingRecord
+from harmonia.retrieval.base import Retriever
+from harmonia.store import concepts as concept_store
 from harmonia.store import review as store
+from harmonia.store.review import ReviewItem
 
 log = logging.getLogger(__name__)
 
@@ -37,20 +42,21 @@ class Invalid(ReviewError):
     status = 422
 
 
-def check_concept(conn: psycopg.Connection, concept_id: int) -> dict[str, Any]:
+def check_concept(conn: psycopg.Connection, concept_id: int) -> Concept:
     """The concept, or Invalid naming why it cannot be a target (checked before the insert; the FK backs it)."""
-    c = store.concepts_by_ids(conn, [concept_id]).get(concept_id)
+    c = concept_store.get_concepts(conn, [concept_id]).get(concept_id)
     if c is None:
         raise Invalid(f"concept_id {concept_id} does not exist in vocab.concept")
-    if concept_id != NO_MATCH_CONCEPT_ID and (c["standard_concept"] != "S" or c["invalid_reason"]):
-        raise Invalid(f"concept_id {concept_id} ({c['concept_name']}) is not a valid standard concept")
+    if concept_id != NO_MATCH_CONCEPT_ID and (c.standard_concept != "S" or c.invalid_reason):
+        raise Invalid(f"concept_id {concept_id} ({c.concept_name}) is not a valid standard concept")
     return c
 
 
-def _ranking(item: dict[str, Any]) -> dict[str, Any]:
-    # Same shape as route.Decision.ranking_json, so exports read reviewer and auto maps alike.
+def _ranking(item: ReviewItem) -> RankingRecord:
+    # Same shape as Decision.ranking_json, so exports read reviewer and auto maps alike.
     return {"model_version": item["model_version"], "confidence": item["confidence"], "ranked": item["candidates"],
-            "reason": item["reason"], "source_frequency": item["source_frequency"], "review_item_id": item["id"]}
+            "reason": item["reason"], "source_frequency": item["source_frequency"],
+            "review_item_id": item["id"]}
 
 
 def decide(conn: psycopg.Connection, item_id: int, reviewer_id: int, kind: Literal["approve", "choose", "no_match"],
@@ -145,14 +151,12 @@ class ReviewService:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self._pool = None
-        self._retriever = None
+        self._pool: ConnectionPool | None = None
+        self._retriever: Retriever | None = None
         self._retriever_conn: psycopg.Connection | None = None
         self._search_lock = threading.Lock()
 
     def open(self) -> None:
-        from psycopg_pool import ConnectionPool
-
         if self._pool is None:
             self._pool = ConnectionPool(db.database_url(self.settings), min_size=1,
                                         max_size=self.settings.db_pool_size, kwargs={"autocommit": True},
@@ -162,9 +166,14 @@ class ReviewService:
         if self._pool is not None:
             self._pool.close()
             self._pool = None
+        self._drop_retriever()
+
+    def _drop_retriever(self) -> None:
+        if self._retriever is not None:
+            self._retriever.close()
         if self._retriever_conn is not None:
             self._retriever_conn.close()
-            self._retriever_conn = self._retriever = None
+        self._retriever_conn = self._retriever = None
 
     @contextmanager
     def connection(self) -> Iterator[psycopg.Connection]:
@@ -177,7 +186,7 @@ class ReviewService:
                vocabularies: Sequence[str] | None = None) -> list[dict[str, Any]]:
         # One retriever (embedder + its own connection) per process; searches take turns on it.
         from harmonia.embedding.model import Embedder
-        from harmonia.retrieval.vector import make_retriever
+        from harmonia.retrieval import make_retriever
 
         with self._search_lock:
             if self._retriever is None:
@@ -187,7 +196,6 @@ class ReviewService:
             try:
                 found = self._retriever.search(text, k, domains=domains or None, vocabularies=vocabularies or None)
             except psycopg.OperationalError:
-                self._retriever_conn.close()  # type: ignore[union-attr]
-                self._retriever_conn = self._retriever = None
+                self._drop_retriever()
                 raise
         return [c.to_dict() for c in found]

@@ -11,6 +11,8 @@ import psycopg
 from pgvector import Vector
 from psycopg import sql
 
+from harmonia.domain import Candidate
+
 # Model keys and dimensions go into the SQL text as literals, not parameters: the partial HNSW index
 # (WHERE model = '<key>') is only usable when the planner sees the constant, and a cached generic plan would not.
 
@@ -131,14 +133,11 @@ def count(conn: psycopg.Connection, model_key: str) -> int:
                         (model_key,)).fetchone()[0]
 
 
-SEARCH_COLUMNS = ("concept_id", "concept_name", "domain_id", "vocabulary_id", "concept_class_id",
-                  "concept_code", "similarity")
-
-
 def vector_search(conn: psycopg.Connection, model_key: str, dim: int, query: np.ndarray, k: int, *,
                   ef_search: int = 200, domains: Sequence[str] | None = None,
-                  vocabularies: Sequence[str] | None = None, exact: bool = False) -> list[tuple]:
-    """Top-k valid standard concepts by cosine similarity. `exact` skips the index (for recall checks)."""
+                  vocabularies: Sequence[str] | None = None, exact: bool = False) -> list[Candidate]:
+    """Top-k valid standard concepts by cosine similarity (best first; scores["vector"] is the similarity too).
+    `exact` skips the index (for recall checks)."""
     filters = [sql.SQL("c.standard_concept = 'S'"), sql.SQL("c.invalid_reason IS NULL")]
     params: list = []
     if domains:
@@ -170,4 +169,4 @@ def vector_search(conn: psycopg.Connection, model_key: str, dim: int, query: np.
     if not exact:
         # relaxed_order may return slightly out of order; order by the exact similarity it computed.
         rows.sort(key=lambda r: -r[6])
-    return rows
+    return [Candidate(*r[:6], similarity=float(r[6]), scores={"vector": float(r[6])}) for r in rows]

@@ -14,33 +14,23 @@ import numpy as np
 import psycopg
 from psycopg import sql
 
+from harmonia.domain import Candidate
+from harmonia.store.concepts import VALID_STANDARD, filters
 from harmonia.store.embeddings import vector_literal
 
-CONCEPT_COLS = "c.concept_id, c.concept_name, c.domain_id, c.vocabulary_id, c.concept_class_id, c.concept_code"
+CANDIDATE_COLS = "c.concept_id, c.concept_name, c.domain_id, c.vocabulary_id, c.concept_class_id, c.concept_code"
 _SCORE = ("(public.word_similarity(vocab.lexnorm(%(q)s), vocab.lexnorm({col})) "
           "+ public.similarity(vocab.lexnorm(%(q)s), vocab.lexnorm({col}))) / 2")
-_VALID = "c.standard_concept = 'S' AND c.invalid_reason IS NULL"
-
-
-def _filters(domains: Sequence[str] | None, vocabularies: Sequence[str] | None, params: dict) -> str:
-    out = [_VALID]
-    if domains:
-        out.append("c.domain_id = ANY(%(domains)s)")
-        params["domains"] = list(domains)
-    if vocabularies:
-        out.append("c.vocabulary_id = ANY(%(vocabs)s)")
-        params["vocabs"] = list(vocabularies)
-    return " AND ".join(out)
 
 
 def lexical_search(conn: psycopg.Connection, text: str, k: int, *, domains: Sequence[str] | None = None,
                    vocabularies: Sequence[str] | None = None, boost_name: float = 1.0, boost_synonym: float = 0.8,
-                   threshold: float = 0.3) -> list[tuple]:
-    """Top-k valid standard concepts by lexical score, ties by concept_id. Rows: concept_id, concept_name,
-    domain_id, vocabulary_id, concept_class_id, concept_code, score, name_score, synonym_score, where
-    score = max(boost_name * name_score, boost_synonym * synonym_score)."""
-    params: dict = {"q": text, "bn": boost_name, "bs": boost_synonym, "k": k}
-    where = _filters(domains, vocabularies, params)
+                   threshold: float = 0.3) -> list[Candidate]:
+    """Top-k valid standard concepts by lexical score, ties by concept_id: similarity is the score
+    max(boost_name * name score, boost_synonym * synonym score), and scores hold all three ("lexical", "name",
+    "synonym")."""
+    params: dict[str, object] = {"q": text, "bn": boost_name, "bs": boost_synonym, "k": k}
+    where = filters(domains, vocabularies, params)
     name_score = _SCORE.format(col="c.concept_name")
     syn_score = _SCORE.format(col="s.concept_synonym_name")
     # Each branch is an index scan (`q <% name` reads the GIN trigram index); the union keeps each concept's best
@@ -56,13 +46,14 @@ def lexical_search(conn: psycopg.Connection, text: str, k: int, *, domains: Sequ
         ), best AS (
             SELECT concept_id, max(ns) AS ns, max(ss) AS ss FROM hits GROUP BY concept_id
         )
-        SELECT {CONCEPT_COLS}, greatest(%(bn)s * b.ns, %(bs)s * b.ss) AS score, b.ns, b.ss
+        SELECT {CANDIDATE_COLS}, greatest(%(bn)s * b.ns, %(bs)s * b.ss) AS score, b.ns, b.ss
         FROM best b JOIN vocab.concept c ON c.concept_id = b.concept_id
         ORDER BY score DESC, c.concept_id LIMIT %(k)s"""
     with conn.transaction():
         conn.execute("SELECT set_config('pg_trgm.word_similarity_threshold', %s, true)", (str(threshold),))
         rows = conn.execute(q, params).fetchall()  # type: ignore[arg-type]
-    return [(*r[:6], float(r[6]), float(r[7]), float(r[8])) for r in rows]
+    return [Candidate(*r[:6], similarity=float(r[6]),
+                      scores={"lexical": float(r[6]), "name": float(r[7]), "synonym": float(r[8])}) for r in rows]
 
 
 def lexical_scores(conn: psycopg.Connection, text: str, concept_ids: Sequence[int]) -> dict[int, tuple[float, float]]:
@@ -93,24 +84,11 @@ def vector_scores(conn: psycopg.Connection, model_key: str, dim: int, vector: np
     return {r[0]: float(r[1]) for r in rows}
 
 
-def concept_rows(conn: psycopg.Connection, concept_ids: Sequence[int], *, domains: Sequence[str] | None = None,
-                 vocabularies: Sequence[str] | None = None) -> dict[int, tuple]:
-    """The six candidate columns of those of the given concepts that are valid standard concepts passing the
-    filters (candidates another generator, e.g. the mapping memory, proposes by id)."""
-    if not concept_ids:
-        return {}
-    params: dict = {"ids": list(concept_ids)}
-    where = _filters(domains, vocabularies, params)
-    rows = conn.execute(f"SELECT {CONCEPT_COLS} FROM vocab.concept c WHERE c.concept_id = ANY(%(ids)s) AND {where}",
-                        params).fetchall()  # type: ignore[arg-type]
-    return {r[0]: tuple(r) for r in rows}
-
-
 def synonym_pairs(conn: psycopg.Connection, vocabularies: Sequence[str] | None) -> list[tuple[str, str]]:
     """(synonym, concept name) of valid standard concepts where the two differ (training pairs for the embedder)."""
     q = f"""SELECT s.concept_synonym_name, c.concept_name FROM vocab.concept_synonym s
             JOIN vocab.concept c ON c.concept_id = s.concept_id
-            WHERE {_VALID} AND lower(s.concept_synonym_name) <> lower(c.concept_name)"""
+            WHERE {VALID_STANDARD} AND lower(s.concept_synonym_name) <> lower(c.concept_name)"""
     params: list = []
     if vocabularies:
         q += " AND c.vocabulary_id = ANY(%s)"

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Any, TypedDict
 
 import psycopg
 
-if TYPE_CHECKING:
-    from harmonia.pipeline.route import Decision
+from harmonia.domain import Decision, RankingEntry, SourceKey
 
 
-def existing_maps(conn: psycopg.Connection, keys: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
+def existing_maps(conn: psycopg.Connection, keys: Iterable[SourceKey]) -> set[SourceKey]:
     keys = list(keys)
     if not keys:
         return set()
@@ -58,7 +60,7 @@ def record_decision(conn: psycopg.Connection, d: Decision) -> str:
 
 
 def enqueue_review(conn: psycopg.Connection, source_code: str, source_vocab: str, source_text: str | None,
-                   source_frequency: int | None, extra: dict[str, Any], ranking: Sequence[dict[str, Any]],
+                   source_frequency: int | None, extra: dict[str, Any], ranking: Sequence[RankingEntry],
                    confidence: float | None, model_version: str | None, reason: str, error: str | None) -> None:
     """Open (or refresh) the review item for a code; a flagged item stays flagged."""
     conn.execute(
@@ -75,12 +77,28 @@ def enqueue_review(conn: psycopg.Connection, source_code: str, source_vocab: str
          None if confidence is None else round(confidence, 4), model_version, reason, error))
 
 
-EXPORT_COLUMNS = ("source_code", "source_vocab", "source_text", "omop_concept_id", "concept_name", "domain_id",
-                  "vocabulary_id", "confidence", "equivalence", "decided_by", "reviewer", "reviewed_at",
-                  "model_version", "created_at", "source_frequency", "candidate_ids")
+class ApprovedMap(TypedDict):
+    """An approved map with what the exports write (harmonia.export)."""
+
+    source_code: str
+    source_vocab: str
+    source_text: str | None
+    omop_concept_id: int
+    concept_name: str
+    domain_id: str
+    vocabulary_id: str
+    confidence: Decimal | None
+    equivalence: str | None
+    decided_by: str
+    reviewer: str | None
+    reviewed_at: datetime | None
+    model_version: str | None
+    created_at: datetime
+    source_frequency: str | None       # as text, from the ranking record
+    candidate_ids: str | None          # the ranked concept ids, ';'-separated
 
 
-def approved_maps(conn: psycopg.Connection, source_vocab: str | None = None) -> list[dict[str, Any]]:
+def approved_maps(conn: psycopg.Connection, source_vocab: str | None = None) -> list[ApprovedMap]:
     q = """SELECT m.source_code, m.source_vocab, m.source_text, m.omop_concept_id, c.concept_name, c.domain_id,
                   c.vocabulary_id, m.confidence, m.equivalence, m.decided_by, u.name, m.reviewed_at,
                   m.model_version, m.created_at,
@@ -94,7 +112,10 @@ def approved_maps(conn: psycopg.Connection, source_vocab: str | None = None) -> 
         q += " WHERE m.source_vocab = %s"
         params = (source_vocab,)
     q += " ORDER BY m.source_vocab, m.source_code"
-    return [dict(zip(EXPORT_COLUMNS, r, strict=True)) for r in conn.execute(q, params).fetchall()]
+    return [ApprovedMap(source_code=r[0], source_vocab=r[1], source_text=r[2], omop_concept_id=r[3],
+                        concept_name=r[4], domain_id=r[5], vocabulary_id=r[6], confidence=r[7], equivalence=r[8],
+                        decided_by=r[9], reviewer=r[10], reviewed_at=r[11], model_version=r[12], created_at=r[13],
+                        source_frequency=r[14], candidate_ids=r[15]) for r in conn.execute(q, params).fetchall()]
 
 
 def summary_counts(conn: psycopg.Connection) -> dict[str, int]:
@@ -103,3 +124,51 @@ def summary_counts(conn: psycopg.Connection) -> dict[str, int]:
         "review_open": conn.execute(
             "SELECT count(*) FROM harmonia.review_queue WHERE status <> 'resolved'").fetchone()[0],
     }
+
+
+# ------------------------------------------------------------------------------------ reviewers' decisions
+
+
+@dataclass(frozen=True)
+class ReviewerApproval:
+    """A map a reviewer decided (approved or corrected): the source text and the concept chosen."""
+
+    source_code: str
+    source_vocab: str
+    source_text: str
+    concept_id: int
+
+
+@dataclass(frozen=True)
+class ReviewerCorrection:
+    """A correction: the suggestion a reviewer replaced (old_concept_id) by another concept."""
+
+    source_code: str
+    source_vocab: str
+    source_text: str
+    old_concept_id: int
+    new_concept_id: int | None
+
+
+def reviewer_approvals(conn: psycopg.Connection) -> list[ReviewerApproval]:
+    """Maps a reviewer decided, by source vocabulary and code (known mappings, training positives)."""
+    rows = conn.execute(
+        """SELECT source_code, source_vocab, source_text, omop_concept_id FROM harmonia.concept_map
+           WHERE decided_by = 'reviewer' AND source_text IS NOT NULL AND source_text <> ''
+           ORDER BY source_vocab, source_code""").fetchall()
+    return [ReviewerApproval(*r) for r in rows]
+
+
+def reviewer_corrections(conn: psycopg.Connection) -> list[ReviewerCorrection]:
+    """Corrections with the source text (from the map, else from the review item), in history order: the rejected
+    suggestions are hard negatives for training."""
+    rows = conn.execute(
+        """SELECT h.source_code, h.source_vocab, coalesce(m.source_text, q.source_text), h.old_concept_id,
+                  h.new_concept_id
+           FROM harmonia.concept_map_history h
+           LEFT JOIN harmonia.concept_map m ON m.source_code = h.source_code AND m.source_vocab = h.source_vocab
+           LEFT JOIN harmonia.review_queue q ON q.source_code = h.source_code AND q.source_vocab = h.source_vocab
+           WHERE h.action = 'correct' AND h.old_concept_id IS NOT NULL
+             AND h.old_concept_id IS DISTINCT FROM h.new_concept_id
+           ORDER BY h.id""").fetchall()
+    return [ReviewerCorrection(*r) for r in rows if r[2]]

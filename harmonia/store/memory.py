@@ -11,6 +11,7 @@ import numpy as np
 import psycopg
 from psycopg import sql
 
+from harmonia.domain import SourceTargets
 from harmonia.store.embeddings import copy_rows, create_hnsw, vector_literal
 
 
@@ -27,11 +28,11 @@ def index_name(model_key: str) -> str:
     return "mapping_memory_hnsw_" + hashlib.sha1(model_key.encode()).hexdigest()[:12]
 
 
-def replace(conn: psycopg.Connection, model_key: str, dim: int, rows: Sequence[tuple], vectors: np.ndarray, *,
-            m: int = 16, ef_construction: int = 128, maintenance_work_mem: str = "1GB") -> int:
-    """Replace the model's memory with `rows` (source_vocab, source_code, source_key, source_text, targets, origin)
-    and their vectors, in one transaction: readers see the old memory or the new one, never half of it. The index
-    is dropped first and built after the COPY (one bulk build instead of thousands of inserts)."""
+def replace(conn: psycopg.Connection, model_key: str, dim: int, rows: Sequence[SourceTargets], vectors: np.ndarray,
+            *, m: int = 16, ef_construction: int = 128, maintenance_work_mem: str = "1GB") -> int:
+    """Replace the model's memory with `rows` (each stored with its split key, targets and origin) and their
+    vectors, in one transaction: readers see the old memory or the new one, never half of it. The index is dropped
+    first and built after the COPY (one bulk build instead of thousands of inserts)."""
     name = index_name(model_key)
     with conn.transaction():
         conn.execute(sql.SQL("DROP INDEX IF EXISTS {}").format(sql.Identifier("vocab", name)))
@@ -39,8 +40,8 @@ def replace(conn: psycopg.Connection, model_key: str, dim: int, rows: Sequence[t
         with conn.cursor().copy("COPY vocab.mapping_memory (model, source_vocab, source_code, source_key, "
                                 "source_text, targets, origin, embedding) FROM STDIN (FORMAT BINARY)") as copy:
             copy.set_types(["text", "text", "text", "text", "text", "int4[]", "text", "bytea"])
-            copy_rows(copy, [(model_key, *r, v) for r, v in zip(rows, np.asarray(vectors, dtype=np.float32),
-                                                                 strict=True)])
+            copy_rows(copy, [(model_key, r.source_vocab, r.source_code, str(r.split_key), r.source_text, r.targets,
+                              r.origin, v) for r, v in zip(rows, np.asarray(vectors, dtype=np.float32), strict=True)])
         if rows:
             create_hnsw(conn, "mapping_memory", name, model_key, dim, m=m, ef_construction=ef_construction,
                         maintenance_work_mem=maintenance_work_mem)

@@ -14,7 +14,7 @@ from typing import Any
 
 import psycopg
 
-from harmonia.rerank.base import SourceTerm
+from harmonia.domain import SourceTerm
 
 CHANNEL = "harmonia_queue"
 FINAL_STATES = ("approved", "in_review", "failed")
@@ -55,6 +55,11 @@ def enqueue(conn: psycopg.Connection, terms: Sequence[SourceTerm]) -> EnqueueCou
     out.new = len(rows)
     out.duplicate = len(terms) - out.new
     return out
+
+
+def listen(conn: psycopg.Connection) -> None:
+    """Subscribe `conn` (autocommit) to the queue's notifications: the insert trigger NOTIFYs on CHANNEL."""
+    conn.execute(f"LISTEN {CHANNEL}")
 
 
 def claim(conn: psycopg.Connection, owner: str, limit: int, lease_s: float) -> list[QueueItem]:
@@ -122,19 +127,6 @@ def release_failed(conn: psycopg.Connection, item_id: int, owner: str, error: st
            WHERE id = %s AND lease_owner = %s AND state = 'in_progress' RETURNING id""",
         (error, retry_after_s, item_id, owner)).fetchone()
     return row is not None
-
-
-def release(conn: psycopg.Connection, owner: str, ids: Sequence[int]) -> int:
-    """Give unstarted items back (shutdown before work began); the attempt is not counted."""
-    if not ids:
-        return 0
-    rows = conn.execute(
-        """UPDATE harmonia.source_queue
-           SET state = 'pending', lease_owner = NULL, lease_expires_at = NULL, attempts = greatest(attempts - 1, 0),
-               updated_at = now()
-           WHERE id = ANY(%s) AND lease_owner = %s AND state = 'in_progress' RETURNING id""",
-        (list(ids), owner)).fetchall()
-    return len(rows)
 
 
 def outstanding(conn: psycopg.Connection) -> dict[str, Any]:

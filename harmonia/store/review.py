@@ -5,37 +5,98 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypedDict
 
 import psycopg
 
+from harmonia.domain import RankingEntry, RankingRecord, SourceKey
+
 STATUSES = ("open", "flagged", "resolved")
+
+
+class ReviewItem(TypedDict):
+    """A review_queue row as the API serves it."""
+
+    id: int
+    source_code: str
+    source_vocab: str
+    source_text: str | None
+    source_frequency: int | None
+    extra: dict[str, Any]
+    candidates: list[RankingEntry]     # the router's ranking (empty when a fault left none)
+    confidence: float | None
+    model_version: str | None
+    reason: str | None
+    error: str | None
+    status: str
+    resolved_by: str | None            # the reviewer's name
+    resolved_at: datetime | None
+    created_at: datetime
+    updated_at: datetime
+    top_domain: str | None             # the domain of the model's top candidate
+
+
+class MapRow(TypedDict):
+    """A concept_map row with its concept and reviewer, as the API serves it."""
+
+    id: int
+    source_code: str
+    source_vocab: str
+    source_text: str | None
+    omop_concept_id: int
+    concept_name: str
+    domain_id: str
+    vocabulary_id: str
+    confidence: float | None
+    equivalence: str | None
+    decided_by: str
+    reviewer: str | None
+    reviewed_at: datetime | None
+    model_version: str | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class HistoryEntry(TypedDict):
+    """A concept_map_history row."""
+
+    id: int
+    source_code: str
+    source_vocab: str
+    action: str
+    old_concept_id: int | None
+    new_concept_id: int | None
+    confidence: float | None
+    model_version: str | None
+    reviewer: str | None
+    note: str | None
+    at: datetime
 
 _ITEM_COLS = """q.id, q.source_code, q.source_vocab, q.source_text, q.source_frequency, q.extra, q.candidates_json,
     q.confidence, q.model_version, q.reason, q.error, q.status, u.name, q.resolved_at, q.created_at, q.updated_at,
     q.candidates_json -> 0 ->> 'domain_id'"""
-_ITEM_KEYS = ("id", "source_code", "source_vocab", "source_text", "source_frequency", "extra", "candidates",
-              "confidence", "model_version", "reason", "error", "status", "resolved_by", "resolved_at",
-              "created_at", "updated_at", "top_domain")
 
 
-def _num(v: Any) -> Any:
+def _num(v: Decimal | float | None) -> float | None:
     return float(v) if isinstance(v, Decimal) else v
 
 
-def _item(r: tuple) -> dict[str, Any]:
-    d = dict(zip(_ITEM_KEYS, r, strict=True))
-    d["confidence"] = _num(d["confidence"])
-    return d
+def _item(r: Sequence[Any]) -> ReviewItem:
+    return ReviewItem(id=r[0], source_code=r[1], source_vocab=r[2], source_text=r[3], source_frequency=r[4],
+                      extra=r[5], candidates=r[6], confidence=_num(r[7]), model_version=r[8], reason=r[9],
+                      error=r[10], status=r[11], resolved_by=r[12], resolved_at=r[13], created_at=r[14],
+                      updated_at=r[15], top_domain=r[16])
 
 
 def list_items(conn: psycopg.Connection, *, statuses: Sequence[str] = ("open", "flagged"),
                source_vocab: str | None = None, domain: str | None = None, min_confidence: float | None = None,
                max_confidence: float | None = None, limit: int = 50, offset: int = 0
-               ) -> tuple[int, list[dict[str, Any]]]:
+               ) -> tuple[int, list[ReviewItem]]:
     """One page of review items (oldest first) and the total matching the filters."""
-    where, params = ["q.status = ANY(%s)"], [list(statuses)]
+    where: list[str] = ["q.status = ANY(%s)"]
+    params: list[Any] = [list(statuses)]
     if source_vocab:
         where.append("q.source_vocab = %s")
         params.append(source_vocab)
@@ -56,7 +117,7 @@ def list_items(conn: psycopg.Connection, *, statuses: Sequence[str] = ("open", "
     return total, [_item(r) for r in rows]
 
 
-def get_item(conn: psycopg.Connection, item_id: int, *, lock: bool = False) -> dict[str, Any] | None:
+def get_item(conn: psycopg.Connection, item_id: int, *, lock: bool = False) -> ReviewItem | None:
     row = conn.execute(
         f"""SELECT {_ITEM_COLS} FROM harmonia.review_queue q LEFT JOIN harmonia.users u ON u.id = q.resolved_by
             WHERE q.id = %s {'FOR UPDATE OF q' if lock else ''}""", (item_id,)).fetchone()
@@ -90,38 +151,24 @@ def reopen_item(conn: psycopg.Connection, source_code: str, source_vocab: str) -
     return row[0] if row else None
 
 
-# ------------------------------------------------------------------------------------------------ concepts
-
-_CONCEPT_COLS = ("concept_id", "concept_name", "domain_id", "vocabulary_id", "concept_class_id", "concept_code",
-                 "standard_concept", "invalid_reason")
-
-
-def concepts_by_ids(conn: psycopg.Connection, ids: Sequence[int]) -> dict[int, dict[str, Any]]:
-    rows = conn.execute(f"SELECT {', '.join(_CONCEPT_COLS)} FROM vocab.concept WHERE concept_id = ANY(%s)",
-                        (list(ids),)).fetchall()
-    return {r[0]: dict(zip(_CONCEPT_COLS, r, strict=True)) for r in rows}
-
-
 # ------------------------------------------------------------------------------------------------ the map
 
 _MAP_COLS = """m.id, m.source_code, m.source_vocab, m.source_text, m.omop_concept_id, c.concept_name, c.domain_id,
     c.vocabulary_id, m.confidence, m.equivalence, m.decided_by, u.name, m.reviewed_at, m.model_version,
     m.created_at, m.updated_at"""
-_MAP_KEYS = ("id", "source_code", "source_vocab", "source_text", "omop_concept_id", "concept_name", "domain_id",
-             "vocabulary_id", "confidence", "equivalence", "decided_by", "reviewer", "reviewed_at", "model_version",
-             "created_at", "updated_at")
 _MAP_FROM = """harmonia.concept_map m JOIN vocab.concept c ON c.concept_id = m.omop_concept_id
     LEFT JOIN harmonia.users u ON u.id = m.reviewer_id"""
 
 
-def _map(r: tuple) -> dict[str, Any]:
-    d = dict(zip(_MAP_KEYS, r, strict=True))
-    d["confidence"] = _num(d["confidence"])
-    return d
+def _map(r: Sequence[Any]) -> MapRow:
+    return MapRow(id=r[0], source_code=r[1], source_vocab=r[2], source_text=r[3], omop_concept_id=r[4],
+                  concept_name=r[5], domain_id=r[6], vocabulary_id=r[7], confidence=_num(r[8]), equivalence=r[9],
+                  decided_by=r[10], reviewer=r[11], reviewed_at=r[12], model_version=r[13], created_at=r[14],
+                  updated_at=r[15])
 
 
-def get_map(conn: psycopg.Connection, map_id: int | None = None, *, key: tuple[str, str] | None = None,
-            lock: bool = False) -> dict[str, Any] | None:
+def get_map(conn: psycopg.Connection, map_id: int | None = None, *, key: SourceKey | None = None,
+            lock: bool = False) -> MapRow | None:
     cond, params = ("m.id = %s", (map_id,)) if map_id is not None else \
         ("m.source_code = %s AND m.source_vocab = %s", key)
     row = conn.execute(f"SELECT {_MAP_COLS} FROM {_MAP_FROM} WHERE {cond} {'FOR UPDATE OF m' if lock else ''}",
@@ -130,8 +177,9 @@ def get_map(conn: psycopg.Connection, map_id: int | None = None, *, key: tuple[s
 
 
 def list_maps(conn: psycopg.Connection, *, source_vocab: str | None = None, decided_by: str | None = None,
-              search: str | None = None, limit: int = 50, offset: int = 0) -> tuple[int, list[dict[str, Any]]]:
-    where, params = ["TRUE"], []
+              search: str | None = None, limit: int = 50, offset: int = 0) -> tuple[int, list[MapRow]]:
+    where: list[str] = ["TRUE"]
+    params: list[Any] = []
     if source_vocab:
         where.append("m.source_vocab = %s")
         params.append(source_vocab)
@@ -151,7 +199,7 @@ def list_maps(conn: psycopg.Connection, *, source_vocab: str | None = None, deci
 
 def upsert_reviewed_map(conn: psycopg.Connection, *, source_code: str, source_vocab: str, source_text: str | None,
                         concept_id: int, confidence: float | None, model_version: str | None,
-                        ranking: dict[str, Any], reviewer_id: int) -> int:
+                        ranking: RankingRecord, reviewer_id: int) -> int:
     """Insert the reviewer's map, or update the existing one for this code (one row per code)."""
     row = conn.execute(
         """INSERT INTO harmonia.concept_map (source_code, source_vocab, source_text, omop_concept_id, confidence,
@@ -184,19 +232,12 @@ def add_history(conn: psycopg.Connection, *, source_code: str, source_vocab: str
          None if confidence is None else round(confidence, 4), model_version, reviewer_id, note))
 
 
-_HIST_KEYS = ("id", "source_code", "source_vocab", "action", "old_concept_id", "new_concept_id", "confidence",
-              "model_version", "reviewer", "note", "at")
-
-
-def history(conn: psycopg.Connection, source_code: str, source_vocab: str) -> list[dict[str, Any]]:
+def history(conn: psycopg.Connection, source_code: str, source_vocab: str) -> list[HistoryEntry]:
     rows = conn.execute(
         """SELECT h.id, h.source_code, h.source_vocab, h.action, h.old_concept_id, h.new_concept_id, h.confidence,
                   h.model_version, u.name, h.note, h.at
            FROM harmonia.concept_map_history h LEFT JOIN harmonia.users u ON u.id = h.reviewer_id
            WHERE h.source_code = %s AND h.source_vocab = %s ORDER BY h.id""", (source_code, source_vocab)).fetchall()
-    out = []
-    for r in rows:
-        d = dict(zip(_HIST_KEYS, r, strict=True))
-        d["confidence"] = _num(d["confidence"])
-        out.append(d)
-    return out
+    return [HistoryEntry(id=r[0], source_code=r[1], source_vocab=r[2], action=r[3], old_concept_id=r[4],
+                         new_concept_id=r[5], confidence=_num(r[6]), model_version=r[7], reviewer=r[8], note=r[9],
+                         at=r[10]) for r in rows]

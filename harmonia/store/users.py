@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from typing import Any
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any, TypedDict
 
 import psycopg
 
@@ -24,15 +26,23 @@ def new_token() -> str:
     return "hmn_" + secrets.token_urlsafe(32)
 
 
-def _row(r: tuple) -> dict[str, Any]:
-    return {"id": r[0], "name": r[1], "role": r[2], "created_at": r[3], "disabled_at": r[4]}
+class User(TypedDict):
+    id: int
+    name: str
+    role: str
+    created_at: datetime
+    disabled_at: datetime | None
+
+
+def _row(r: Sequence[Any]) -> User:
+    return User(id=r[0], name=r[1], role=r[2], created_at=r[3], disabled_at=r[4])
 
 
 _COLS = "id, name, role, created_at, disabled_at"
 
 
 def add_user(conn: psycopg.Connection, name: str, role: str = "reviewer", *, rotate: bool = False
-             ) -> tuple[dict[str, Any], str]:
+             ) -> tuple[User, str]:
     """Create a user (or, with rotate, give an existing one a new token). Returns the user and the token."""
     name = name.strip()
     if not name:
@@ -54,13 +64,13 @@ def add_user(conn: psycopg.Connection, name: str, role: str = "reviewer", *, rot
     return _row(row), token
 
 
-def user_by_token(conn: psycopg.Connection, token: str) -> dict[str, Any] | None:
+def user_by_token(conn: psycopg.Connection, token: str) -> User | None:
     row = conn.execute(f"SELECT {_COLS} FROM harmonia.users WHERE token_hash = %s AND disabled_at IS NULL",
                        (hash_token(token),)).fetchone()
     return _row(row) if row else None
 
 
-def list_users(conn: psycopg.Connection) -> list[dict[str, Any]]:
+def list_users(conn: psycopg.Connection) -> list[User]:
     return [_row(r) for r in conn.execute(f"SELECT {_COLS} FROM harmonia.users ORDER BY name").fetchall()]
 
 

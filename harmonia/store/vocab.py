@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import psycopg
 from psycopg import sql
+
+from harmonia.domain import MapsToEdge
 
 LIVE = "vocab"
 STAGING = "vocab_staging"
@@ -136,17 +138,6 @@ def describe_copy_error(exc: psycopg.Error, header_lines: int = 1) -> str:
 # ------------------------------------------------------------------------------------------------ reading
 
 
-CONCEPT_COLUMNS = ("concept_id", "concept_name", "domain_id", "vocabulary_id", "concept_class_id",
-                   "standard_concept", "concept_code", "invalid_reason")
-
-
-def get_concepts(conn: psycopg.Connection, concept_ids: list[int]) -> dict[int, dict]:
-    rows = conn.execute(
-        f"SELECT {', '.join(CONCEPT_COLUMNS)} FROM vocab.concept WHERE concept_id = ANY(%s)",
-        (list(concept_ids),)).fetchall()
-    return {r[0]: dict(zip(CONCEPT_COLUMNS, r, strict=True)) for r in rows}
-
-
 def counts(conn: psycopg.Connection) -> dict[str, int]:
     out = {}
     for t in ("concept", "concept_relationship", "concept_synonym", "concept_ancestor", "vocabulary", "domain",
@@ -157,10 +148,10 @@ def counts(conn: psycopg.Connection) -> dict[str, int]:
     return out
 
 
-def maps_to_pairs(conn: psycopg.Connection, source_vocabularies: list[str] | None = None) -> list[tuple]:
-    """Ground truth: (source concept_id, code, vocabulary, name, domain, target concept_id) for every 'Maps to'
-    from a non-standard concept to a different valid standard concept. For benchmarks, training and building the
-    mapping memory (development part only, see harmonia.memory): retrieval never reads these edges directly."""
+def maps_to_edges(conn: psycopg.Connection, source_vocabularies: Sequence[str] | None = None) -> list[MapsToEdge]:
+    """Ground truth: every 'Maps to' from a non-standard concept to a different valid standard concept, ordered by
+    source then target. For benchmarks, training and building the mapping memory (development part only, see
+    harmonia.groundtruth): retrieval never reads these edges directly."""
     q = """SELECT s.concept_id, s.concept_code, s.vocabulary_id, s.concept_name, s.domain_id, t.concept_id
            FROM vocab.concept_relationship r
            JOIN vocab.concept s ON s.concept_id = r.concept_id_1
@@ -171,6 +162,6 @@ def maps_to_pairs(conn: psycopg.Connection, source_vocabularies: list[str] | Non
     params: tuple = ()
     if source_vocabularies:
         q += " AND s.vocabulary_id = ANY(%s)"
-        params = (source_vocabularies,)
+        params = (list(source_vocabularies),)
     q += " ORDER BY s.concept_id, t.concept_id"
-    return conn.execute(q, params).fetchall()
+    return [MapsToEdge(*r) for r in conn.execute(q, params).fetchall()]

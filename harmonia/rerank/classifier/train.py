@@ -2,7 +2,7 @@
 
 Training material, built once per run and saved with it (pairs.jsonl.gz) so a resumed run sees the same data:
 - sources: non-standard concepts with 'Maps to' targets whose source concept is in the DEVELOPMENT part
-  (harmonia.benchmark.split.part_of); a test-part source never becomes a pair. A held-out slice of the
+  (harmonia.groundtruth.part_of); a test-part source never becomes a pair. A held-out slice of the
   development sources is kept out of training for the model card's metrics and for the calibration;
 - per source: the true targets (positives), hard negatives (the retriever's own top-K that are not targets, the
   first few plus a random few) and random standard concepts;
@@ -35,25 +35,23 @@ import numpy as np
 import psycopg
 
 from harmonia.config import Settings
-from harmonia.evaluation.metrics import aggregate, score_row
-from harmonia.groundtruth import part_of
+from harmonia.domain import Candidate, Concept, SourceTargets
+from harmonia.groundtruth import maps_to_sources, part_of
+from harmonia.metrics import aggregate, score_row
+from harmonia.rerank.classifier.checkpoint import Calibration, reranker_root, weights_hash
 from harmonia.rerank.classifier.scorer import (
     FUSION_GRID,
-    Calibration,
     PairScorer,
     autocast,
     candidate_text,
     fused_logits,
-    reranker_root,
     resolve_dtype,
     sigmoid,
-    weights_hash,
 )
 from harmonia.rerank.classifier.stacker import Stacker
 from harmonia.rerank.classifier.stacker import features as stacker_features
-from harmonia.retrieval.vector import Candidate
-from harmonia.store import training as train_store
-from harmonia.store import vocab as vocab_store
+from harmonia.store import concepts as concept_store
+from harmonia.store import mapping as map_store
 
 log = logging.getLogger(__name__)
 
@@ -99,47 +97,43 @@ class Example:
 # ------------------------------------------------------------------------------------------------ material
 
 
-def dev_sources(conn: psycopg.Connection, vocabularies: Sequence[str] | None = None) -> dict[int, dict]:
-    """Development-part sources: concept_id -> {text, targets, key: (source_code, source_vocab)}."""
-    out: dict[int, dict] = {}
-    for sid, code, voc, name, _dom, target in vocab_store.maps_to_pairs(conn, list(vocabularies or []) or None):
-        if part_of(sid) != "dev":
-            continue
-        e = out.setdefault(sid, {"text": name, "targets": set(), "key": (code, voc)})
-        e["targets"].add(target)
-    return out
+def dev_sources(conn: psycopg.Connection, vocabularies: Sequence[str] | None = None) -> dict[int, SourceTargets]:
+    """Development-part 'Maps to' sources (of these source vocabularies, if given), by source concept_id."""
+    return {st.source_concept_id: st for st in maps_to_sources(conn, vocabularies, part="dev")
+            if st.source_concept_id is not None}
 
 
-def review_examples(conn: psycopg.Connection, texts: dict[int, tuple] | None = None) -> list[Example]:
+def review_examples(conn: psycopg.Connection, texts: dict[int, Concept] | None = None) -> list[Example]:
     """Reviewers' approvals (positives) and the suggestions their corrections replaced (hard negatives)."""
-    approvals = train_store.reviewer_approvals(conn)
-    corrections = train_store.reviewer_corrections(conn)
-    keys = [(r["source_code"], r["source_vocab"]) for r in approvals + corrections]
-    as_concept = train_store.source_concept_ids(conn, keys)
+    approvals = map_store.reviewer_approvals(conn)
+    corrections = map_store.reviewer_corrections(conn)
+    keys = [(r.source_code, r.source_vocab) for r in approvals] + [(r.source_code, r.source_vocab)
+                                                                  for r in corrections]
+    as_concept = concept_store.concept_ids_by_code(conn, keys)
 
     def held_out(code: str, vocab: str) -> bool:
         # A test-part source must not be trained on: keyed by its vocabulary concept id where it is one, else by
         # "vocab:code", as the benchmark keys external sets (e.g. local lab codes).
         return part_of(as_concept.get((code, vocab), f"{vocab}:{code}")) == "test"
 
-    ids = {r["concept_id"] for r in approvals} | {r["old_concept_id"] for r in corrections}
-    texts = texts if texts is not None else train_store.concept_texts(conn, ids)
+    ids = {r.concept_id for r in approvals} | {r.old_concept_id for r in corrections}
+    texts = texts if texts is not None else concept_store.get_concepts(conn, ids)
     missing = ids - set(texts)
     if missing:
-        texts = {**texts, **train_store.concept_texts(conn, missing)}
-    current = {(r["source_code"], r["source_vocab"]): r["concept_id"] for r in approvals}
+        texts = {**texts, **concept_store.get_concepts(conn, missing)}
+    current = {(r.source_code, r.source_vocab): r.concept_id for r in approvals}
     out: list[Example] = []
     for r in approvals:
-        if held_out(r["source_code"], r["source_vocab"]) or r["concept_id"] not in texts:
+        if held_out(r.source_code, r.source_vocab) or r.concept_id not in texts:
             continue
-        out.append(Example(r["source_text"], candidate_text(texts[r["concept_id"]]), 1.0,
-                           f"{r['source_vocab']}:{r['source_code']}", "review_positive"))
-    for r in corrections:
-        key = (r["source_code"], r["source_vocab"])
-        if held_out(*key) or r["old_concept_id"] not in texts or current.get(key) == r["old_concept_id"]:
+        out.append(Example(r.source_text, candidate_text(texts[r.concept_id]), 1.0,
+                           f"{r.source_vocab}:{r.source_code}", "review_positive"))
+    for c in corrections:
+        key = (c.source_code, c.source_vocab)
+        if held_out(*key) or c.old_concept_id not in texts or current.get(key) == c.old_concept_id:
             continue
-        out.append(Example(r["source_text"], candidate_text(texts[r["old_concept_id"]]), 0.0,
-                           f"{r['source_vocab']}:{r['source_code']}", "review_negative"))
+        out.append(Example(c.source_text, candidate_text(texts[c.old_concept_id]), 0.0,
+                           f"{c.source_vocab}:{c.source_code}", "review_negative"))
     return out
 
 
@@ -155,7 +149,7 @@ def build_material(conn: psycopg.Connection, settings: Settings, opts: TrainOpti
     from tqdm import tqdm
 
     from harmonia.embedding.model import Embedder
-    from harmonia.retrieval.vector import make_retriever
+    from harmonia.retrieval import make_retriever
 
     rng = random.Random(opts.seed)
     sources = dev_sources(conn, opts.source_vocabularies)
@@ -165,21 +159,21 @@ def build_material(conn: psycopg.Connection, settings: Settings, opts: TrainOpti
         ids = ids[: opts.max_sources]
     n_hold = min(opts.holdout_max, int(round(len(ids) * opts.holdout))) if len(ids) >= 10 else 0
     hold_ids, train_ids = ids[:n_hold], ids[n_hold:]
-    pool = train_store.standard_concepts(conn, settings.vocabularies)
+    pool = concept_store.standard_concepts(conn, settings.vocabularies)
     if not pool:
         raise TrainError("no valid standard concepts loaded: run `harmonia vocab load` first")
-    texts = {r[0]: r for r in pool}
-    missing = {t for i in ids for t in sources[i]["targets"]} - set(texts)
-    texts.update(train_store.concept_texts(conn, missing))
+    texts = {c.concept_id: c for c in pool}
+    missing = {t for i in ids for t in sources[i].targets} - set(texts)
+    texts.update(concept_store.get_concepts(conn, missing))
 
-    retriever = make_retriever(conn, Embedder.from_settings(settings), settings)
-    retrieved: dict[int, list] = {}
-    with tqdm(total=len(ids), unit="source", desc="mine negatives", disable=not progress) as bar:
+    retrieved: dict[int, list[Candidate]] = {}
+    with make_retriever(conn, Embedder.from_settings(settings), settings) as retriever, \
+            tqdm(total=len(ids), unit="source", desc="mine negatives", disable=not progress) as bar:
         for start in range(0, len(ids), opts.retrieval_batch):
             chunk = ids[start:start + opts.retrieval_batch]
             # source_keys: a mapping memory must not hand a source its own targets (leave-one-out).
-            cands_lists = retriever.search_many([sources[s]["text"] for s in chunk],
-                                                source_keys=[sources[s]["key"] for s in chunk])
+            cands_lists = retriever.search_many([sources[s].source_text for s in chunk],
+                                                source_keys=[sources[s].key for s in chunk])
             for sid, cands in zip(chunk, cands_lists, strict=True):
                 retrieved[sid] = cands
             bar.update(len(chunk))
@@ -188,7 +182,7 @@ def build_material(conn: psycopg.Connection, settings: Settings, opts: TrainOpti
     counts: dict[str, int] = defaultdict(int)
     for sid in train_ids:
         src = sources[sid]
-        q, targets = src["text"], src["targets"]
+        q, targets = src.source_text, set(src.targets)
         for t in sorted(targets)[: opts.max_positives]:
             if t in texts:
                 examples.append(Example(q, candidate_text(texts[t]), 1.0, str(sid), "positive"))
@@ -199,7 +193,7 @@ def build_material(conn: psycopg.Connection, settings: Settings, opts: TrainOpti
         examples += [Example(q, candidate_text(c), 0.0, str(sid), "hard") for c in hard]
         for _ in range(opts.random_negatives):
             r = pool[rng.randrange(len(pool))]
-            if r[0] not in targets:
+            if r.concept_id not in targets:
                 examples.append(Example(q, candidate_text(r), 0.0, str(sid), "random"))
     if opts.include_reviews:
         examples += review_examples(conn, texts)
@@ -208,7 +202,7 @@ def build_material(conn: psycopg.Connection, settings: Settings, opts: TrainOpti
     counts["train_sources"] = len(train_ids)
     counts["holdout_sources"] = len(hold_ids)
     counts["pairs"] = len(examples)
-    holdout = {sid: {"text": sources[sid]["text"], "targets": sorted(sources[sid]["targets"]),
+    holdout = {sid: {"text": sources[sid].source_text, "targets": sorted(sources[sid].targets),
                      "candidates": [(c.concept_id, candidate_text(c), c.similarity, c.scores)
                                     for c in retrieved[sid]]}
                for sid in hold_ids}
@@ -269,7 +263,7 @@ def evaluate(scorer: PairScorer, holdout: dict[int, dict], *, seed: int = 13,
              stacker_hidden: Sequence[int] = (32,)) -> Evaluation:
     """Figures on held-out development sources: retrieval order, the cross-encoder alone, the cross-encoder plus
     the retrieval score with the weight (from FUSION_GRID) that maximises MRR, and, with enough sources, the
-    stacker (harmonia.rerank.stacker) over the cross-encoder's logit and the retrieval evidence: cross-fitted in
+    stacker (.stacker) over the cross-encoder's logit and the retrieval evidence: cross-fitted in
     STACKER_FOLDS folds of sources, so its figures and the calibration points are out of fold; the stacker kept is
     then fit on every held-out source."""
     srcs = [s for s in holdout.values()]
@@ -534,7 +528,7 @@ def train(conn: psycopg.Connection, settings: Settings, opts: TrainOptions, *, o
         "batch_size": opts.batch_size, "max_length": opts.max_length, "learning_rate": opts.learning_rate,
         "device": device, "dtype": dtype, "train_seconds_this_session": round(train_seconds, 1),
         "data": material.counts,
-        "split": "harmonia.benchmark.split.part_of == 'dev' sources only; held-out slice of dev for metrics",
+        "split": "harmonia.groundtruth.part_of == 'dev' sources only; held-out slice of dev for metrics",
         "embedding_model_for_negatives": settings.embedding_model or "bundled all-MiniLM-L6-v2",
         "retrieval_mode": settings.retrieval_mode,  # the stacker learnt this retriever's scores
         "holdout_metrics": metrics, "calibration": {"method": cal.method, "n": cal.n},

@@ -14,93 +14,32 @@ import logging
 import random
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import jsonschema
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt
 
-from harmonia.paths import resource_dir
-from harmonia.rerank.base import RankedCandidate, Reranker, RerankResult, SourceTerm
+from harmonia.domain import Candidate, RankedCandidate, RerankResult, SourceTerm
+from harmonia.rerank.base import Reranker
+from harmonia.rerank.llm.prompt import Prompt, RerankAnswer
 from harmonia.rerank.llm.providers import (
     RETRYABLE,
     Provider,
     ProviderError,
     ProviderFatal,
     ProviderResponse,
-    RateLimited,
-    ServerError,
     get_provider,
 )
+from harmonia.rerank.llm.ratelimit import RateLimiter
 from harmonia.store import llm as llm_store
 
 if TYPE_CHECKING:
     import psycopg
 
     from harmonia.config import Settings
-    from harmonia.retrieval.vector import Candidate
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Prompt:
-    version: str
-    system: str
-    tool_name: str
-    tool_description: str
-    schema: dict[str, Any]
-    hash: str  # sha256 of the system prompt and the tool definition, first 8 hex digits
-
-    @classmethod
-    def load(cls, version: str, directory: Path | None = None) -> Prompt:
-        d = directory or resource_dir("prompts") / version
-        system = (d / "system.md").read_text(encoding="utf-8")
-        tool_text = (d / "rerank_tool.json").read_text(encoding="utf-8")
-        tool = json.loads(tool_text)
-        jsonschema.Draft202012Validator.check_schema(tool["input_schema"])
-        digest = hashlib.sha256(system.encode() + b"\0" + json.dumps(tool, sort_keys=True).encode()).hexdigest()
-        return cls(version, system, tool["name"], tool.get("description", ""), tool["input_schema"], digest[:8])
-
-
-class RateLimiter:
-    """Requests and tokens per minute over a sliding 60 s window, shared by all threads (0 = unlimited)."""
-
-    def __init__(self, requests_per_minute: int = 0, tokens_per_minute: int = 0,
-                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> None:
-        self.rpm, self.tpm = requests_per_minute, tokens_per_minute
-        self.clock, self.sleep = clock, sleep
-        self._lock = threading.Lock()
-        self._events: deque[list[float]] = deque()  # [time, tokens]
-
-    def acquire(self, tokens: int) -> list[float] | None:
-        """Block until a request of about `tokens` fits; returns the entry to correct with `settle`."""
-        if not self.rpm and not self.tpm:
-            return None
-        while True:
-            with self._lock:
-                now = self.clock()
-                while self._events and self._events[0][0] <= now - 60.0:
-                    self._events.popleft()
-                used = sum(e[1] for e in self._events)
-                fits_rpm = not self.rpm or len(self._events) < self.rpm
-                # a request bigger than the whole budget still goes through once the window is empty
-                fits_tpm = not self.tpm or used + tokens <= self.tpm or not self._events
-                if fits_rpm and fits_tpm:
-                    entry = [now, float(tokens)]
-                    self._events.append(entry)
-                    return entry
-                wait = (self._events[0][0] + 60.0 - now) if self._events else 0.05
-            self.sleep(max(0.01, min(wait, 1.0)))
-
-    def settle(self, entry: list[float] | None, tokens: int) -> None:
-        if entry is not None:
-            with self._lock:
-                entry[1] = float(tokens)
 
 
 def _error_kind(exc: BaseException) -> str:
@@ -122,7 +61,7 @@ class LLMReranker(Reranker):
         self.backoff_base_s = backoff_base_s
         self.limiter = limiter or RateLimiter(settings.llm_requests_per_minute, settings.llm_tokens_per_minute)
         self._db_lock = threading.Lock()  # one psycopg connection, many threads: one at a time
-        self.validator = jsonschema.Draft202012Validator(self.prompt.schema)
+        self.validator = self.prompt.validator
 
     @classmethod
     def from_settings(cls, settings: Settings, conn: psycopg.Connection | None = None, *, use_cache: bool = True,
@@ -242,7 +181,7 @@ class LLMReranker(Reranker):
             if hit is not None and self.validator.is_valid(hit[0]):
                 usage = {"cache_hit": True, "calls": 0, "input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0,
                          "cached_usage": hit[1]}
-                return self._result(hit[0], candidates, usage)
+                return self._result(self.prompt.parse(hit[0]), candidates, usage)
         usage: dict[str, Any] = {"cache_hit": False, "calls": 0, "input_tokens": 0, "output_tokens": 0,
                                  "latency_s": 0.0}
         messages = [{"role": "user", "content": payload}]
@@ -261,7 +200,7 @@ class LLMReranker(Reranker):
                 self._finish_usage(usage)
                 if self.use_cache:
                     self._db(llm_store.cache_put, *key, resp.tool_input, usage)
-                return self._result(resp.tool_input, candidates, usage)
+                return self._result(self.prompt.parse(resp.tool_input), candidates, usage)
             usage.setdefault("violations", []).append(problem[:500])
             if ask == 1:  # one re-ask carrying the validation error
                 said = json.dumps(resp.tool_input) if resp.tool_input is not None else (resp.text or "(empty)")
@@ -281,27 +220,26 @@ class LLMReranker(Reranker):
         return RerankResult([], 0.0, mv, error=message, error_kind=kind, usage=usage,
                             details={"violations": usage.get("violations", [])})
 
-    def _result(self, out: dict[str, Any], candidates: Sequence[Candidate], usage: dict[str, Any]) -> RerankResult:
-        """The validated tool input as a result; ids outside the candidates are dropped and recorded. If the
-        model's own first choice was dropped its confidence no longer describes the new top-1: it becomes 0."""
+    def _result(self, answer: RerankAnswer, candidates: Sequence[Candidate], usage: dict[str, Any]) -> RerankResult:
+        """The validated answer as a result; ids outside the candidates are dropped and recorded. If the model's own
+        first choice was dropped its confidence no longer describes the new top-1: it becomes 0."""
         valid = {c.concept_id for c in candidates}
         ranked: list[RankedCandidate] = []
         dropped: list[int] = []
-        for item in out["ranked"]:
-            cid = int(item["concept_id"])
-            if cid not in valid:
-                dropped.append(cid)
-            elif all(r.concept_id != cid for r in ranked):
-                ranked.append(RankedCandidate(cid, float(item["score"]), str(item.get("rationale", ""))))
-        confidence = float(out["confidence"])
+        for item in answer.ranked:
+            if item.concept_id not in valid:
+                dropped.append(item.concept_id)
+            elif all(r.concept_id != item.concept_id for r in ranked):
+                ranked.append(RankedCandidate(item.concept_id, item.score, item.rationale))
+        confidence = answer.confidence
         details: dict[str, Any] = {}
         if dropped:
             details["dropped_ids"] = dropped
-            if int(out["ranked"][0]["concept_id"]) in dropped:
+            if answer.ranked[0].concept_id in dropped:
                 details["confidence_reported"] = confidence
                 confidence = 0.0
         return RerankResult(ranked=ranked[: self.settings.rerank_top_n], confidence=confidence,
-                            model_version=self.model_version, no_match=bool(out.get("no_match")) or not ranked,
+                            model_version=self.model_version, no_match=answer.no_match or not ranked,
                             usage=usage, details=details)
 
     def rerank_many(self, items: Sequence[tuple[SourceTerm, Sequence[Candidate]]]) -> list[RerankResult]:
@@ -318,6 +256,3 @@ class LLMReranker(Reranker):
             with self._db_lock:
                 self.log_conn.close()
             self.log_conn = None
-
-
-__all__ = ["LLMReranker", "Prompt", "RateLimiter", "RateLimited", "ServerError"]

@@ -1,0 +1,52 @@
+"""Lexical retrieval: pg_trgm similarity over concept names and synonyms (harmonia.store.lexical). Needs no
+embeddings; hybrid retrieval uses it as its second generator."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import psycopg
+
+from harmonia.config import Settings
+from harmonia.domain import Candidate, SourceKey
+from harmonia.embedding.model import Embedder
+from harmonia.retrieval.base import Retriever
+from harmonia.store import lexical as lex_store
+
+# Lexical hits must cover this share of the query's trigrams (pg_trgm word_similarity): lower finds more typos
+# but costs time, as every hit is scored.
+LEXICAL_THRESHOLD = 0.35
+
+
+class LexicalRetriever(Retriever):
+    """Trigram retrieval only. The embedder, if given, is kept for the record (a benchmark run names it) and never
+    called."""
+
+    def __init__(self, conn: psycopg.Connection, embedder: Embedder | None, settings: Settings,
+                 threshold: float = LEXICAL_THRESHOLD) -> None:
+        self.conn = conn
+        self.embedder = embedder
+        self.settings = settings
+        self.threshold = threshold
+
+    def vocabularies(self, vocabularies: Sequence[str] | None) -> list[str] | None:
+        """The vocabularies a search covers: vector search only sees embedded (configured) vocabularies, so lexical
+        search filters for the same unless the caller names others."""
+        v = vocabularies if vocabularies else self.settings.vocabularies
+        return list(v) if v else None
+
+    def rows(self, text: str, k: int, *, domains: Sequence[str] | None = None,
+             vocabularies: Sequence[str] | None = None, conn: psycopg.Connection | None = None) -> list[Candidate]:
+        """The lexical top-k (on `conn` if given: hybrid search runs this on a second connection)."""
+        s = self.settings
+        return lex_store.lexical_search(conn or self.conn, text, k, domains=domains,
+                                        vocabularies=self.vocabularies(vocabularies),
+                                        boost_name=s.retrieval_boost_name, boost_synonym=s.retrieval_boost_synonym,
+                                        threshold=self.threshold)
+
+    def search_many(self, texts: Sequence[str], k: int | None = None, *, domains: Sequence[str] | None = None,
+                    vocabularies: Sequence[str] | None = None, exact: bool = False,
+                    source_keys: Sequence[SourceKey | None] | None = None) -> list[list[Candidate]]:
+        k = k or self.settings.retrieval_top_k
+        domains = domains if domains is not None else (self.settings.retrieval_domains or None)
+        return [self.rows(t, k, domains=domains, vocabularies=vocabularies) for t in texts]
