@@ -44,12 +44,12 @@ def main() -> None:
     rerankers = a.reranker or ["none"]
     base = load_settings({"data_dir": a.data_dir})
     out = Path(a.out) if a.out else base.data_path / "bench"
-    with db.connect(base, autocommit=True) as conn:
+    with db.connect(base.database, autocommit=True) as conn:
         migrations.migrate(conn)
         if vocab_store.counts(conn)["concept"] == 0:
             load_vocabulary(conn, sample_dir() / "vocab", progress=False)
-        embed_concepts(conn, Embedder.from_settings(base), vocabularies=base.vocabularies,
-                       batch_size=base.embedding_batch_size, progress=False, settings=base)
+        embed_concepts(conn, Embedder.from_settings(base), vocabularies=base.embedding.vocabularies,
+                       batch_size=base.embedding.batch_size, progress=False, retrieval=base.retrieval)
         sets = [curate_maps_to_from_db(conn, seed=a.seed, per_vocab=a.per_vocab, vocabularies=["ICD10"],
                                        name="icd10"),
                 curate_usagi_from_db(conn, sample_dir() / "benchmark" / "finomop_lab.usagi.csv.gz", seed=a.seed)]
@@ -66,10 +66,10 @@ def main() -> None:
                 for name, (path, all_rows) in paths.items():
                     rows = all_rows[: a.max_rows] if a.max_rows else all_rows
                     same = sum(r.same_name for r in rows)
-                    r = run_set(pipe, rows, progress=False, set_path=str(path))
+                    r = run_set(pipe, rows, s, progress=False, set_path=str(path))
                     write_result(r, out / "runs", f"{path.stem}.{reranker}")
                     gate = "dev" if name == "icd10" else "hard"
-                    failed = check_gate(r, gate, s)
+                    failed = check_gate(r, gate, s.benchmark)
                     o = r["overall"]
                     lines.append(f"| {path.name} | {reranker} | {r['rows']} | {same} | {o['top1']:.3f} | "
                                  f"{o['top5']:.3f} | {o['mrr']:.3f} | {o['recall']:.3f} | {r['rows_per_s']:.1f} | "

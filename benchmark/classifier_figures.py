@@ -3,7 +3,7 @@
     python benchmark/classifier_figures.py --data-dir /tmp/clf [--n 500] [--checkpoint DIR] [--threads 2]
 
 Sources: ICD10 concepts with 'Maps to' targets in SNOMED whose source concept is in the test part
-(harmonia.benchmark.split.part_of == "test"), a seeded sample of --n. Each is retrieved once (top-50, the
+(harmonia.groundtruth.part_of == "test"), a seeded sample of --n. Each is retrieved once (top-50, the
 configured retriever, e.g. hybrid with the mapping memory); `none` keeps retrieval order, `classifier` reranks the
 same 50 with the checkpoint. A hit is any SNOMED 'Maps to' target. Time: each source code reranked on its own
 (50 pairs, one call), wall clock, after a warm-up; the batched throughput of rerank_many is printed too. Goals:
@@ -56,7 +56,7 @@ def main() -> None:
     if args.checkpoint:
         overrides["classifier_checkpoint"] = args.checkpoint
     s = load_settings(overrides)
-    with db.connect(s, autocommit=True) as conn:
+    with db.connect(s.database, autocommit=True) as conn:
         sources = maps_to_sources(conn, ["ICD10"], part="test")  # by source concept_id
         target_vocab = {cid: c.vocabulary_id for cid, c in
                         concept_store.get_concepts(conn, {t for st in sources for t in st.targets}).items()}
@@ -76,9 +76,9 @@ def main() -> None:
                 cand_lists += retriever.search_many([t.source_text for t in chunk],
                                                     source_keys=[t.key for t in chunk])
 
-    reranker = ClassifierReranker(checkpoint_from_settings(s), top_n=max(s.rerank_top_n, 50),
-                                  batch_size=s.classifier_batch_size, max_length=s.classifier_max_length,
-                                  device="cpu", dtype=s.classifier_dtype)
+    reranker = ClassifierReranker(checkpoint_from_settings(s), top_n=max(s.rerank.top_n, 50),
+                                  batch_size=s.classifier.batch_size, max_length=s.classifier.max_length,
+                                  device="cpu", dtype=s.classifier.dtype)
     none = NoneReranker(50)
     base = [[r.concept_id for r in none.rerank(t, c).ranked] for t, c in zip(terms, cand_lists, strict=True)]
     reranker.rerank(terms[0], cand_lists[0])  # warm-up
@@ -108,9 +108,9 @@ def main() -> None:
     m_none, m_clf = metrics(base, truths), metrics(ranked, truths)
     pairs_per = statistics.mean(len(c) for c in cand_lists)
     print(f"ICD10 -> SNOMED test part: {len(terms)} source codes (seed {args.seed}), "
-          f"{pairs_per:.0f} candidates each, recall@{s.retrieval_top_k} {recall / len(terms):.3f}")
+          f"{pairs_per:.0f} candidates each, recall@{s.retrieval.top_k} {recall / len(terms):.3f}")
     print(f"checkpoint {reranker.checkpoint} ({reranker.model_version}, base {reranker.base_model}); retrieval "
-          f"{s.retrieval_mode}, embedder {retriever.embedder.key if retriever.embedder else '-'}; "
+          f"{s.retrieval.mode}, embedder {retriever.embedder.key if retriever.embedder else '-'}; "
           f"classifier dtype {reranker.scorer.dtype}, "
           f"{reranker.scorer.model.config.num_hidden_layers} layers, "
           + (f"stacker over {len(reranker.stacker.features)} features" if reranker.stacker is not None

@@ -40,14 +40,15 @@ def main() -> None:
         if vocab_store.counts(conn)["concept"] == 0:
             r = load_vocabulary(conn, sample_dir() / "vocab", progress=False)
             print(f"vocabulary: {r.total_rows:,} rows in {r.seconds:.1f}s")
-        todo = emb_store.concepts_to_embed(conn, embedder.key, s.vocabularies)
+        todo = emb_store.concepts_to_embed(conn, embedder.key, s.embedding.vocabularies)
         if todo:
             texts = [t[1] for t in todo]
-            er = embed_concepts(conn, embedder, vocabularies=s.vocabularies, batch_size=s.embedding_batch_size,
-                                progress=False, settings=s)
+            er = embed_concepts(conn, embedder, vocabularies=s.embedding.vocabularies,
+                                batch_size=s.embedding.batch_size,
+                                progress=False, retrieval=s.retrieval)
             t = time.perf_counter()
-            for i in range(0, len(texts), s.embedding_batch_size):  # same strings, order and batches
-                embedder.encode_documents(texts[i:i + s.embedding_batch_size], s.embedding_batch_size)
+            for i in range(0, len(texts), s.embedding.batch_size):  # same strings, order and batches
+                embedder.encode_documents(texts[i:i + s.embedding.batch_size], s.embedding.batch_size)
             raw = len(texts) / (time.perf_counter() - t)
             loop = er.written / (er.seconds - er.index_seconds)
             print(f"embedding ingest: {er.written:,} concepts in {er.seconds:.1f}s = {er.rate:,.0f}/s "
@@ -62,11 +63,11 @@ def main() -> None:
         dim = emb_store.model_dim(conn, embedder.key)
         assert dim
         for v in vecs[:20]:  # warm the index into shared buffers
-            emb_store.vector_search(conn, embedder.key, dim, v, 50, ef_search=s.hnsw_ef_search)
+            emb_store.vector_search(conn, embedder.key, dim, v, 50, ef_search=s.retrieval.hnsw_ef_search)
         lat, hits, rows_back = [], 0, []
         for v in vecs:
             t = time.perf_counter()
-            approx = emb_store.vector_search(conn, embedder.key, dim, v, 50, ef_search=s.hnsw_ef_search)
+            approx = emb_store.vector_search(conn, embedder.key, dim, v, 50, ef_search=s.retrieval.hnsw_ef_search)
             lat.append((time.perf_counter() - t) * 1000)
             exact = emb_store.vector_search(conn, embedder.key, dim, v, 50, exact=True)
             hits += len({r[0] for r in approx} & {r[0] for r in exact})
@@ -75,7 +76,8 @@ def main() -> None:
         embedder.encode_queries(queries[:100])
         enc_ms = (time.perf_counter() - t) * 1000 / min(100, len(queries))
         print(f"retrieval top-50 over {emb_store.count(conn, embedder.key):,} concepts, {len(queries)} ICD10 names, "
-              f"ef_search={s.hnsw_ef_search}: p50 {percentile(lat, 50):.2f} ms, p95 {percentile(lat, 95):.2f} ms "
+              f"ef_search={s.retrieval.hnsw_ef_search}: p50 {percentile(lat, 50):.2f} ms, "
+              f"p95 {percentile(lat, 95):.2f} ms "
               f"(database query; query encoding adds {enc_ms:.1f} ms/query in batches); "
               f"recall vs exact {hits / (50 * len(queries)):.4f}; rows returned min {int(np.min(rows_back))}")
 

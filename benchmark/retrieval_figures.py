@@ -88,12 +88,12 @@ def main() -> None:
     a = ap.parse_args()
     os.environ["HARMONIA_DATA_DIR"] = a.data_dir
     s = load_settings({"data_dir": a.data_dir})
-    w = FusionWeights.from_settings(s)
+    w = FusionWeights.of(s.retrieval)
     w0 = dataclasses.replace(w, boost_memory=0.0)
     print(f"weights ({s.sources.get('retrieval_weight_vector')}): {w}")
-    conn = db.connect(s, autocommit=True)
-    sets = {"ICD10->SNOMED test": icd10_test(conn, s.vocabularies, a.n_icd, a.seed)}
-    labs, dropped = lab_rows(conn, sample_dir() / "benchmark" / "finomop_lab.usagi.csv.gz", s.vocabularies,
+    conn = db.connect(s.database, autocommit=True)
+    sets = {"ICD10->SNOMED test": icd10_test(conn, s.embedding.vocabularies, a.n_icd, a.seed)}
+    labs, dropped = lab_rows(conn, sample_dir() / "benchmark" / "finomop_lab.usagi.csv.gz", s.embedding.vocabularies,
                              a.lab_part)
     sets[f"labs ({a.lab_part})"] = labs
     print(f"lab rows without a valid standard target in the loaded vocabulary (left out): {dropped}")
@@ -110,7 +110,7 @@ def main() -> None:
         for ename, emb in embedders.items():
             t0 = time.perf_counter()
             pools = []
-            with HybridRetriever(conn, emb, s) as r:
+            with HybridRetriever.from_settings(conn, emb, s) as r:
                 for i in range(0, len(rows), 64):
                     chunk = rows[i:i + 64]
                     pools.extend(zip(chunk, r.pools([x.source_text for x in chunk], source_keys=[x.key for x in chunk]),
@@ -130,7 +130,7 @@ def main() -> None:
     # Latency: one query at a time, as the pipeline's single lookups do.
     texts = [x.source_text for x in sets["ICD10->SNOMED test"][:a.latency_n]]
     enc, ret = [], []
-    with HybridRetriever(conn, embedders["base"], s) as r:
+    with HybridRetriever.from_settings(conn, embedders["base"], s) as r:
         for t in texts:
             t0 = time.perf_counter()
             v = r.embedder.encode_queries([t])[0]

@@ -45,14 +45,15 @@ def prepare(data_dir: Path) -> None:
     from harmonia.vocabulary import load_vocabulary
 
     s = load_settings(env={"HARMONIA_DATA_DIR": str(data_dir), "HARMONIA_CONFIG": ""})
-    with db.connect(s, autocommit=True) as conn:
+    with db.connect(s.database, autocommit=True) as conn:
         migrations.migrate(conn)
         if vocab_store.counts(conn)["concept"] == 0:
             t0 = time.perf_counter()
             load_vocabulary(conn, sample_dir() / "vocab", progress=False)
             print(f"loaded the sample vocabulary in {time.perf_counter() - t0:.0f}s", flush=True)
         t0 = time.perf_counter()
-        r = embed_concepts(conn, Embedder.from_settings(s), vocabularies=s.vocabularies, progress=False, settings=s)
+        r = embed_concepts(conn, Embedder.from_settings(s), vocabularies=s.embedding.vocabularies, progress=False,
+                           retrieval=s.retrieval)
         print(f"embeddings: {r.written} new ({time.perf_counter() - t0:.0f}s), {r.total} in the index", flush=True)
 
 
@@ -85,7 +86,7 @@ def main() -> int:
 
     s = load_settings(env={"HARMONIA_DATA_DIR": str(data_dir), "HARMONIA_CONFIG": ""})
     run_vocab = f"ICD10-run{int(time.time())}"
-    with db.connect(s, autocommit=True) as conn:
+    with db.connect(s.database, autocommit=True) as conn:
         names: dict[str, str] = {}
         for e in vocab_store.maps_to_edges(conn, ["ICD10"]):
             names.setdefault(e.source_code, e.source_text)
@@ -120,7 +121,7 @@ def main() -> int:
     exits: list[int] = []
     next_kill = t0 + a.kill_every if a.kill_every > 0 else float("inf")
     last_report = t0
-    with db.connect(s, autocommit=True) as conn:
+    with db.connect(s.database, autocommit=True) as conn:
         while True:
             time.sleep(0.5)
             now = time.monotonic()

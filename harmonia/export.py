@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Sequence
 from datetime import date, datetime
 from typing import Any
 
 import psycopg
 
 from harmonia.store import mapping as map_store
+from harmonia.store.mapping import ApprovedMap
 
 USAGI_COLUMNS = ["sourceCode", "sourceName", "sourceFrequency", "sourceAutoAssignedConceptIds", "matchScore",
                  "mappingStatus", "equivalence", "statusSetBy", "statusSetOn", "conceptId", "conceptName",
@@ -24,7 +26,7 @@ def _epoch_ms(ts: datetime | None) -> str:
     return str(int(ts.timestamp() * 1000)) if ts else ""
 
 
-def usagi_rows(maps: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def usagi_rows(maps: Sequence[ApprovedMap]) -> list[dict[str, Any]]:
     out = []
     for m in maps:
         by = m["reviewer"] if m["decided_by"] == "reviewer" and m["reviewer"] else "harmonia"
@@ -43,7 +45,7 @@ def usagi_rows(maps: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def stcm_rows(maps: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def stcm_rows(maps: Sequence[ApprovedMap]) -> list[dict[str, Any]]:
     start = date(1970, 1, 1).isoformat()
     return [{
         "source_code": m["source_code"], "source_concept_id": 0, "source_vocabulary_id": m["source_vocab"],

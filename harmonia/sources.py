@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,7 +41,7 @@ class SourceFile:
     rows: int = 0  # data rows read (terms + problems + duplicates)
 
 
-def _pick(header: list[str], names: tuple[str, ...]) -> str | None:
+def _pick(header: Sequence[str], names: tuple[str, ...]) -> str | None:
     lower = {h.lower(): h for h in header}
     for n in names:
         if n.lower() in lower:

@@ -95,15 +95,15 @@ def find_file(directory: Path, stem: str) -> Path | None:
 def _open(path: Path) -> io.BufferedIOBase:
     raw = open(path, "rb")  # noqa: SIM115 - closed by the caller through the returned object
     if path.suffix == ".gz":
-        return gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
-    return raw  # type: ignore[return-value]
+        return gzip.GzipFile(fileobj=raw, mode="rb")
+    return raw
 
 
 def _is_int(v: str) -> bool:
     return v.isdigit() or (v[:1] == "-" and v[1:].isdigit())
 
 
-def validated_chunks(path: Path, spec: TableSpec, on_bytes: Callable[[int], None] | None = None
+def validated_chunks(path: Path, spec: TableSpec, on_bytes: Callable[[int], object] | None = None
                      ) -> Iterator[tuple[list[str], bytes, int]]:
     """Yield (columns, chunk of COPY-ready lines, rows in chunk); raise VocabLoadError on the first bad row."""
     with _open(path) as fh:
@@ -206,7 +206,7 @@ def load_vocabulary(conn: psycopg.Connection, directory: Path, *, progress: bool
             first = next(chunks, None)  # None: a header-only file (e.g. the sample's CONCEPT_SYNONYM)
             if first is not None:
                 try:
-                    with stage.copy(spec.table, first[0]) as copy:
+                    with stage.copy_in(spec.table, first[0]) as copy:
                         copy.write(first[1])
                         count = first[2]
                         for _, chunk, rows in chunks:

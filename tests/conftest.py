@@ -90,7 +90,7 @@ def template_db(pg_server: db.EmbeddedServer, tmp_path_factory: pytest.TempPathF
                 emb_store.register_model(conn, embedder.key, embedder.name_or_path, embedder.dim)
                 with conn.cursor().copy("COPY vocab.concept_embedding FROM STDIN") as copy:
                     copy.write(cache.read_bytes())
-        embed_concepts(conn, embedder, vocabularies=s.vocabularies, progress=False, settings=s)
+        embed_concepts(conn, embedder, vocabularies=s.embedding.vocabularies, progress=False, retrieval=s.retrieval)
         if not cache.exists():
             with conn.cursor().copy("COPY vocab.concept_embedding TO STDOUT") as copy, \
                     open(cache, "wb") as fh:

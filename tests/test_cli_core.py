@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from harmonia.cli import app
@@ -35,6 +36,7 @@ def test_search_prints_candidates_and_filters(fresh_db: str, tmp_path: Path) -> 
     assert {x["vocabulary_id"] for x in json.loads(r.stdout)} == {"LOINC"}
 
 
+@pytest.mark.slow
 def test_quickstart_maps_and_scores_sample_terms(fresh_db: str, tmp_path: Path) -> None:
     r = run(fresh_db, tmp_path, "quickstart", "--n", "12", "--show", "1")
     assert r.exit_code == 0, r.output

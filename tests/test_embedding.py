@@ -73,9 +73,10 @@ def test_vectors_are_normalised_and_model_is_offline(embedder: Embedder) -> None
 
 
 def test_bge_models_get_their_query_instruction() -> None:
-    from harmonia.config import Settings
+    from harmonia.config import EmbeddingSettings, Settings
 
-    assert Embedder.from_settings(Settings(embedding_model="BAAI/bge-base-en-v1.5")).query_prefix.startswith(
+    bge = Settings(embedding=EmbeddingSettings(model="BAAI/bge-base-en-v1.5"))
+    assert Embedder.from_settings(bge).query_prefix.startswith(
         "Represent this sentence")
     assert Embedder.from_settings(Settings()).query_prefix == ""
 
@@ -84,19 +85,19 @@ def test_bge_models_get_their_query_instruction() -> None:
 
 
 def test_top_k_rows_come_back_even_with_a_small_ef_search(conn, settings, embedder: Embedder) -> None:
-    settings.hnsw_ef_search = 10  # below k: the retriever raises it, else pgvector returns only 10-40 rows
-    r = VectorRetriever(conn, embedder, settings)
+    settings.retrieval.hnsw_ef_search = 10  # below k: the retriever raises it, else pgvector returns only 10-40 rows
+    r = VectorRetriever.from_settings(conn, embedder, settings)
     cands = r.search("Essential hypertension", 50)
     assert len(cands) == 50
     assert len({c.concept_id for c in cands}) == 50
     assert cands[0].concept_name.lower() == "essential hypertension"
     sims = [c.similarity for c in cands]
     assert sims == sorted(sims, reverse=True)
-    assert all(c.vocabulary_id in settings.vocabularies for c in cands)
+    assert all(c.vocabulary_id in settings.embedding.vocabularies for c in cands)
 
 
 def test_filters_by_domain_and_vocabulary(conn, settings, embedder: Embedder) -> None:
-    r = VectorRetriever(conn, embedder, settings)
+    r = VectorRetriever.from_settings(conn, embedder, settings)
     meas = r.search("hemoglobin in blood", 50, domains=["Measurement"])
     assert len(meas) == 50 and {c.domain_id for c in meas} == {"Measurement"}
     loinc = r.search("hemoglobin in blood", 20, vocabularies=["LOINC"])
@@ -108,12 +109,12 @@ def test_works_when_search_path_lacks_public(fresh_db: str, settings, embedder: 
         assert c.execute("SHOW search_path").fetchone()[0] == "vocab"
         with pytest.raises(psycopg.errors.UndefinedObject):
             c.execute("SELECT '[1,2]'::vector")  # unqualified, pgvector is out of reach ...
-        cands = VectorRetriever(c, embedder, settings).search("Asthma", 50)  # ... qualified, it all works
+        cands = VectorRetriever.from_settings(c, embedder, settings).search("Asthma", 50)  # ... qualified, it all works
         assert len(cands) == 50 and "asthma" in cands[0].concept_name.lower()
 
 
 def test_index_is_used_and_agrees_with_exact_search(conn, settings, embedder: Embedder) -> None:
-    r = VectorRetriever(conn, embedder, settings)
+    r = VectorRetriever.from_settings(conn, embedder, settings)
     queries = ["Acute myocardial infarction", "Fracture of neck of femur", "Glucose in serum",
                "Malignant neoplasm of breast", "Urinary tract infection", "Sodium in urine", "milligram per liter",
                "Chronic obstructive lung disease", "Iron deficiency anemia", "Pneumonia due to Streptococcus"]
@@ -138,4 +139,4 @@ def test_retriever_without_embeddings_says_what_to_do(empty_db: str, tmp_path: P
     with psycopg.connect(empty_db, autocommit=True) as c:
         migrations.migrate(c)
         with pytest.raises(RetrievalError, match="run `harmonia embed` first"):
-            VectorRetriever(c, embedder, make_settings(empty_db, tmp_path))
+            VectorRetriever.from_settings(c, embedder, make_settings(empty_db, tmp_path))

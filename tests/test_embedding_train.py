@@ -24,6 +24,7 @@ def _cos(e: Embedder, a: str, b: str) -> float:
     return float(np.dot(va, vb))
 
 
+@pytest.mark.slow
 def test_tiny_run_gives_a_loadable_model_that_pulls_a_pair_closer(tmp_path) -> None:
     base = Embedder(name_or_path=str(bundled_model_path()))
     before = _cos(base, "DM2", "Type 2 diabetes mellitus")
@@ -40,6 +41,7 @@ def test_tiny_run_gives_a_loadable_model_that_pulls_a_pair_closer(tmp_path) -> N
     assert not (out / CHECKPOINT).exists()
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_from_its_checkpoint(tmp_path, monkeypatch) -> None:
     out = tmp_path / "ft"
     cfg = TrainConfig(base=str(bundled_model_path()), out=str(out), max_steps=4, batch_size=4, checkpoint_every=2)
@@ -75,7 +77,7 @@ def test_batches_never_repeat_a_text() -> None:
 
 
 def test_training_pairs_come_from_the_dev_part_only(conn, settings) -> None:
-    pairs, info = training_pairs(conn, settings.vocabularies)
+    pairs, info = training_pairs(conn, settings.embedding.vocabularies)
     maps = vocab_store.maps_to_edges(conn)
     test_only = ({e.source_text for e in maps if part_of(e.source_concept_id) == "test"}
                  - {e.source_text for e in maps if part_of(e.source_concept_id) == "dev"})
@@ -96,9 +98,9 @@ def test_mapping_files_and_reviews_add_only_dev_part_pairs(conn, settings, tmp_p
     conn.execute("""INSERT INTO harmonia.concept_map (source_code, source_vocab, source_text, omop_concept_id,
                         decided_by) VALUES ('L1', 'LOCAL', 'reviewed dev text', %s, 'reviewer'),
                         ('L3', 'LOCAL', 'reviewed test text', %s, 'reviewer')""", (c.concept_id, c.concept_id))
-    pairs, info = training_pairs(conn, settings.vocabularies, extra_sets=[usagi])
+    pairs, info = training_pairs(conn, settings.embedding.vocabularies, extra_sets=[usagi])
     assert ("dev lab name", a.concept_name) in pairs and ("reviewed dev text", c.concept_name) in pairs
     assert not {"test lab name", "reviewed test text"} & {x for x, _ in pairs}
     assert info["mapping_file_pairs"] == 1 and info["review_pairs"] == 1
-    without, info2 = training_pairs(conn, settings.vocabularies, include_reviews=False)
+    without, info2 = training_pairs(conn, settings.embedding.vocabularies, include_reviews=False)
     assert ("reviewed dev text", c.concept_name) not in without and info2["review_pairs"] == 0

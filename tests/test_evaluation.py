@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from harmonia.config import Settings
+from harmonia.config import BenchmarkSettings, LLMSettings
 from harmonia.domain import MapsToEdge
 from harmonia.evaluation.calibrate import (
     CoveragePoint,
@@ -113,7 +113,7 @@ def test_usagi_truth_groups_per_code_and_keeps_approved_only(tmp_path: Path) -> 
 
 
 def test_usage_summary_excludes_cache_hits_from_cost() -> None:
-    s = Settings(llm_price_input_per_mtok=3.0, llm_price_output_per_mtok=15.0)
+    s = LLMSettings(price_input_per_mtok=3.0, price_output_per_mtok=15.0)
     usages = [{"input_tokens": 1000, "output_tokens": 100, "calls": 1},
               {"input_tokens": 3000, "output_tokens": 300, "calls": 1},
               {"input_tokens": 1000, "output_tokens": 100, "cache_hit": True, "calls": 0},
@@ -133,14 +133,14 @@ def _result(top1: float, top5: float) -> dict:
 
 
 def test_gates() -> None:
-    s = Settings()
+    s = BenchmarkSettings()
     assert check_gate(_result(0.60, 0.85), "dev", s) == []
     failed = check_gate(_result(0.59, 0.90), "dev", s)
     assert len(failed) == 1 and "top-1 0.590 < 0.60" in failed[0]
     assert len(check_gate(_result(0.55, 0.80), "dev", s)) == 2
     assert check_gate(_result(0.55, 0.80), "hard", s) == []
     assert "top-5" in check_gate(_result(0.55, 0.70), "hard", s)[0]
-    assert check_gate(_result(0.9, 0.9), "dev", Settings(bench_gate_dev_top1=0.95)) != []
+    assert check_gate(_result(0.9, 0.9), "dev", BenchmarkSettings(gate_dev_top1=0.95)) != []
     with pytest.raises(ValueError, match="unknown gate"):
         check_gate(_result(1, 1), "easy", s)
     md = markdown(_result(0.5, 0.8))

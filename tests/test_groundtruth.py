@@ -14,6 +14,7 @@ from harmonia.groundtruth import (
     group_edges,
     known_mappings,
     part_of,
+    read_mapping_file,
     read_set,
     read_usagi_truth,
     write_set,
@@ -90,11 +91,22 @@ def test_set_round_trip_and_bad_rows(tmp_path: Path) -> None:
 
 
 def test_known_mappings_keep_the_split_and_only_valid_targets(conn, settings) -> None:
-    dev = known_mappings(conn, settings.vocabularies)
-    everything = known_mappings(conn, settings.vocabularies, all_parts=True)
+    dev = known_mappings(conn, settings.embedding.vocabularies)
+    everything = known_mappings(conn, settings.embedding.vocabularies, all_parts=True)
     assert len(dev) > 1000 and len(everything) > len(dev)
     assert all(part_of(km.split_key) == "dev" for km in dev)
     assert any(part_of(km.split_key) == "test" for km in everything)
     concepts = concept_store.get_concepts(conn, sorted({t for km in everything for t in km.targets}))
     assert all(concepts[t].standard_concept == "S" and concepts[t].invalid_reason is None
-               and concepts[t].vocabulary_id in settings.vocabularies for km in everything for t in km.targets)
+               and concepts[t].vocabulary_id in settings.embedding.vocabularies
+               for km in everything for t in km.targets)
+
+
+def test_a_mapping_file_is_a_benchmark_set_or_a_usagi_export(tmp_path: Path) -> None:
+    usagi = _usagi(tmp_path, USAGI)
+    assert {r.source_code for r in read_mapping_file(usagi)} == {"1", "2", "5"}
+    bench = write_set([SourceTargets("C1", "ICD10", "Cholera", [1], source_concept_id=7)], tmp_path / "b.csv")
+    assert [r.split_key for r in read_mapping_file(bench)] == [7]
+    (tmp_path / "other.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(GroundTruthError, match="neither a benchmark set nor a Usagi file"):
+        read_mapping_file(tmp_path / "other.csv")

@@ -57,10 +57,10 @@ def counts(conn: psycopg.Connection) -> tuple[int, int, int]:
 
 def test_llm_decisions_persist_to_map_and_review_and_reruns_are_idempotent(
         settings: Settings, conn: psycopg.Connection, embedder, stub: Stub, tmp_path: Path) -> None:  # noqa: ANN001
-    s = make_settings(settings.database_url, tmp_path, reranker="llm", llm_provider="openai", llm_model="gpt-stub",
+    s = make_settings(settings.database.url, tmp_path, reranker="llm", llm_provider="openai", llm_model="gpt-stub",
                       llm_base_url=stub.base_url, llm_max_retries=1, llm_retry_max_wait_s=0.02,
                       auto_approve_threshold=0.9)
-    pipe = Pipeline(make_retriever(conn, embedder, s), LLMReranker.from_settings(s, conn), s)
+    pipe = Pipeline(make_retriever(conn, embedder, s), LLMReranker.from_settings(s, conn), s.router, s.rerank)
     summary = map_terms(conn, pipe, TERMS, summary=MapSummary(input_rows=4), progress=False)
     assert (summary.approved, summary.review, summary.errors) == (1, 3, 1) and summary.reconciles
     assert dict(summary.reasons) == {"approved": 1, "low_confidence": 1, "provider_error": 1, "no_match": 1}
@@ -94,7 +94,7 @@ def test_llm_decisions_persist_to_map_and_review_and_reruns_are_idempotent(
     # and without skipping mapped codes, an approval conflicts on UNIQUE(source_code, source_vocab): no change
     third = map_terms(conn, pipe, TERMS[:1], summary=MapSummary(input_rows=1), skip_existing=False, progress=False)
     assert third.already_mapped == 1 and counts(conn) == before
-    pipe.reranker.close()
+    pipe.close()
 
 
 def test_foreign_key_rejects_unknown_concept_and_nothing_is_half_written(conn: psycopg.Connection) -> None:

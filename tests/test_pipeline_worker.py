@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import psycopg
+import pytest
 from typer.testing import CliRunner
 
 from harmonia.domain import Candidate, RankedCandidate, RerankResult, SourceTerm
@@ -56,7 +57,8 @@ class SlowReranker(Reranker):
         time.sleep(cfg["delay"])
         return [RerankResult([RankedCandidate(c[0].concept_id, 0.99)], 0.99, "slow-test") for t, c in items]
 
-w = Worker(s, pipeline=Pipeline(FixedRetriever(), SlowReranker(), s), batch_size=cfg["batch"], drain=True)
+w = Worker.from_settings(s, pipeline=Pipeline(FixedRetriever(), SlowReranker(), s.router, s.rerank),
+                         batch_size=cfg["batch"], drain=True)
 print(json.dumps({"ready": w.owner}), flush=True)
 while cfg.get("go") and not os.path.exists(cfg["go"]):
     time.sleep(0.02)
@@ -143,9 +145,9 @@ def make_worker(settings_url: str, tmp_path: Path, conn: psycopg.Connection, emb
     overrides = {"worker_poll_s": 0.05, "worker_lease_s": 10.0, **{k: v for k, v in kw.items()
                                                                     if k.startswith("worker_")}}
     s = make_settings(settings_url, tmp_path, **overrides)
-    pipe = Pipeline(VectorRetriever(conn, embedder, s), reranker, s)
+    pipe = Pipeline(VectorRetriever.from_settings(conn, embedder, s), reranker, s.router, s.rerank)
     rest = {k: v for k, v in kw.items() if not k.startswith("worker_")}
-    return Worker(s, pipeline=pipe, **rest)  # type: ignore[arg-type]
+    return Worker.from_settings(s, pipeline=pipe, **rest)  # type: ignore[arg-type]
 
 
 def spawn_child(url: str, data_dir: Path, concept_id: int, *, delay: float, batch: int, lease_s: float = 10.0,
@@ -238,6 +240,7 @@ def test_worker_persists_outcome_and_state(fresh_db: str, tmp_path: Path, conn: 
     assert in_review == review
 
 
+@pytest.mark.slow
 def test_several_processes_never_share_an_item(fresh_db: str, tmp_path: Path, conn: psycopg.Connection) -> None:
     terms = sample_terms(conn, 60)
     enqueue(conn, terms)
@@ -265,6 +268,7 @@ def test_several_processes_never_share_an_item(fresh_db: str, tmp_path: Path, co
     assert_mapped_once(conn)
 
 
+@pytest.mark.slow
 def test_sigterm_finishes_items_in_hand_and_sigkill_loses_nothing(fresh_db: str, tmp_path: Path,
                                                                    conn: psycopg.Connection, embedder) -> None:  # noqa: ANN001
     terms = sample_terms(conn, 30)
@@ -411,7 +415,7 @@ def test_worker_with_llm_reranker_against_stub_provider(fresh_db: str, tmp_path:
                           llm_base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", llm_concurrency=4,
                           worker_poll_s=0.05)
         enqueue(conn, sample_terms(conn, 8))
-        w = Worker(s, drain=True, batch_size=8)
+        w = Worker.from_settings(s, drain=True, batch_size=8)
         stats = w.run()
         w.close()
     finally:

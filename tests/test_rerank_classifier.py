@@ -35,6 +35,7 @@ def tiny_run(template_db: str, tmp_path_factory: pytest.TempPathFactory) -> tupl
     return s, report.run_dir
 
 
+@pytest.mark.slow
 def test_tiny_run_writes_a_loadable_checkpoint_that_ranks_true_pairs_first(tiny_run: tuple[Settings, Path]) -> None:
     s, run_dir = tiny_run
     assert checkpoint_from_settings(s) == run_dir.resolve()  # `latest` points at it
@@ -52,6 +53,7 @@ def test_tiny_run_writes_a_loadable_checkpoint_that_ranks_true_pairs_first(tiny_
     assert (p_true > p_rand).mean() >= 0.9, (p_true, p_rand)
 
 
+@pytest.mark.slow
 def test_bfloat16_scoring_matches_float32(tiny_run: tuple[Settings, Path]) -> None:
     _, run_dir = tiny_run
     material = load_material(run_dir / "pairs.jsonl.gz")
@@ -71,6 +73,7 @@ def test_dtype_setting_is_resolved_or_refused() -> None:
         resolve_dtype("fp8", "cpu")
 
 
+@pytest.mark.slow
 def test_no_test_part_source_in_training_pairs(conn: psycopg.Connection, tiny_run: tuple[Settings, Path]) -> None:
     _, run_dir = tiny_run
     material = load_material(run_dir / "pairs.jsonl.gz")
@@ -108,13 +111,14 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
         make_reranker(s)
 
 
+@pytest.mark.slow
 def test_pipeline_with_classifier_routes_and_persists(conn: psycopg.Connection, settings: Settings,
                                                      tiny_run: tuple[Settings, Path]) -> None:
     from harmonia.pipeline.run import MapSummary, Pipeline, map_terms
     from harmonia.store import vocab as vocab_store
 
     _, run_dir = tiny_run
-    s = make_settings(settings.database_url, settings.data_path, reranker="classifier",
+    s = make_settings(settings.database.url, settings.data_path, reranker="classifier",
                       classifier_checkpoint=str(run_dir), auto_approve_threshold=0.0)
     test_sources = {e.source_concept_id: e for e in vocab_store.maps_to_edges(conn, ["ICD10"])
                     if part_of(e.source_concept_id) == "test"}
@@ -130,11 +134,11 @@ def test_pipeline_with_classifier_routes_and_persists(conn: psycopg.Connection, 
     assert len(stored) == len(terms)
     for mv, ranking, conf in stored:
         assert mv == pipe.reranker.model_version and mv.startswith("classifier:")
-        assert 1 <= len(ranking["ranked"]) <= s.rerank_top_n and 0 <= conf <= 1
+        assert 1 <= len(ranking["ranked"]) <= s.rerank.top_n and 0 <= conf <= 1
         scores = [r["score"] for r in ranking["ranked"]]
         assert scores == sorted(scores, reverse=True)
     # the same codes with an unreachable threshold go to review instead, with the ranking attached
-    s2 = make_settings(settings.database_url, settings.data_path, reranker="classifier",
+    s2 = make_settings(settings.database.url, settings.data_path, reranker="classifier",
                        classifier_checkpoint=str(run_dir), auto_approve_threshold=1.0)
     terms2 = [SourceTerm(source_code=r.source_code, source_vocab=r.source_vocab, source_text=r.source_text)
               for r in rows[6:9]]
@@ -146,6 +150,7 @@ def test_pipeline_with_classifier_routes_and_persists(conn: psycopg.Connection, 
     assert all(mv.startswith("classifier:") and reason == "low_confidence" and n >= 1 for mv, reason, n in q)
 
 
+@pytest.mark.slow
 def test_rerank_many_batches_across_items_and_records_the_checkpoint(tiny_run: tuple[Settings, Path]) -> None:
     from harmonia.domain import Candidate
 
@@ -159,6 +164,7 @@ def test_rerank_many_batches_across_items_and_records_the_checkpoint(tiny_run: t
     assert out[0].model_version == f"classifier:{out[0].details['checkpoint_hash']}"
 
 
+@pytest.mark.slow
 def test_review_decisions_become_pairs(conn: psycopg.Connection, settings: Settings) -> None:
     rows = concept_store.standard_concepts(conn, ["SNOMED"])[:3]
     good, rejected, other = rows
@@ -173,7 +179,7 @@ def test_review_decisions_become_pairs(conn: psycopg.Connection, settings: Setti
         ("my local lab name", candidate_text(good), 1.0, "review_positive"),
         ("my local lab name", candidate_text(rejected), 0.0, "review_negative")]
     # they reach the next training run's pairs
-    s = make_settings(settings.database_url, settings.data_path)
+    s = make_settings(settings.database.url, settings.data_path)
     opts = TrainOptions(max_steps=1, epochs=0, **{**TINY, "max_sources": 2})
     report = train(conn, s, opts, progress=False)
     kinds = [e.kind for e in load_material(report.run_dir / "pairs.jsonl.gz").train]
@@ -195,11 +201,12 @@ def test_review_decision_on_a_test_part_vocabulary_source_is_left_out(conn: psyc
     assert part_of("LOCAL:L3") == "test" and review_examples(conn) == []
 
 
+@pytest.mark.slow
 def test_resume_continues_from_saved_state(conn: psycopg.Connection, settings: Settings, tmp_path: Path,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
-    s = make_settings(settings.database_url, settings.data_path)
+    s = make_settings(settings.database.url, settings.data_path)
     out = tmp_path / "run"
     opts = TrainOptions(max_steps=12, epochs=0, **{**TINY, "max_sources": 4, "save_every": 5})
     # Interrupt after the state at step 10 is saved: fail the 11th optimizer step.
@@ -288,6 +295,7 @@ def test_a_stacker_for_other_features_is_refused() -> None:
         Stacker.from_dict({**good, "weights": [np.ones((3, 1)).tolist()]})
 
 
+@pytest.mark.slow
 def test_checkpoint_stacker_ranks_by_the_memory_votes(tiny_run: tuple[Settings, Path], tmp_path: Path) -> None:
     import shutil
 
@@ -317,6 +325,7 @@ def test_checkpoint_stacker_ranks_by_the_memory_votes(tiny_run: tuple[Settings, 
         ClassifierReranker(ck)
 
 
+@pytest.mark.slow
 def test_checkpoint_retrieval_weight_is_applied_when_reranking(tiny_run: tuple[Settings, Path],
                                                                tmp_path: Path) -> None:
     import shutil

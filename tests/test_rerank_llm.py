@@ -34,7 +34,7 @@ def llm_settings(base: Settings | None, stub: OpenAIStub, tmp_path: Path, **kw: 
          "llm_max_retries": 1, "llm_retry_max_wait_s": 0.05, "llm_timeout_s": 2.0, **kw}
     if base is None:
         return load_settings(o, env={"HARMONIA_CONFIG": "", "OPENAI_API_KEY": "sk-x"})
-    return make_settings(base.database_url, tmp_path, **o)
+    return make_settings(base.database.url, tmp_path, **o)
 
 
 def test_calls_are_logged_and_cache_hits_cost_no_call(settings: Settings, conn: psycopg.Connection,
@@ -75,7 +75,7 @@ def test_failed_attempts_are_logged_with_their_error(settings: Settings, conn: p
     monkeypatch.setenv("MY_KEY", "sk-ant-x")
     bad = AnthropicStub(("status", 503, {"retry-after": "0"}), ("tool", good_input([1000])))
     try:
-        s = make_settings(settings.database_url, tmp_path, reranker="llm", llm_provider="anthropic",
+        s = make_settings(settings.database.url, tmp_path, reranker="llm", llm_provider="anthropic",
                           llm_base_url=bad.base_url, llm_api_key_env="MY_KEY", llm_retry_max_wait_s=0.05)
         rr = LLMReranker.from_settings(s, conn)
         r = rr.rerank(TERMS[0], candidates(5))
@@ -184,3 +184,19 @@ def test_llm_check_and_stats_commands(fresh_db: str, stub: OpenAIStub, tmp_path:
     # one call of 1400 + 100 tokens: 1400 * 2 / 1e6 + 100 * 10 / 1e6 = $0.0038
     assert "calls 1 (failed 0), input tokens 1,400, output tokens 100" in " ".join(r.output.split())
     assert "cost $0.0038" in r.output
+
+
+def test_the_typed_answer_reads_what_the_v1_schema_admits() -> None:
+    """The JSON Schema stays the gate; RerankAnswer names exactly its fields, and parses what it admits."""
+    from harmonia.rerank.llm.prompt import RankedAnswer, RerankAnswer
+
+    prompt = Prompt.load("v1")
+    props = prompt.schema["properties"]
+    assert set(props) == set(RerankAnswer.model_fields) and set(prompt.schema["required"]) == set(props)
+    assert set(props["ranked"]["items"]["properties"]) == set(RankedAnswer.model_fields)
+    raw = {"ranked": [{"concept_id": 5, "score": 1, "rationale": "same"}], "confidence": 0.5, "no_match": False}
+    assert prompt.validator.is_valid(raw)
+    answer = prompt.parse(raw)
+    assert answer.ranked[0].concept_id == 5 and answer.ranked[0].score == 1.0 and answer.confidence == 0.5
+    assert not prompt.validator.is_valid({**raw, "confidence": 2})  # the schema refuses what the model would not
+    assert prompt.hash == "b32e5db3"  # the v1 files are byte-identical: decisions keep their model_version

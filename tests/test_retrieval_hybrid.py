@@ -26,7 +26,7 @@ def _id(conn: psycopg.Connection, name: str) -> int:
                                    "mellitus, diabetes, type 2"])
 def test_lexical_finds_exact_and_near_exact_names(conn, settings, query: str) -> None:
     target = _id(conn, T2DM)
-    cands = LexicalRetriever(conn, None, settings).search(query, 10)
+    cands = LexicalRetriever.from_settings(conn, None, settings).search(query, 10)
     ids = [c.concept_id for c in cands]
     assert target in ids[:3], [c.concept_name for c in cands[:5]]
     if query == T2DM:
@@ -38,27 +38,28 @@ def test_lexical_finds_exact_and_near_exact_names(conn, settings, query: str) ->
 def test_lexical_finds_synonyms_with_their_boost(conn, settings) -> None:
     target = _id(conn, T2DM)
     conn.execute("INSERT INTO vocab.concept_synonym VALUES (%s, 'Adult onset sugar sickness', 4180186)", (target,))
-    cands = LexicalRetriever(conn, None, settings).search("adult-onset sugar sickness", 5)
+    cands = LexicalRetriever.from_settings(conn, None, settings).search("adult-onset sugar sickness", 5)
     assert cands[0].concept_id == target
     assert cands[0].scores["synonym"] == pytest.approx(1.0)
-    assert cands[0].similarity == pytest.approx(settings.retrieval_boost_synonym)
+    assert cands[0].similarity == pytest.approx(settings.retrieval.boost_synonym)
 
 
 def test_lexical_only_returns_valid_standard_concepts_of_configured_vocabularies(conn, fresh_db, tmp_path) -> None:
     s = make_settings(fresh_db, tmp_path, vocabularies=["LOINC"])
-    cands = LexicalRetriever(conn, None, s).search("hemoglobin", 20)
+    cands = LexicalRetriever.from_settings(conn, None, s).search("hemoglobin", 20)
     assert len(cands) == 20 and {c.vocabulary_id for c in cands} == {"LOINC"}
     rows = conn.execute("SELECT standard_concept, invalid_reason FROM vocab.concept WHERE concept_id = ANY(%s)",
                         ([c.concept_id for c in cands],)).fetchall()
     assert set(rows) == {("S", None)}
     # a concept that stops being valid disappears from lexical results
     conn.execute("UPDATE vocab.concept SET invalid_reason = 'D' WHERE concept_id = %s", (cands[0].concept_id,))
-    assert cands[0].concept_id not in [c.concept_id for c in LexicalRetriever(conn, None, s).search("hemoglobin", 50)]
+    assert cands[0].concept_id not in [c.concept_id for c in
+                                       LexicalRetriever.from_settings(conn, None, s).search("hemoglobin", 50)]
 
 
 def test_lexical_works_without_public_in_search_path(conn, settings) -> None:
     conn.execute("SET search_path = pg_catalog")
-    cands = LexicalRetriever(conn, None, settings).search(T2DM, 5)
+    cands = LexicalRetriever.from_settings(conn, None, settings).search(T2DM, 5)
     assert cands[0].concept_name == T2DM
 
 
@@ -71,7 +72,7 @@ def test_lexical_index_survives_a_vocabulary_reload(conn, settings) -> None:
         "EXPLAIN SELECT 1 FROM vocab.concept c WHERE vocab.lexnorm('diabetes') OPERATOR(public.<%) "
         "vocab.lexnorm(c.concept_name) AND c.standard_concept = 'S' AND c.invalid_reason IS NULL"))
     assert "concept_name_trgm_idx" in plan
-    assert LexicalRetriever(conn, None, settings).search(T2DM, 1)[0].concept_name == T2DM
+    assert LexicalRetriever.from_settings(conn, None, settings).search(T2DM, 1)[0].concept_name == T2DM
 
 
 def test_make_retriever_dispatches_on_mode(conn, fresh_db, tmp_path, embedder) -> None:
@@ -98,8 +99,8 @@ def test_hybrid_is_deterministic_fuses_and_respects_filters(conn, fresh_db, tmp_
     loinc = r.search("diabetes", 20, vocabularies=["LOINC"])
     assert loinc and {c.vocabulary_id for c in loinc} == {"LOINC"}
     # a purely lexical weighting ranks like the lexical generator
-    lex_only = HybridRetriever(conn, embedder, s, weights=FusionWeights(vector=0.0, lexical=1.0))
-    lex = LexicalRetriever(conn, None, s).search("diabetis melitus type 2", 5)
+    lex_only = HybridRetriever.from_settings(conn, embedder, s, weights=FusionWeights(vector=0.0, lexical=1.0))
+    lex = LexicalRetriever.from_settings(conn, None, s).search("diabetis melitus type 2", 5)
     assert [c.concept_id for c in lex_only.search("diabetis melitus type 2", 5)] == [c.concept_id for c in lex]
 
 

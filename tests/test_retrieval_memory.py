@@ -32,11 +32,11 @@ def _remember(conn, settings, embedder, target: int) -> None:  # noqa: ANN001
 
 def test_hybrid_finds_a_target_only_the_memory_knows_and_never_a_source_s_own_map(conn, settings, embedder) -> None:
     target = _id(conn, TARGET)
-    r = HybridRetriever(conn, embedder, settings)
+    r = HybridRetriever.from_settings(conn, embedder, settings)
     assert target not in [c.concept_id for c in r.search(QUERY, 50)]  # neither name nor trigrams find it
     _remember(conn, settings, embedder, target)
     weights = FusionWeights(vector=0.8, lexical=0.1, rrf=0.1, boost_memory=0.95)
-    r = HybridRetriever(conn, embedder, settings, weights=weights)
+    r = HybridRetriever.from_settings(conn, embedder, settings, weights=weights)
     cands = r.search(QUERY, 50)
     hit = next(c for c in cands if c.concept_id == target)
     assert cands.index(hit) < 5 and hit.scores["memory"] > 0.8
@@ -61,7 +61,8 @@ def test_hybrid_finds_a_target_only_the_memory_knows_and_never_a_source_s_own_ma
     from harmonia.pipeline.run import Pipeline
     from harmonia.rerank import make_reranker
 
-    d = Pipeline(r, make_reranker(settings), settings).decide([SourceTerm("Q1", "LOCAL", QUERY)])[0]
+    pipe = Pipeline(r, make_reranker(settings), settings.router, settings.rerank)
+    d = pipe.decide([SourceTerm("Q1", "LOCAL", QUERY)])[0]
     shown = next(x for x in d.ranking if x["concept_id"] == target)
     assert shown["evidence"]["memory_source"].startswith("Excessive vomiting")
     # The remembered source itself gets no help from its own row (leave-one-out): only the other row is there.
@@ -71,7 +72,8 @@ def test_hybrid_finds_a_target_only_the_memory_knows_and_never_a_source_s_own_ma
                             exclude=[("HG1", "LOCAL")])
     assert [(h.source_vocab, h.source_code) for h in hits] == [("LOCAL", "X2")]
     # boost 0 switches the memory off in the fusion: the target keeps only its own (low) cosine
-    off = HybridRetriever(conn, embedder, settings, weights=FusionWeights(vector=0.8, lexical=0.1, rrf=0.1))
+    off = HybridRetriever.from_settings(conn, embedder, settings,
+                                        weights=FusionWeights(vector=0.8, lexical=0.1, rrf=0.1))
     ranked = [c.concept_id for c in off.search(QUERY, 200)]
     assert target not in ranked[:50]
 
@@ -79,7 +81,8 @@ def test_hybrid_finds_a_target_only_the_memory_knows_and_never_a_source_s_own_ma
 def test_remembered_targets_pass_the_same_filters(conn, settings, embedder) -> None:
     target = _id(conn, TARGET)
     _remember(conn, settings, embedder, target)
-    r = HybridRetriever(conn, embedder, settings, weights=FusionWeights(vector=0.8, lexical=0.1, boost_memory=0.95))
+    r = HybridRetriever.from_settings(conn, embedder, settings,
+                                      weights=FusionWeights(vector=0.8, lexical=0.1, boost_memory=0.95))
     assert target in [c.concept_id for c in r.search(QUERY, 50)]
     assert target not in [c.concept_id for c in r.search(QUERY, 50, domains=["Measurement"])]
     conn.execute("UPDATE vocab.concept SET invalid_reason = 'D' WHERE concept_id = %s", (target,))
@@ -99,13 +102,13 @@ def test_rebuild_replaces_the_memory_whole(conn, settings, embedder) -> None:
 def test_tuning_pools_leave_each_source_s_own_mapping_out(conn, settings, embedder) -> None:
     from harmonia.retrieval.tune import dev_sources_from_db
 
-    row = dev_sources_from_db(conn, settings.vocabularies, limit=1, seed=3)[0]
+    row = dev_sources_from_db(conn, settings.embedding.vocabularies, limit=1, seed=3)[0]
     own = SourceTargets(row.source_code, row.source_vocab, row.source_text, row.targets,
                         source_concept_id=row.source_concept_id, origin="vocabulary")
     build_memory(conn, embedder, settings, [own], progress=False)
     (_, pool), = precompute(conn, embedder, settings, [row])
     assert not pool.memory.any()  # its own row is the only one, and it is left out
-    other = HybridRetriever(conn, embedder, settings).pool(row.source_text, embedder.encode_queries(
+    other = HybridRetriever.from_settings(conn, embedder, settings).pool(row.source_text, embedder.encode_queries(
         [row.source_text])[0])
     assert other.memory.max() == pytest.approx(1.0, abs=1e-3)  # without the key it would have found itself
 

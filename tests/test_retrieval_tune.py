@@ -24,17 +24,17 @@ def test_tuning_reads_only_dev_sources_and_never_gets_worse(conn, settings, embe
         return real(self, texts, **kw)
 
     monkeypatch.setattr(HybridRetriever, "pools", spy)
-    sources = dev_sources_from_db(conn, settings.vocabularies, limit=60, seed=3)
+    sources = dev_sources_from_db(conn, settings.embedding.vocabularies, limit=60, seed=3)
     assert len(sources) == 60 and all(part_of(r.source_concept_id) == "dev" for r in sources)
     pools = precompute(conn, embedder, settings, sources)
     assert sorted(seen) == sorted(r.source_text for r in sources)
     assert not (set(seen) - {r.source_text for r in sources}) and len(set(seen) & test_texts) <= len(
         {r.source_text for r in sources} & test_texts)  # a test source may share a dev source's name, no more
-    r = tune(pools, settings, trials=12, seed=1)
+    r = tune(pools, settings.retrieval, trials=12, seed=1)
     assert all(part_of(k) == "dev" for k in r.source_keys) and len(r.source_keys) == 60
     assert r.after.mrr >= r.before.mrr and r.after.n == 60
-    assert r.before == evaluate(pools, FusionWeights.from_settings(settings), settings.retrieval_top_k)
-    again = tune(pools, settings, trials=12, seed=1)
+    assert r.before == evaluate(pools, FusionWeights.of(settings.retrieval), settings.retrieval.top_k)
+    again = tune(pools, settings.retrieval, trials=12, seed=1)
     assert again.weights == r.weights  # seeded TPE: same data, same weights
 
 

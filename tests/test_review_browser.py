@@ -48,6 +48,7 @@ def server(settings: Settings) -> Iterator[str]:
     thread.join(10)
 
 
+@pytest.mark.slow
 def test_review_in_chromium(server: str, conn: psycopg.Connection, tmp_path: Path) -> None:
     from playwright.sync_api import expect, sync_playwright
 

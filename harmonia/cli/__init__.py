@@ -1,100 +1,16 @@
-"""The `harmonia` command. Each stage's commands live in their own module of this package and register on the
-groups defined here, so adding a stage never touches another's commands."""
+"""The `harmonia` command. The application and its groups are in app.py; each stage's commands live in their own
+module of this package and register on those groups when imported below, so adding a stage means one module and
+one name in this import, never an edit of another stage's commands."""
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import logging
 import sys
-from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
 
-import typer
+# Importing a command module registers its commands, in this order (the order `harmonia --help` lists them).
+from harmonia.cli import core, llm, bench, reranker, worker, review, retrieval  # noqa: F401  # isort: skip
+from harmonia.cli.app import app
 
-from harmonia.config import ConfigError, Settings, load_settings
-
-if TYPE_CHECKING:
-    import psycopg
-
-    from harmonia.sources import SourceFile
-
-app = typer.Typer(help="Harmonia: map clinical source codes to OMOP standard concepts.", no_args_is_help=True,
-                  pretty_exceptions_enable=False, add_completion=False)
-db_app = typer.Typer(help="The database: migrate, status, stop.", no_args_is_help=True)
-vocab_app = typer.Typer(help="The OMOP vocabulary.", no_args_is_help=True)
-embed_app = typer.Typer(help="Embed valid standard concepts (no subcommand), or train the embedder.",
-                        invoke_without_command=True)
-retrieve_app = typer.Typer(help="Retrieval tuning.", no_args_is_help=True)
-memory_app = typer.Typer(help="The mapping memory: already-mapped sources as hybrid-retrieval candidates.",
-                         no_args_is_help=True)
-reranker_app = typer.Typer(help="The local classifier reranker.", no_args_is_help=True)
-bench_app = typer.Typer(help="Acceptance benchmark: curate, run, calibrate.", no_args_is_help=True)
-user_app = typer.Typer(help="Reviewers and their API tokens.", no_args_is_help=True)
-config_app = typer.Typer(help="Show the effective configuration.", no_args_is_help=True)
-for name, sub in (("db", db_app), ("vocab", vocab_app), ("embed", embed_app), ("retrieve", retrieve_app),
-                  ("memory", memory_app), ("reranker", reranker_app), ("bench", bench_app), ("user", user_app),
-                  ("config", config_app)):
-    app.add_typer(sub, name=name)
-
-_overrides: dict[str, object] = {}
-
-
-@app.callback()
-def _root(
-    data_dir: str = typer.Option(None, "--data-dir", help="Overrides the data_dir setting."),
-    database_url: str = typer.Option(None, "--database-url", help="Overrides the database_url setting."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log more."),
-) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
-    _overrides.clear()  # one invocation's options never leak into the next (tests run many in one process)
-    if data_dir:
-        _overrides["data_dir"] = data_dir  # load_settings also looks for the config file there
-    if database_url:
-        _overrides["database_url"] = database_url
-
-
-def settings(**extra: object) -> Settings:
-    try:
-        return load_settings({**_overrides, **{k: v for k, v in extra.items() if v is not None}})
-    except ConfigError as exc:
-        fail(str(exc))
-
-
-def connect(s: Settings | None = None, *, autocommit: bool = True) -> psycopg.Connection:
-    """A connection to the configured database (embedded server started if needed), migrations applied."""
-    from harmonia import db
-    from harmonia.store import migrations
-
-    conn = db.connect(s or settings(), autocommit=autocommit)
-    migrations.migrate(conn)
-    return conn
-
-
-def read_sources(path: Path, source_vocab: str | None) -> SourceFile:
-    """Read a Usagi-style source CSV for a command: a file-level error ends it, bad rows are reported and skipped."""
-    from harmonia.sources import SourceFileError, read_source_csv
-
-    try:
-        src = read_source_csv(path, **({"default_vocab": source_vocab} if source_vocab else {}))
-    except SourceFileError as exc:
-        fail(str(exc))
-    for p in src.problems:
-        typer.secho(f"skipped {path.name} {p}", fg=typer.colors.YELLOW, err=True)
-    return src
-
-
-def fail(message: str, code: int = 1) -> NoReturn:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code)
-
-
-# Stage modules; a missing one is simply not offered.
-COMMAND_MODULES = ["core", "llm", "bench", "reranker", "worker", "review", "retrieval"]
-for _mod in COMMAND_MODULES:
-    if importlib.util.find_spec(f"harmonia.cli.{_mod}") is not None:
-        importlib.import_module(f"harmonia.cli.{_mod}")
+__all__ = ["app", "main"]
 
 
 def main() -> None:

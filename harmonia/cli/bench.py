@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from harmonia.cli import bench_app, connect, fail, settings
+from harmonia.cli.app import bench_app, connect, fail, settings
 from harmonia.config import Settings
 from harmonia.groundtruth import DEFAULT_SEED
 from harmonia.pipeline.run import Pipeline
@@ -131,17 +131,17 @@ def run(set_path: Path = typer.Argument(..., help="A set CSV written by `bench c
         except RetrievalError as exc:
             fail(str(exc))
         except Exception as exc:  # noqa: BLE001 - no key, no checkpoint, bad provider: one clear line
-            fail(f"cannot start the {s.reranker} reranker: {type(exc).__name__}: {exc}")
+            fail(f"cannot start the {s.rerank.kind} reranker: {type(exc).__name__}: {exc}")
         with pipe:
-            result = run_set(pipe, rows, batch_size=batch_size or max(32, 4 * s.llm_concurrency),
+            result = run_set(pipe, rows, s, batch_size=batch_size or max(32, 4 * s.llm.concurrency),
                              progress=progress, set_path=str(set_path))
     result["exclude_same_name"] = exclude_same_name
-    stem = set_path.name.removesuffix(".gz").removesuffix(".csv") + f".{s.reranker}"
+    stem = set_path.name.removesuffix(".gz").removesuffix(".csv") + f".{s.rerank.kind}"
     json_path, md_path = write_result(result, out if out is not None else _bench_dir(s, None) / "runs", stem)
     print(markdown(result))
     console.print(f"results: {json_path} (every row), {md_path}")
     if gate:
-        failed = check_gate(result, gate, s)
+        failed = check_gate(result, gate, s.benchmark)
         if failed:
             typer.secho(f"gate {gate} FAILED: " + "; ".join(failed), fg=typer.colors.RED, err=True)
             raise typer.Exit(GATE_EXIT_CODE)
@@ -165,7 +165,7 @@ def calibrate(run_json: Path = typer.Argument(..., help="A result JSON written b
     from harmonia.evaluation.calibrate import at_threshold, calibrate_run, plot, table_markdown
 
     s = settings()
-    target = s.bench_target_precision if target is None else target
+    target = s.benchmark.target_precision if target is None else target
     if not 0.0 < target <= 1.0:
         fail(f"--target {target}: must be in (0, 1]")
     try:

@@ -14,8 +14,8 @@ from rich.console import Console
 from rich.table import Table
 
 from harmonia import db
-from harmonia.cli import app, config_app, connect, db_app, embed_app, fail, read_sources, settings, vocab_app
-from harmonia.config import Settings, docs_markdown, setting_fields
+from harmonia.cli.app import app, config_app, connect, db_app, embed_app, fail, read_sources, settings, vocab_app
+from harmonia.config import Settings, docs_markdown, setting_specs
 from harmonia.domain import SourceTargets
 from harmonia.pipeline.run import MapSummary, Pipeline
 from harmonia.store import migrations
@@ -30,7 +30,7 @@ console = Console()
 def db_migrate() -> None:
     """Apply pending migrations (idempotent)."""
     s = settings()
-    with db.connect(s, autocommit=True) as conn:
+    with db.connect(s.database, autocommit=True) as conn:
         applied = migrations.migrate(conn)
         console.print(f"applied {len(applied)} migration(s): {', '.join(applied) or '-'}; "
                       f"{len(migrations.applied(conn))} recorded")
@@ -39,7 +39,7 @@ def db_migrate() -> None:
 @db_app.command("url")
 def db_url() -> None:
     """Print the connection URL (starting the embedded server if needed)."""
-    print(db.database_url(settings()))
+    print(db.database_url(settings().database))
 
 
 @db_app.command("status")
@@ -54,7 +54,7 @@ def db_status() -> None:
         version = server_store.server_version(conn)
         ext = server_store.extension_version(conn, "vector")
         console.print(f"server: {version.split(',')[0]}; pgvector {ext or 'missing'}")
-        console.print(f"embedded: {not s.database_url} (data dir {s.data_path})")
+        console.print(f"embedded: {not s.database.url} (data dir {s.data_path})")
         console.print(f"migrations: {', '.join(migrations.applied(conn))}")
         console.print(f"vocabulary: {vocab_store.counts(conn)}")
         console.print(f"maps: {mapping.summary_counts(conn)}")
@@ -64,7 +64,7 @@ def db_status() -> None:
 def db_stop() -> None:
     """Stop the embedded server."""
     s = settings()
-    if s.database_url:
+    if s.database.url:
         fail("database_url is set: Harmonia does not manage that server")
     stopped = db.stop_embedded(s.data_path / "pgdata")
     console.print("stopped" if stopped else "not running")
@@ -120,8 +120,8 @@ def embed(ctx: typer.Context,
     s = settings(embedding_model=model)
     embedder = Embedder.from_settings(s)
     with connect(s) as conn:
-        r = embed_concepts(conn, embedder, vocabularies=None if all_vocabularies else s.vocabularies,
-                           batch_size=batch_size or s.embedding_batch_size, progress=progress, settings=s)
+        r = embed_concepts(conn, embedder, vocabularies=None if all_vocabularies else s.embedding.vocabularies,
+                           batch_size=batch_size or s.embedding.batch_size, progress=progress, retrieval=s.retrieval)
     console.print(f"model {r.model} ({r.dim}-d): embedded {r.written:,} concepts in {r.batches} batches, "
                   f"{r.seconds:.1f}s ({r.rate:,.0f}/s); {r.total:,} in the index; {r.deleted} stale removed")
 
@@ -147,7 +147,7 @@ def search(text: str = typer.Argument(..., help="Source text to look up."),
             fail(str(exc))
         with r:
             t0 = time.perf_counter()
-            cands = r.search(text, k or s.retrieval_top_k, domains=domain or None, vocabularies=vocabulary or None)
+            cands = r.search(text, k or s.retrieval.top_k, domains=domain or None, vocabularies=vocabulary or None)
             ms = (time.perf_counter() - t0) * 1000
     if as_json:
         print(json.dumps([c.to_dict() for c in cands], indent=1))
@@ -178,7 +178,7 @@ def map_file(path: Path = typer.Argument(..., exists=True, dir_okay=False, help=
     with connect(s) as conn, _pipeline(conn, s) as pipe:
         summary = MapSummary(input_rows=src.rows, skipped_invalid=len(src.problems), duplicates=src.duplicates)
         map_terms(conn, pipe, src.terms, summary=summary, progress=progress)
-    _print_summary(summary, s.reranker)
+    _print_summary(summary, s.rerank.kind)
     if not summary.reconciles:
         fail("summary does not reconcile with the input count")
 
@@ -192,7 +192,7 @@ def _pipeline(conn: psycopg.Connection, s: Settings) -> Pipeline:
     try:
         return Pipeline.from_settings(conn, s)
     except (ProviderError, RetrievalError, CheckpointError, ValueError) as exc:
-        fail(f"cannot build the {s.reranker!r} pipeline: {exc}")
+        fail(f"cannot build the {s.rerank.kind!r} pipeline: {exc}")
 
 
 def _print_summary(summary: MapSummary, reranker: str) -> None:
@@ -235,12 +235,27 @@ def config_show() -> None:
     t = Table()
     for col in ("setting", "value", "from"):
         t.add_column(col)
-    for f in setting_fields():
-        v = getattr(s, f.name)
-        if "key" in f.name and v and "env" not in f.name:
+    for spec in setting_specs():
+        v = s.get(spec.key)
+        if "key" in spec.key and v and "env" not in spec.key:
             v = "***"
-        t.add_row(f.name, str(v), s.sources.get(f.name, ""))
+        t.add_row(spec.key, str(v), s.sources.get(spec.key, ""))
     console.print(t)
+
+
+@config_app.command("set")
+def config_set(key: str = typer.Argument(..., help="A setting's flat key (e.g. retrieval_top_k) or section.field."),
+               value: str = typer.Argument(..., help="Its value (lists comma-separated).")) -> None:
+    """Write one setting into the configuration file (the flat form, which every version reads)."""
+    from harmonia.config import ConfigError, spec_for, write_settings
+
+    try:
+        spec = spec_for(key)
+        s = settings(**{spec.key: value})  # checked like any other source: a bad value changes nothing
+        path = write_settings({spec.key: s.get(spec.key)}, Path(s.config_file) if s.config_file else None)
+    except ConfigError as exc:
+        fail(str(exc))
+    console.print(f"{spec.key} = {s.get(spec.key)!r} written to {path}", markup=False)
 
 
 @config_app.command("docs")
@@ -302,7 +317,7 @@ def quickstart(n: int = typer.Option(200, help="How many sample ICD10 terms to m
     t_start = time.perf_counter()
     console.rule("1. database")
     with connect(s) as conn:
-        console.print(f"{'external server' if s.database_url else 'embedded PostgreSQL + pgvector'} ready; "
+        console.print(f"{'external server' if s.database.url else 'embedded PostgreSQL + pgvector'} ready; "
                       f"migrations: {len(migrations.applied(conn))} applied")
         console.rule("2. vocabulary")
         counts = vocab_store.counts(conn)
@@ -313,20 +328,20 @@ def quickstart(n: int = typer.Option(200, help="How many sample ICD10 terms to m
             console.print(f"vocabulary already loaded ({counts['concept']:,} concepts); --reload to load again")
         console.rule("3. embeddings")
         embedder = Embedder.from_settings(s)
-        er = embed_concepts(conn, embedder, vocabularies=s.vocabularies, batch_size=s.embedding_batch_size,
-                            settings=s)
+        er = embed_concepts(conn, embedder, vocabularies=s.embedding.vocabularies, batch_size=s.embedding.batch_size,
+                            retrieval=s.retrieval)
         console.print(f"{embedder.key}: {er.written:,} new, {er.total:,} embedded concepts")
-        if s.retrieval_mode == "hybrid":
+        if s.retrieval.mode == "hybrid":
             console.rule("3b. mapping memory")
             if not mem_store.count(conn, embedder.key):
-                maps = known_mappings(conn, s.vocabularies)
+                maps = known_mappings(conn, s.embedding.vocabularies)
                 mr = build_memory(conn, embedder, s, maps)
                 console.print(f"remembered {mr.rows:,} mapped sources of the development part in {mr.seconds:.0f}s")
             else:
                 console.print(f"{sum(mem_store.count(conn, embedder.key).values()):,} mapped sources remembered "
                               "(`harmonia memory build` rebuilds)")
-        console.rule(f"4. map {n} ICD10 terms (reranker={s.reranker})")
-        console.print(_RERANKER_NOTE.get(s.reranker, ""))
+        console.rule(f"4. map {n} ICD10 terms (reranker={s.rerank.kind})")
+        console.print(_RERANKER_NOTE.get(s.rerank.kind, ""))
         truth = sample_ground_truth(conn, n, seed, ["ICD10"])
         terms = [SourceTerm(source_code=e.source_code, source_vocab=e.source_vocab, source_text=e.source_text)
                  for e in truth.values()]
@@ -345,15 +360,16 @@ def quickstart(n: int = typer.Option(200, help="How many sample ICD10 terms to m
                             f"(confidence {d.confidence:.2f}, {d.reason})", title_justify="left")
             for col in ("#", "concept_id", "name", "domain", "vocabulary", "score", "truth"):
                 t.add_column(col)
-            for j, r in enumerate(d.ranking[:3], 1):
-                t.add_row(str(j), str(r["concept_id"]), r["concept_name"], r["domain_id"], r["vocabulary_id"],
-                          f"{r['score']:.3f}", "✔" if r["concept_id"] in targets else "")
+            for j, entry in enumerate(d.ranking[:3], 1):
+                t.add_row(str(j), str(entry["concept_id"]), entry["concept_name"], entry["domain_id"],
+                          entry["vocabulary_id"], f"{entry['score']:.3f}",
+                          "✔" if entry["concept_id"] in targets else "")
             console.print(t)
     m = len(summary.decisions) or 1
     console.rule("5. results")
-    _print_summary(summary, s.reranker)
-    console.print(f"[bold]top-1 {hits1 / m:.3f}   top-5 {hits5 / m:.3f}   recall@{s.retrieval_top_k} "
+    _print_summary(summary, s.rerank.kind)
+    console.print(f"[bold]top-1 {hits1 / m:.3f}   top-5 {hits5 / m:.3f}   recall@{s.retrieval.top_k} "
                   f"{recall / m:.3f}[/bold]   on {m} ICD10 -> standard 'Maps to' sources "
-                  f"(test part; retrieval={s.retrieval_mode}, reranker={s.reranker}, model {embedder.key})")
+                  f"(test part; retrieval={s.retrieval.mode}, reranker={s.rerank.kind}, model {embedder.key})")
     console.print(f"finished in {time.perf_counter() - t_start:.0f}s. Next: `harmonia search \"text\"`, "
                   "`harmonia map codes.csv`, `harmonia export --format usagi`.")

@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from harmonia.cli import app, connect, fail, settings
+from harmonia.cli.app import app, connect, fail, settings
 
 console = Console()
 llm_app = typer.Typer(help="The LLM reranker: try the provider, prompt version, call log and costs.",
@@ -41,7 +41,7 @@ def check(text: str = typer.Argument(..., help="Source text to map."),
         term = SourceTerm(code, source_vocab, text)
         with rr:
             result = rr.safe_rerank(term, cands)
-    d = route(term, cands, result, s.auto_approve_threshold, s.rerank_top_n)
+    d = route(term, cands, result, s.router.auto_approve_threshold, s.rerank.top_n)
     if as_json:
         print(json.dumps({"action": d.action, "reason": d.reason, **d.ranking_json()}, indent=1, default=str))
         return
@@ -67,9 +67,9 @@ def prompt() -> None:
     from harmonia.rerank.llm.prompt import Prompt
 
     s = settings()
-    p = Prompt.load(s.llm_prompt_version)
+    p = Prompt.load(s.llm.prompt_version)
     print(f"prompts: {resource_dir('prompts') / p.version}")
-    print(f"model_version: llm:{s.llm_provider}/{s.llm_model}:prompt={p.version}-{p.hash}")
+    print(f"model_version: llm:{s.llm.provider}/{s.llm.model}:prompt={p.version}-{p.hash}")
 
 
 @llm_app.command("stats")
@@ -80,8 +80,8 @@ def stats(since: str = typer.Option(None, help="Only calls at or after this time
     s = settings()
     with connect(s) as conn:
         st = llm_store.call_stats(conn, since)
-    cost = (st["input_tokens"] * s.llm_price_input_per_mtok + st["output_tokens"] * s.llm_price_output_per_mtok) / 1e6
+    cost = (st["input_tokens"] * s.llm.price_input_per_mtok + st["output_tokens"] * s.llm.price_output_per_mtok) / 1e6
     console.print(f"calls {st['calls']} (failed {st['errors']}), input tokens {st['input_tokens']:,}, "
                   f"output tokens {st['output_tokens']:,}, mean latency {st['mean_latency_ms']:.0f} ms, "
-                  f"cost ${cost:,.4f} at ${s.llm_price_input_per_mtok:g}/${s.llm_price_output_per_mtok:g} "
+                  f"cost ${cost:,.4f} at ${s.llm.price_input_per_mtok:g}/${s.llm.price_output_per_mtok:g} "
                   "per million input/output tokens", markup=False)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from harmonia.cli import connect, fail, reranker_app, settings
+from harmonia.cli.app import connect, fail, reranker_app, settings
 
 
 @reranker_app.command("train")
@@ -44,7 +44,7 @@ def reranker_train(
     s = settings()
     opts = TrainOptions(base_model=base_model or "", layers=layers, epochs=epochs, max_steps=max_steps,
                         batch_size=batch_size,
-                        learning_rate=learning_rate, max_length=max_length or s.classifier_max_length, seed=seed,
+                        learning_rate=learning_rate, max_length=max_length or s.classifier.max_length, seed=seed,
                         hard_negatives=hard_negatives, random_negatives=random_negatives, max_sources=max_sources,
                         source_vocabularies=list(source_vocab), save_every=save_every, holdout=holdout,
                         holdout_max=holdout_max,

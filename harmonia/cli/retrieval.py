@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from harmonia.cli import connect, embed_app, fail, memory_app, retrieve_app, settings
+from harmonia.cli.app import connect, embed_app, fail, memory_app, retrieve_app, settings
 
 console = Console()
 
@@ -43,7 +43,8 @@ def embed_train(
     target = out or default_out(s, name)
     with connect(s) as conn:
         try:
-            pairs, info = training_pairs(conn, s.vocabularies, extra_sets=pairs_from, include_reviews=not no_reviews)
+            pairs, info = training_pairs(conn, s.embedding.vocabularies, extra_sets=pairs_from,
+                                         include_reviews=not no_reviews)
         except GroundTruthError as exc:
             fail(str(exc))
     console.print(f"{len(pairs):,} pairs ({info['maps_to_pairs']:,} 'Maps to' of {info['dev_sources']:,} dev "
@@ -54,7 +55,7 @@ def embed_train(
                       max_seq_length=max_seq_length)
     try:
         r = train(pairs, cfg, info=info, resume=resume, progress=progress,
-                  device=resolve_device(s.embedding_device))
+                  device=resolve_device(s.embedding.device))
     except TrainError as exc:
         fail(str(exc))
     console.print(f"trained {r.steps} steps in {r.seconds:.0f}s (from step {r.resumed_from}); last loss "
@@ -94,14 +95,14 @@ def retrieve_tune(
     with connect(s) as conn:
         try:
             sources = (dev_sources_from_csv(dev_set) if dev_set
-                       else dev_sources_from_db(conn, s.vocabularies, limit=limit, seed=seed))
+                       else dev_sources_from_db(conn, s.embedding.vocabularies, limit=limit, seed=seed))
             if dev_set and limit:
                 sources = sources[:limit]
             console.print(f"{len(sources):,} development sources; precomputing candidate pools …")
             pools = precompute(conn, Embedder.from_settings(s), s, sources)
         except (TuneError, GroundTruthError, RetrievalError) as exc:
             fail(str(exc))
-    r = tune(pools, s, trials=trials, seed=seed, objective=objective)
+    r = tune(pools, s.retrieval, trials=trials, seed=seed, objective=objective)
     console.print(f"before: MRR {r.before.mrr:.4f}  recall@50 {r.before.recall:.4f}  top-1 {r.before.top1:.4f}")
     console.print(f"after:  MRR {r.after.mrr:.4f}  recall@50 {r.after.recall:.4f}  top-1 {r.after.top1:.4f}"
                   f"  ({trials} trials)")
@@ -131,7 +132,7 @@ def memory_build(
     embedder = Embedder.from_settings(s)
     with connect(s) as conn:
         try:
-            maps = known_mappings(conn, s.vocabularies, extra_sets=pairs_from, include_reviews=not no_reviews,
+            maps = known_mappings(conn, s.embedding.vocabularies, extra_sets=pairs_from, include_reviews=not no_reviews,
                                   all_parts=all_parts)
         except GroundTruthError as exc:
             fail(str(exc))
@@ -141,5 +142,5 @@ def memory_build(
     parts = ", ".join(f"{n:,} {origin}" for origin, n in sorted(r.by_origin.items()))
     console.print(f"model {r.model}: {r.rows:,} remembered sources ({parts}) in {r.seconds:.1f}s"
                   + (f"; {r.duplicates} repeated codes kept once" if r.duplicates else ""))
-    if s.retrieval_mode != "hybrid":
+    if s.retrieval.mode != "hybrid":
         console.print("the memory is used by hybrid retrieval: set retrieval_mode = \"hybrid\"")

@@ -6,7 +6,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from harmonia.cli import app, connect, fail, settings, user_app
+from harmonia.cli.app import app, connect, fail, settings, user_app
 from harmonia.store import users as user_store
 
 console = Console()
@@ -26,8 +26,8 @@ def serve(
     with connect(s) as conn:
         if not user_store.list_users(conn):
             console.print("[yellow]no users yet: create one with `harmonia user add NAME`[/yellow]")
-    console.print(f"review page: http://{s.serve_host}:{s.serve_port}/   API docs: /docs")
-    uvicorn.run(create_app(s), host=s.serve_host, port=s.serve_port, log_level="info")
+    console.print(f"review page: http://{s.review.host}:{s.review.port}/   API docs: /docs")
+    uvicorn.run(create_app(s), host=s.review.host, port=s.review.port, log_level="info")
 
 
 @user_app.command("add")

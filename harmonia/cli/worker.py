@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from harmonia.cli import app, connect, fail, read_sources, settings
+from harmonia.cli.app import app, connect, fail, read_sources, settings
 
 console = Console(width=200)
 
@@ -49,11 +49,11 @@ def worker(concurrency: int = typer.Option(None, "--concurrency", "-c",
         fail("--batch must be at least 1")
     logging.getLogger("harmonia.pipeline.worker").setLevel(logging.INFO)
     try:
-        w = Worker(s, batch_size=batch, drain=drain, max_items=max_items)
+        w = Worker.from_settings(s, batch_size=batch, drain=drain, max_items=max_items)
     except RetrievalError as exc:
         fail(str(exc))
-    typer.echo(f"worker {w.owner} started (reranker={s.reranker}, batch={w.batch_size}, "
-               f"llm_concurrency={s.llm_concurrency}, lease={w.lease_s:g}s)", err=True)
+    typer.echo(f"worker {w.owner} started (reranker={s.rerank.kind}, batch={w.batch_size}, "
+               f"llm_concurrency={s.llm.concurrency}, lease={w.lease_s:g}s)", err=True)
     try:
         stats = run_until_signalled(w)
     finally:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import psycopg
 
-from harmonia.config import Settings
+from harmonia.config import RetrievalSettings
 from harmonia.embedding.model import Embedder
 from harmonia.store import embeddings as emb_store
 
@@ -32,7 +32,7 @@ class EmbedReport:
 
 
 def embed_concepts(conn: psycopg.Connection, embedder: Embedder, *, vocabularies: Sequence[str] | None,
-                   batch_size: int = 256, progress: bool = True, settings: Settings | None = None,
+                   batch_size: int = 256, progress: bool = True, retrieval: RetrievalSettings | None = None,
                    limit: int | None = None) -> EmbedReport:
     """Embed what is missing for this model; each batch is its own committed transaction."""
     from tqdm import tqdm
@@ -55,7 +55,7 @@ def embed_concepts(conn: psycopg.Connection, embedder: Embedder, *, vocabularies
             written += emb_store.write_batch(conn, embedder.key, ids, texts, vectors, fresh=fresh)
             batches += 1
             bar.update(len(chunk))
-    s = settings or Settings()
+    s = retrieval or RetrievalSettings()  # the HNSW build parameters
     t_index = time.perf_counter()
     emb_store.ensure_index(conn, embedder.key, embedder.dim, m=s.hnsw_m, ef_construction=s.hnsw_ef_construction,
                            maintenance_work_mem=s.maintenance_work_mem)

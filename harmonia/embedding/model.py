@@ -11,10 +11,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from harmonia.config import Settings
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +62,13 @@ class Embedder:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Embedder:
-        name = settings.embedding_model or str(bundled_model_path())
-        prefix = settings.embedding_query_prefix
+        """The embedder the `embedding` section names (the bundled model when none is)."""
+        cfg = settings.embedding
+        name = cfg.model or str(bundled_model_path())
+        prefix = cfg.query_prefix
         if prefix == "auto":
             prefix = BGE_QUERY_INSTRUCTION if "bge" in name.lower() and "-en" in name.lower() else ""
-        return cls(name_or_path=name, device=resolve_device(settings.embedding_device), query_prefix=prefix)
+        return cls(name_or_path=name, device=resolve_device(cfg.device), query_prefix=prefix)
 
     @property
     def is_local(self) -> bool:
@@ -77,7 +83,7 @@ class Embedder:
         return self.name_or_path
 
     @cached_property
-    def model(self):  # noqa: ANN201 - SentenceTransformer
+    def model(self) -> SentenceTransformer:
         if self.is_local:
             os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local path must never reach for a hub
         from sentence_transformers import SentenceTransformer

@@ -18,6 +18,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 
@@ -25,6 +26,10 @@ from harmonia.config import Settings
 from harmonia.groundtruth import known_mappings
 from harmonia.store import concepts as concept_store
 from harmonia.store import lexical as lex_store
+
+if TYPE_CHECKING:
+    import torch
+    from sentence_transformers import SentenceTransformer
 
 log = logging.getLogger(__name__)
 
@@ -130,12 +135,16 @@ def make_batches(pairs: Sequence[tuple[str, str]], batch_size: int, seed: int) -
     return batches
 
 
-def _loss_class():  # noqa: ANN202
+def _loss_class() -> type[torch.nn.Module]:
+    """MultipleNegativesRankingLoss, from where this sentence-transformers release keeps it."""
+    import importlib
+
     try:
-        from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+        module = importlib.import_module("sentence_transformers.sentence_transformer.losses")
     except ImportError:  # older sentence-transformers
-        from sentence_transformers.losses import MultipleNegativesRankingLoss
-    return MultipleNegativesRankingLoss
+        module = importlib.import_module("sentence_transformers.losses")
+    loss: type[torch.nn.Module] = module.MultipleNegativesRankingLoss
+    return loss
 
 
 def train(pairs: Sequence[tuple[str, str]], cfg: TrainConfig, *, info: dict | None = None, resume: bool = False,
@@ -221,7 +230,7 @@ def train(pairs: Sequence[tuple[str, str]], cfg: TrainConfig, *, info: dict | No
                        resumed_from=start)
 
 
-def _checkpoint(model, ckpt: Path, state: dict) -> None:  # noqa: ANN001
+def _checkpoint(model: SentenceTransformer, ckpt: Path, state: dict[str, Any]) -> None:
     """Write to a temp dir, then swap: a crash mid-write leaves the previous checkpoint intact."""
     import torch
 

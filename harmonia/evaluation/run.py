@@ -16,7 +16,7 @@ from harmonia.domain import SourceTargets, SourceTerm
 from harmonia.metrics import RowScore, aggregate, aggregate_by, score_row
 
 if TYPE_CHECKING:
-    from harmonia.config import Settings
+    from harmonia.config import BenchmarkSettings, LLMSettings, Settings
     from harmonia.pipeline.run import Pipeline
 
 INPUT_TOKEN_KEYS = ("input_tokens", "prompt_tokens")
@@ -35,7 +35,7 @@ def _from_cache(usage: dict[str, Any]) -> bool:
     return isinstance(hits, int | float) and hits > 0 and hits >= usage.get("calls", 1)
 
 
-def usage_summary(usages: Sequence[dict[str, Any]], n_rows: int, settings: Settings) -> dict[str, Any]:
+def usage_summary(usages: Sequence[dict[str, Any]], n_rows: int, llm: LLMSettings) -> dict[str, Any]:
     """Tokens actually paid for (cache hits excluded) and the cost per 1,000 rows at the configured prices."""
     paid_in = paid_out = all_in = all_out = hits = calls = 0
     for u in usages:
@@ -43,7 +43,8 @@ def usage_summary(usages: Sequence[dict[str, Any]], n_rows: int, settings: Setti
         calls += int(u.get("calls", 1 if (i or o) else 0) or 0)
         if _from_cache(u):
             hits += 1
-            first = u.get("cached_usage") if isinstance(u.get("cached_usage"), dict) else {}
+            cached = u.get("cached_usage")
+            first: dict[str, Any] = cached if isinstance(cached, dict) else {}
             all_in += _tokens(first, INPUT_TOKEN_KEYS) or i  # what the cached answer cost when it was asked
             all_out += _tokens(first, OUTPUT_TOKEN_KEYS) or o
         else:
@@ -51,28 +52,27 @@ def usage_summary(usages: Sequence[dict[str, Any]], n_rows: int, settings: Setti
             all_out += o
             paid_in += i
             paid_out += o
-    cost = (paid_in * settings.llm_price_input_per_mtok + paid_out * settings.llm_price_output_per_mtok) / 1e6
+    cost = (paid_in * llm.price_input_per_mtok + paid_out * llm.price_output_per_mtok) / 1e6
     per_k = 1000.0 / n_rows if n_rows else 0.0
     return {"rows_from_cache": hits, "calls": calls, "input_tokens": paid_in, "output_tokens": paid_out,
             "input_tokens_incl_cached": all_in, "output_tokens_incl_cached": all_out, "cost": round(cost, 6),
             "input_tokens_per_1k_rows": round(paid_in * per_k, 1),
             "output_tokens_per_1k_rows": round(paid_out * per_k, 1),
             "cost_per_1k_rows": round(cost * per_k, 6),
-            "prices_per_mtok": {"input": settings.llm_price_input_per_mtok,
-                                "output": settings.llm_price_output_per_mtok}}
+            "prices_per_mtok": {"input": llm.price_input_per_mtok, "output": llm.price_output_per_mtok}}
 
 
-def run_set(pipeline: Pipeline, rows: Sequence[SourceTargets], *, batch_size: int = 32, progress: bool = True,
-            set_path: str = "") -> dict[str, Any]:
-    """Decide every row, score it, and return the whole result (what goes into the JSON file)."""
+def run_set(pipeline: Pipeline, rows: Sequence[SourceTargets], s: Settings, *, batch_size: int = 32,
+            progress: bool = True, set_path: str = "") -> dict[str, Any]:
+    """Decide every row, score it, and return the whole result (what goes into the JSON file). `s`: the settings
+    the pipeline was built from, recorded with the result."""
     from tqdm import tqdm
 
-    s = pipeline.settings
     per_row: list[dict[str, Any]] = []
     scored: list[tuple[SourceTargets, RowScore]] = []
     usages: list[dict[str, Any]] = []
     t0 = time.perf_counter()
-    with tqdm(total=len(rows), unit="row", desc=f"bench {s.reranker}", disable=not progress) as bar:
+    with tqdm(total=len(rows), unit="row", desc=f"bench {s.rerank.kind}", disable=not progress) as bar:
         for start in range(0, len(rows), batch_size):
             batch = rows[start:start + batch_size]
             terms = [SourceTerm(source_code=r.source_code, source_vocab=r.source_vocab, source_text=r.source_text)
@@ -93,11 +93,11 @@ def run_set(pipeline: Pipeline, rows: Sequence[SourceTargets], *, batch_size: in
     seconds = time.perf_counter() - t0
     n = len(per_row)
     result: dict[str, Any] = {
-        "set": set_path, "reranker": s.reranker, "model_version": pipeline.reranker.model_version,
+        "set": set_path, "reranker": s.rerank.kind, "model_version": pipeline.reranker.model_version,
         "embedding_model": pipeline.retriever.embedder.key if pipeline.retriever.embedder else "",
-        "retrieval_mode": s.retrieval_mode,
-        "retrieval_top_k": s.retrieval_top_k, "rerank_top_n": s.rerank_top_n,
-        "auto_approve_threshold": s.auto_approve_threshold, "rows": n, "seconds": round(seconds, 3),
+        "retrieval_mode": s.retrieval.mode,
+        "retrieval_top_k": s.retrieval.top_k, "rerank_top_n": s.rerank.top_n,
+        "auto_approve_threshold": s.router.auto_approve_threshold, "rows": n, "seconds": round(seconds, 3),
         "rows_per_s": round(n / seconds, 3) if seconds > 0 else None,
         "overall": aggregate([sc for _, sc in scored]).to_dict(),
         # same-name sources are easy for retrieval: the figures without them, reported separately
@@ -109,8 +109,8 @@ def run_set(pipeline: Pipeline, rows: Sequence[SourceTargets], *, batch_size: in
         "auto_approved": sum(1 for r in per_row if r["action"] == "approve"),
         "rows_detail": per_row,
     }
-    if s.reranker == "llm":
-        result["llm"] = usage_summary(usages, n, s) | {"provider": s.llm_provider, "model": s.llm_model}
+    if s.rerank.kind == "llm":
+        result["llm"] = usage_summary(usages, n, s.llm) | {"provider": s.llm.provider, "model": s.llm.model}
     return result
 
 
@@ -139,10 +139,9 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(head + body + tail) + "\n"
 
 
-def check_gate(result: dict[str, Any], gate: str, settings: Settings) -> list[str]:
+def check_gate(result: dict[str, Any], gate: str, cfg: BenchmarkSettings) -> list[str]:
     """Failed gate conditions (empty: passed). 'dev' for the development-type sets, 'hard' for harder sets."""
-    limits = {"dev": (settings.bench_gate_dev_top1, settings.bench_gate_dev_top5),
-              "hard": (settings.bench_gate_hard_top1, settings.bench_gate_hard_top5)}
+    limits = {"dev": (cfg.gate_dev_top1, cfg.gate_dev_top5), "hard": (cfg.gate_hard_top1, cfg.gate_hard_top5)}
     if gate not in limits:
         raise ValueError(f"unknown gate {gate!r}: dev or hard")
     top1_min, top5_min = limits[gate]

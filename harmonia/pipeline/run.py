@@ -16,7 +16,7 @@ from typing import Self
 
 import psycopg
 
-from harmonia.config import Settings
+from harmonia.config import RerankSettings, RouterSettings, Settings
 from harmonia.domain import Decision, RerankResult, SourceTerm
 from harmonia.pipeline.route import route
 from harmonia.rerank.base import Reranker
@@ -29,10 +29,12 @@ log = logging.getLogger(__name__)
 class Pipeline:
     """retrieve -> rerank -> route for batches of source terms; owns (and closes) its retriever and reranker."""
 
-    def __init__(self, retriever: Retriever, reranker: Reranker, settings: Settings) -> None:
+    def __init__(self, retriever: Retriever, reranker: Reranker, router: RouterSettings,
+                 rerank: RerankSettings) -> None:
         self.retriever = retriever
         self.reranker = reranker
-        self.settings = settings
+        self.threshold = router.auto_approve_threshold
+        self.top_n = rerank.top_n
 
     @classmethod
     def from_settings(cls, conn: psycopg.Connection, settings: Settings) -> Pipeline:
@@ -48,7 +50,7 @@ class Pipeline:
         except BaseException:
             retriever.close()
             raise
-        return cls(retriever, reranker, settings)
+        return cls(retriever, reranker, settings.router, settings.rerank)
 
     def close(self) -> None:
         """Close the reranker and the retriever (not the connection the retriever was given)."""
@@ -76,8 +78,7 @@ class Pipeline:
             if not isinstance(result, RerankResult):  # defensive: a reranker bug must not lose the code
                 result = RerankResult([], 0.0, self.reranker.model_version, error="reranker returned nothing",
                                       error_kind="reranker_exception")
-            decisions.append(route(term, cands, result, self.settings.auto_approve_threshold,
-                                   self.settings.rerank_top_n))
+            decisions.append(route(term, cands, result, self.threshold, self.top_n))
         return decisions
 
 

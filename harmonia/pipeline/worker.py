@@ -21,14 +21,14 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import psycopg
 
 from harmonia import db
-from harmonia.config import Settings
+from harmonia.config import DatabaseSettings, Settings, WorkerSettings
 from harmonia.domain import Decision, SourceTerm
 from harmonia.pipeline.run import Pipeline
 from harmonia.store import mapping as map_store
@@ -132,32 +132,50 @@ class LeaseRenewer(threading.Thread):
             self._conn.close()
 
 
-class Worker:
-    """One worker process's loop. `pipeline` may be injected (tests, custom rerankers); otherwise it is built
-    from the settings, with `concurrency` as the LLM calls in flight."""
+PipelineFactory = Callable[[psycopg.Connection], Pipeline]
 
-    def __init__(self, settings: Settings, *, pipeline: Pipeline | None = None, batch_size: int | None = None,
-                 drain: bool = False, max_items: int | None = None, owner: str | None = None) -> None:
-        self.settings = settings
-        self.batch_size = max(1, batch_size or settings.worker_batch_size)
+
+class Worker:
+    """One worker process's loop. `make_pipeline` builds its pipeline on the worker's own connection
+    (`from_settings`: the configured one, or an injected one for tests and custom rerankers)."""
+
+    def __init__(self, cfg: WorkerSettings, database: DatabaseSettings, make_pipeline: PipelineFactory, *,
+                 batch_size: int | None = None, drain: bool = False, max_items: int | None = None,
+                 owner: str | None = None) -> None:
+        self.batch_size = max(1, batch_size or cfg.batch_size)
         self.drain = drain
         self.max_items = max_items
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
-        self.lease_s = settings.worker_lease_s
-        self.max_attempts = max(1, settings.worker_max_attempts)
-        self.poll_s = max(0.01, settings.worker_poll_s)
-        self.url = db.database_url(settings)
+        self.lease_s = cfg.lease_s
+        self.max_attempts = max(1, cfg.max_attempts)
+        self.poll_s = max(0.01, cfg.poll_s)
+        self.url = db.database_url(database)
         self.conn = psycopg.connect(self.url, autocommit=True)
         migrations.migrate(self.conn)
         self._listen = psycopg.connect(self.url, autocommit=True)
         qstore.listen(self._listen)
-        self.pipeline = pipeline or Pipeline.from_settings(self.conn, settings)
-        embedder = getattr(self.pipeline.retriever, "embedder", None)
-        if embedder is not None:  # load the model now: a worker is ready (or fails) before it claims anything
-            embedder.encode_queries(["warm-up"])
+        try:
+            self.pipeline = make_pipeline(self.conn)
+            if self.pipeline.retriever.embedder is not None:  # load the model now: a worker is ready (or fails)
+                self.pipeline.retriever.embedder.encode_queries(["warm-up"])  # before it claims anything
+        except BaseException:
+            self._listen.close()
+            self.conn.close()
+            raise
         self.stats = WorkerStats(owner=self.owner)
         self._stop = threading.Event()
         self._renewer = LeaseRenewer(self.owner, self.lease_s, self.url)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, pipeline: Pipeline | None = None, batch_size: int | None = None,
+                      drain: bool = False, max_items: int | None = None, owner: str | None = None) -> Worker:
+        """A worker with the configured pipeline (llm_concurrency: the LLM calls in flight), or with `pipeline`."""
+
+        def make_pipeline(conn: psycopg.Connection) -> Pipeline:
+            return pipeline if pipeline is not None else Pipeline.from_settings(conn, settings)
+
+        return cls(settings.worker, settings.database, make_pipeline, batch_size=batch_size, drain=drain,
+                   max_items=max_items, owner=owner)
 
     # ------------------------------------------------------------------------------------------- control
 
@@ -257,7 +275,7 @@ class Worker:
         for item in items:
             try:
                 out.append((item, self.pipeline.decide([item.term])[0]))
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:  # noqa: BLE001 - the item gets the fault as a failed attempt
                 out.append((item, exc))
         return out
 

@@ -19,14 +19,15 @@ if TYPE_CHECKING:
 def make_reranker(settings: Settings, conn: psycopg.Connection | None = None) -> Reranker:
     """The reranker the settings name (the caller closes it). Swapping providers or kinds is configuration, never
     code. `conn` only says a database is in use (the LLM reranker then logs and caches on its own connection)."""
-    if settings.reranker == "none":
-        return NoneReranker(settings.rerank_top_n)
-    if settings.reranker == "llm":
+    kind = settings.rerank.kind
+    if kind == "none":
+        return NoneReranker(settings.rerank.top_n)
+    if kind == "llm":
         from harmonia.rerank.llm.reranker import LLMReranker
 
         return LLMReranker.from_settings(settings, conn=conn)
-    if settings.reranker == "classifier":
+    if kind == "classifier":
         from harmonia.rerank.classifier.reranker import ClassifierReranker
 
         return ClassifierReranker.from_settings(settings, conn=conn)
-    raise ValueError(f"unknown reranker {settings.reranker!r}")
+    raise ValueError(f"unknown reranker {kind!r}")

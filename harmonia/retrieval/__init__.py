@@ -16,16 +16,17 @@ from harmonia.retrieval.base import RetrievalError, Retriever
 
 def make_retriever(conn: psycopg.Connection, embedder: Embedder, settings: Settings) -> Retriever:
     """The retriever the `retrieval_mode` setting names, on the caller's connection (the caller closes both)."""
-    if settings.retrieval_mode == "vector":
+    cfg, mode = settings.retrieval, settings.retrieval.mode
+    if mode == "vector":
         from harmonia.retrieval.vector import VectorRetriever
 
-        return VectorRetriever(conn, embedder, settings)
-    if settings.retrieval_mode == "lexical":
+        return VectorRetriever(conn, embedder, cfg)
+    if mode == "lexical":
         from harmonia.retrieval.lexical import LexicalRetriever
 
-        return LexicalRetriever(conn, embedder, settings)
-    if settings.retrieval_mode == "hybrid":
+        return LexicalRetriever(conn, cfg, settings.embedding.vocabularies, embedder=embedder)
+    if mode == "hybrid":
         from harmonia.retrieval.hybrid import HybridRetriever
 
-        return HybridRetriever(conn, embedder, settings)
-    raise RetrievalError(f"retrieval_mode {settings.retrieval_mode!r} is not available")
+        return HybridRetriever(conn, embedder, cfg, settings.embedding.vocabularies)
+    raise RetrievalError(f"retrieval_mode {mode!r} is not available")

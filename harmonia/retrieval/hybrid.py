@@ -31,7 +31,7 @@ import numpy as np
 import psycopg
 from psycopg.pq import TransactionStatus
 
-from harmonia.config import Settings
+from harmonia.config import RetrievalSettings, Settings
 from harmonia.domain import Candidate, SourceKey
 from harmonia.embedding.model import Embedder
 from harmonia.retrieval.base import Retriever
@@ -55,12 +55,13 @@ class FusionWeights:
     boost_memory: float = 0.0
 
     @classmethod
-    def from_settings(cls, s: Settings) -> FusionWeights:
-        return cls(vector=s.retrieval_weight_vector, lexical=s.retrieval_weight_lexical, rrf=s.retrieval_weight_rrf,
-                   rrf_k=s.retrieval_rrf_k, boost_name=s.retrieval_boost_name,
-                   boost_synonym=s.retrieval_boost_synonym, boost_memory=s.retrieval_boost_memory)
+    def of(cls, cfg: RetrievalSettings) -> FusionWeights:
+        """The weights the retrieval settings hold."""
+        return cls(vector=cfg.weight_vector, lexical=cfg.weight_lexical, rrf=cfg.weight_rrf, rrf_k=cfg.rrf_k,
+                   boost_name=cfg.boost_name, boost_synonym=cfg.boost_synonym, boost_memory=cfg.boost_memory)
 
     def as_settings(self) -> dict[str, float]:
+        """The weights by their settings' flat keys (what `retrieve tune` writes into the configuration file)."""
         return {"retrieval_weight_vector": self.vector, "retrieval_weight_lexical": self.lexical,
                 "retrieval_weight_rrf": self.rrf, "retrieval_rrf_k": self.rrf_k,
                 "retrieval_boost_name": self.boost_name, "retrieval_boost_synonym": self.boost_synonym,
@@ -170,21 +171,28 @@ def _close_side(conn: psycopg.Connection, thread: ThreadPoolExecutor | None) -> 
 class HybridRetriever(Retriever):
     """Vector, lexical and mapping-memory candidates fused into one ranking (see the module docstring)."""
 
-    def __init__(self, conn: psycopg.Connection, embedder: Embedder, settings: Settings,
-                 threshold: float = LEXICAL_THRESHOLD, weights: FusionWeights | None = None) -> None:
-        self.vector_retriever = VectorRetriever(conn, embedder, settings)  # checks the model's embeddings exist
-        self.lexical_retriever = LexicalRetriever(conn, embedder, settings, threshold)
+    def __init__(self, conn: psycopg.Connection, embedder: Embedder, cfg: RetrievalSettings,
+                 vocabularies: Sequence[str], *, threshold: float = LEXICAL_THRESHOLD,
+                 weights: FusionWeights | None = None) -> None:
+        self.vector_retriever = VectorRetriever(conn, embedder, cfg)  # checks the model's embeddings exist
+        self.lexical_retriever = LexicalRetriever(conn, cfg, vocabularies, embedder=embedder, threshold=threshold)
         self.conn = conn
         self.embedder: Embedder = embedder
-        self.settings = settings
+        self.cfg = cfg
         self.dim = self.vector_retriever.dim
-        self.weights = weights or FusionWeights.from_settings(settings)
+        self.weights = weights or FusionWeights.of(cfg)
         # The memory is consulted whenever this model has one (its boost may be 0, but tuning needs the scores).
         # Counted once: a long-lived process (API server, worker) sees a memory rebuilt later after a restart.
-        self.memory_rows = sum(mem_store.count(conn, embedder.key).values()) if settings.retrieval_memory_k else 0
+        self.memory_rows = sum(mem_store.count(conn, embedder.key).values()) if cfg.memory_k else 0
         self._side: psycopg.Connection | None = None
         self._side_thread: ThreadPoolExecutor | None = None
-        self._parallel = settings.retrieval_parallel
+        self._parallel = cfg.parallel
+
+    @classmethod
+    def from_settings(cls, conn: psycopg.Connection, embedder: Embedder, settings: Settings, *,
+                      threshold: float = LEXICAL_THRESHOLD, weights: FusionWeights | None = None) -> HybridRetriever:
+        return cls(conn, embedder, settings.retrieval, settings.embedding.vocabularies, threshold=threshold,
+                   weights=weights)
 
     def _side_connection(self) -> psycopg.Connection | None:
         """A second connection for the lexical query, so that it runs while this one does the vector and memory
@@ -195,8 +203,8 @@ class HybridRetriever(Retriever):
         if self._side is None:
             info = self.conn.info
             try:
-                self._side = psycopg.connect(info.dsn, autocommit=True,
-                                             **({"password": info.password} if info.password else {}))
+                # The dsn leaves the password out; a None password is ignored.
+                self._side = psycopg.connect(info.dsn, autocommit=True, password=info.password)
             except psycopg.Error as exc:
                 log.warning("lexical search runs sequentially: no second connection (%s)", exc)
                 self._parallel = False
@@ -215,8 +223,8 @@ class HybridRetriever(Retriever):
         of a source mapping to it, that source's text (for the record) and the neighbours' votes."""
         if not self.memory_rows:
             return MemoryRecall()
-        hits = mem_store.search(self.conn, self.embedder.key, self.dim, vector, self.settings.retrieval_memory_k,
-                                exclude=[source_key] if source_key else (), ef_search=self.settings.hnsw_ef_search)
+        hits = mem_store.search(self.conn, self.embedder.key, self.dim, vector, self.cfg.memory_k,
+                                exclude=[source_key] if source_key else (), ef_search=self.cfg.hnsw_ef_search)
         out = MemoryRecall(top=max(hits[0].similarity, 0.0) if hits else 0.0)
         for rank, h in enumerate(hits, start=1):  # best first
             sim = max(h.similarity, 0.0)
@@ -233,18 +241,17 @@ class HybridRetriever(Retriever):
     def pool(self, text: str, vector: np.ndarray, *, domains: Sequence[str] | None = None,
              vocabularies: Sequence[str] | None = None, exact: bool = False,
              source_key: SourceKey | None = None) -> Pool:
-        s = self.settings
         side = self._side_connection()
         lex_job = None
         if side is not None and self._side_thread is not None:
-            lex_job = self._side_thread.submit(self.lexical_retriever.rows, text, s.retrieval_lexical_k,
+            lex_job = self._side_thread.submit(self.lexical_retriever.rows, text, self.cfg.lexical_k,
                                                domains=domains, vocabularies=vocabularies, conn=side)
-        vec = self.vector_retriever.search_vector(vector, s.retrieval_vector_k, domains=domains,
+        vec = self.vector_retriever.search_vector(vector, self.cfg.vector_k, domains=domains,
                                                   vocabularies=vocabularies, exact=exact)
         recall = self.memory(vector, source_key)
         mscore, msource = recall.score, recall.text
         lex = (lex_job.result() if lex_job is not None else
-               self.lexical_retriever.rows(text, s.retrieval_lexical_k, domains=domains, vocabularies=vocabularies))
+               self.lexical_retriever.rows(text, self.cfg.lexical_k, domains=domains, vocabularies=vocabularies))
         rows = {c.concept_id: c for c in vec}
         vscore = {c.concept_id: c.similarity for c in vec}
         lscore = {c.concept_id: (c.scores["name"], c.scores["synonym"]) for c in lex}
@@ -282,8 +289,8 @@ class HybridRetriever(Retriever):
     def search_many(self, texts: Sequence[str], k: int | None = None, *, domains: Sequence[str] | None = None,
                     vocabularies: Sequence[str] | None = None, exact: bool = False,
                     source_keys: Sequence[SourceKey | None] | None = None) -> list[list[Candidate]]:
-        k = k or self.settings.retrieval_top_k
-        domains = domains if domains is not None else (self.settings.retrieval_domains or None)
+        k = k or self.cfg.top_k
+        domains = domains if domains is not None else (self.cfg.domains or None)
         vectors = self.embedder.encode_queries(list(texts))
         keys = source_keys or [None] * len(texts)
         return [self.search_encoded(t, v, k, domains=domains, vocabularies=vocabularies, exact=exact, source_key=key)

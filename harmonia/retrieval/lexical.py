@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import psycopg
 
-from harmonia.config import Settings
+from harmonia.config import RetrievalSettings, Settings
 from harmonia.domain import Candidate, SourceKey
 from harmonia.embedding.model import Embedder
 from harmonia.retrieval.base import Retriever
@@ -19,34 +19,39 @@ LEXICAL_THRESHOLD = 0.35
 
 
 class LexicalRetriever(Retriever):
-    """Trigram retrieval only. The embedder, if given, is kept for the record (a benchmark run names it) and never
-    called."""
+    """Trigram retrieval only. `vocabularies` are the configured (embedded) ones, searched when a call names none.
+    The embedder, if given, is kept for the record (a benchmark run names it) and never called."""
 
-    def __init__(self, conn: psycopg.Connection, embedder: Embedder | None, settings: Settings,
-                 threshold: float = LEXICAL_THRESHOLD) -> None:
+    def __init__(self, conn: psycopg.Connection, cfg: RetrievalSettings, vocabularies: Sequence[str], *,
+                 embedder: Embedder | None = None, threshold: float = LEXICAL_THRESHOLD) -> None:
         self.conn = conn
+        self.cfg = cfg
+        self.configured_vocabularies = list(vocabularies)
         self.embedder = embedder
-        self.settings = settings
         self.threshold = threshold
+
+    @classmethod
+    def from_settings(cls, conn: psycopg.Connection, embedder: Embedder | None, settings: Settings,
+                      threshold: float = LEXICAL_THRESHOLD) -> LexicalRetriever:
+        return cls(conn, settings.retrieval, settings.embedding.vocabularies, embedder=embedder, threshold=threshold)
 
     def vocabularies(self, vocabularies: Sequence[str] | None) -> list[str] | None:
         """The vocabularies a search covers: vector search only sees embedded (configured) vocabularies, so lexical
         search filters for the same unless the caller names others."""
-        v = vocabularies if vocabularies else self.settings.vocabularies
+        v = vocabularies if vocabularies else self.configured_vocabularies
         return list(v) if v else None
 
     def rows(self, text: str, k: int, *, domains: Sequence[str] | None = None,
              vocabularies: Sequence[str] | None = None, conn: psycopg.Connection | None = None) -> list[Candidate]:
         """The lexical top-k (on `conn` if given: hybrid search runs this on a second connection)."""
-        s = self.settings
         return lex_store.lexical_search(conn or self.conn, text, k, domains=domains,
                                         vocabularies=self.vocabularies(vocabularies),
-                                        boost_name=s.retrieval_boost_name, boost_synonym=s.retrieval_boost_synonym,
+                                        boost_name=self.cfg.boost_name, boost_synonym=self.cfg.boost_synonym,
                                         threshold=self.threshold)
 
     def search_many(self, texts: Sequence[str], k: int | None = None, *, domains: Sequence[str] | None = None,
                     vocabularies: Sequence[str] | None = None, exact: bool = False,
                     source_keys: Sequence[SourceKey | None] | None = None) -> list[list[Candidate]]:
-        k = k or self.settings.retrieval_top_k
-        domains = domains if domains is not None else (self.settings.retrieval_domains or None)
+        k = k or self.cfg.top_k
+        domains = domains if domains is not None else (self.cfg.domains or None)
         return [self.rows(t, k, domains=domains, vocabularies=vocabularies) for t in texts]

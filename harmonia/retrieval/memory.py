@@ -25,6 +25,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import psycopg
 
 from harmonia.config import Settings
@@ -56,16 +57,16 @@ def build_memory(conn: psycopg.Connection, embedder: Embedder, settings: Setting
     rows = list(latest.values())
     with conn.transaction():
         emb_store.register_model(conn, embedder.key, embedder.name_or_path, embedder.dim)
-    batch = max(settings.embedding_batch_size, 1)
-    vectors = []
+    batch = max(settings.embedding.batch_size, 1)
+    vectors: list[np.ndarray] = []
     with tqdm(total=len(rows), unit="source", desc="memory", disable=not progress) as bar:
         for i in range(0, len(rows), batch):
             chunk = rows[i:i + batch]
             vectors.extend(embedder.encode_queries([st.source_text for st in chunk], batch_size=batch))
             bar.update(len(chunk))
     n = mem_store.replace(conn, embedder.key, embedder.dim, rows, vectors,
-                          m=settings.hnsw_m, ef_construction=settings.hnsw_ef_construction,
-                          maintenance_work_mem=settings.maintenance_work_mem)
+                          m=settings.retrieval.hnsw_m, ef_construction=settings.retrieval.hnsw_ef_construction,
+                          maintenance_work_mem=settings.retrieval.maintenance_work_mem)
     by_origin: dict[str, int] = {}
     for st in rows:
         by_origin[st.origin] = by_origin.get(st.origin, 0) + 1

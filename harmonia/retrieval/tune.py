@@ -16,7 +16,7 @@ from pathlib import Path
 
 import psycopg
 
-from harmonia.config import Settings
+from harmonia.config import RetrievalSettings, Settings
 from harmonia.domain import SourceTargets
 from harmonia.embedding.model import Embedder
 from harmonia.groundtruth import maps_to_sources, part_of, read_mapping_file
@@ -79,7 +79,7 @@ def precompute(conn: psycopg.Connection, embedder: Embedder, settings: Settings,
     if leaked:
         raise TuneError(f"refusing to tune on test-part sources: {leaked[:5]}")
     out: list[tuple[SourceTargets, Pool]] = []
-    with HybridRetriever(conn, embedder, settings) as retriever:
+    with HybridRetriever.from_settings(conn, embedder, settings) as retriever:
         for i in range(0, len(sources), batch):
             chunk = list(sources[i:i + batch])
             # Each source's own (code, vocab) goes along: the mapping memory leaves it out (leave-one-out).
@@ -107,13 +107,13 @@ def objective_value(a: Aggregate, objective: str) -> float:
     return a.mrr
 
 
-def tune(pools: Sequence[tuple[SourceTargets, Pool]], settings: Settings, *, trials: int = 100, seed: int = 13,
+def tune(pools: Sequence[tuple[SourceTargets, Pool]], cfg: RetrievalSettings, *, trials: int = 100, seed: int = 13,
          objective: str = "mrr") -> TuneResult:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    k = settings.retrieval_top_k
-    current = FusionWeights.from_settings(settings)
+    k = cfg.top_k
+    current = FusionWeights.of(cfg)
     before = evaluate(pools, current, k)
 
     # The memory boost is searched only where the pools hold memory scores (a memory is built for the model).

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 import psycopg
 
-from harmonia.config import Settings
+from harmonia.config import RetrievalSettings, Settings
 from harmonia.domain import Candidate, SourceKey
 from harmonia.embedding.model import Embedder
 from harmonia.retrieval.base import RetrievalError, Retriever
@@ -18,21 +18,25 @@ from harmonia.store import embeddings as emb_store
 class VectorRetriever(Retriever):
     """Vector retrieval over one model's embeddings (an HNSW index per model)."""
 
-    def __init__(self, conn: psycopg.Connection, embedder: Embedder, settings: Settings) -> None:
+    def __init__(self, conn: psycopg.Connection, embedder: Embedder, cfg: RetrievalSettings) -> None:
         self.conn = conn
         self.embedder: Embedder = embedder
-        self.settings = settings
+        self.cfg = cfg
         dim = emb_store.model_dim(conn, embedder.key)
         if dim is None or emb_store.count(conn, embedder.key) == 0:
             raise RetrievalError(f"no embeddings for model {embedder.key}: run `harmonia embed` first")
         self.dim = dim
 
+    @classmethod
+    def from_settings(cls, conn: psycopg.Connection, embedder: Embedder, settings: Settings) -> VectorRetriever:
+        return cls(conn, embedder, settings.retrieval)
+
     def search_many(self, texts: Sequence[str], k: int | None = None, *, domains: Sequence[str] | None = None,
                     vocabularies: Sequence[str] | None = None, exact: bool = False,
                     source_keys: Sequence[SourceKey | None] | None = None) -> list[list[Candidate]]:
         """Embed all texts in one batch, then one index query each."""
-        k = k or self.settings.retrieval_top_k
-        domains = domains if domains is not None else (self.settings.retrieval_domains or None)
+        k = k or self.cfg.top_k
+        domains = domains if domains is not None else (self.cfg.domains or None)
         vectors = self.embedder.encode_queries(list(texts))
         return [self.search_vector(v, k, domains=domains, vocabularies=vocabularies, exact=exact)
                 for v in vectors]
@@ -41,5 +45,5 @@ class VectorRetriever(Retriever):
                       vocabularies: Sequence[str] | None = None, exact: bool = False) -> list[Candidate]:
         """The top-k for an already encoded query."""
         return emb_store.vector_search(self.conn, self.embedder.key, self.dim, vector, k,
-                                       ef_search=self.settings.hnsw_ef_search, domains=domains,
+                                       ef_search=self.cfg.hnsw_ef_search, domains=domains,
                                        vocabularies=vocabularies, exact=exact)

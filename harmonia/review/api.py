@@ -22,14 +22,15 @@ from harmonia.review import service as svc
 from harmonia.review.auth import current_user, writer
 from harmonia.store import concepts as concept_store
 from harmonia.store import review as store
+from harmonia.store import users as user_store
 from harmonia.store.queue import enqueue as enqueue_terms
 
 WEB = pathlib.Path(__file__).resolve().parent / "web"
 INT4_MAX = 2**31 - 1
 INT8_MAX = 2**63 - 1
 
-User = Annotated[dict[str, Any], Depends(current_user)]
-Writer = Annotated[dict[str, Any], Depends(writer)]
+User = Annotated[user_store.User, Depends(current_user)]
+Writer = Annotated[user_store.User, Depends(writer)]
 ItemId = Annotated[int, Path(ge=1, le=INT8_MAX, description="A review item's id.")]
 MapId = Annotated[int, Path(ge=1, le=INT8_MAX, description="A concept map row's id.")]
 ConceptId = Annotated[int, Field(ge=0, le=INT4_MAX, description="An OMOP concept_id (0: no matching concept).")]
@@ -63,7 +64,7 @@ class EnqueueIn(BaseModel):
 
 
 def create_app(settings: Settings) -> FastAPI:
-    service = svc.ReviewService(settings)
+    service = svc.ReviewService.from_settings(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -224,7 +225,7 @@ def create_app(settings: Settings) -> FastAPI:
     @app.get("/api/history", tags=["maps"], summary="Every change to one code's map")
     def history(source_code: str, source_vocab: str, user: User) -> list[dict[str, Any]]:
         with service.connection() as conn:
-            return store.history(conn, source_code, source_vocab)
+            return [dict(h) for h in store.history(conn, source_code, source_vocab)]
 
     @app.get("/api/export/{fmt}", tags=["maps"], summary="Approved maps as Usagi CSV or SOURCE_TO_CONCEPT_MAP",
              response_class=Response, responses={200: {"content": {"text/csv": {}}}})

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from harmonia.store import users as user_store
+from harmonia.store.users import User
 
 bearer = HTTPBearer(auto_error=False, description="An API token from `harmonia user add NAME`.")
 
 
-def current_user(request: Request, creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> dict[str, Any]:
+def current_user(request: Request, creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> User:
     if creds is None or not creds.credentials:
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing API token (Authorization: Bearer <token>)",
                             headers={"WWW-Authenticate": "Bearer"})
@@ -24,7 +23,7 @@ def current_user(request: Request, creds: HTTPAuthorizationCredentials | None = 
     return user
 
 
-def writer(user: dict[str, Any] = Depends(current_user)) -> dict[str, Any]:
+def writer(user: User = Depends(current_user)) -> User:
     if user["role"] not in user_store.WRITE_ROLES:
         raise HTTPException(status.HTTP_403_FORBIDDEN,
                             f"user {user['name']!r} has role {user['role']!r}; writing needs reviewer or admin")

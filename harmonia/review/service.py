@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal
 
@@ -14,7 +14,7 @@ from psycopg import errors as pg_errors
 from psycopg_pool import ConnectionPool
 
 from harmonia import db
-from harmonia.config import Settings
+from harmonia.config import DatabaseSettings, Settings
 from harmonia.domain import Concept, RankingRecord
 from harmonia.retrieval.base import Retriever
 from harmonia.store import concepts as concept_store
@@ -146,21 +146,37 @@ def item_detail(conn: psycopg.Connection, item_id: int) -> dict[str, Any]:
     return {**item, "map": store.get_map(conn, key=key), "history": store.history(conn, *key)}
 
 
-class ReviewService:
-    """Shared state of one server process: a connection pool and the concept search, loaded on first use."""
+RetrieverFactory = Callable[[psycopg.Connection], Retriever]
 
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
+
+class ReviewService:
+    """Shared state of one server process: a connection pool and the concept search (a retriever on its own
+    connection, built by `make_retriever` on first use)."""
+
+    def __init__(self, database: DatabaseSettings, make_retriever: RetrieverFactory) -> None:
+        self.database = database
+        self.make_retriever = make_retriever
         self._pool: ConnectionPool | None = None
         self._retriever: Retriever | None = None
         self._retriever_conn: psycopg.Connection | None = None
         self._search_lock = threading.Lock()
 
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ReviewService:
+        """The service on the configured database, searching with the configured retriever."""
+
+        def make_retriever(conn: psycopg.Connection) -> Retriever:
+            from harmonia.embedding.model import Embedder
+            from harmonia.retrieval import make_retriever
+
+            return make_retriever(conn, Embedder.from_settings(settings), settings)
+
+        return cls(settings.database, make_retriever)
+
     def open(self) -> None:
         if self._pool is None:
-            self._pool = ConnectionPool(db.database_url(self.settings), min_size=1,
-                                        max_size=self.settings.db_pool_size, kwargs={"autocommit": True},
-                                        open=True)
+            self._pool = ConnectionPool(db.database_url(self.database), min_size=1, max_size=self.database.pool_size,
+                                        kwargs={"autocommit": True}, open=True)
 
     def close(self) -> None:
         if self._pool is not None:
@@ -185,14 +201,14 @@ class ReviewService:
     def search(self, text: str, k: int, *, domains: Sequence[str] | None = None,
                vocabularies: Sequence[str] | None = None) -> list[dict[str, Any]]:
         # One retriever (embedder + its own connection) per process; searches take turns on it.
-        from harmonia.embedding.model import Embedder
-        from harmonia.retrieval import make_retriever
-
         with self._search_lock:
             if self._retriever is None:
-                self._retriever_conn = db.connect(self.settings, autocommit=True)
-                self._retriever = make_retriever(self._retriever_conn, Embedder.from_settings(self.settings),
-                                                 self.settings)
+                self._retriever_conn = db.connect(self.database, autocommit=True)
+                try:
+                    self._retriever = self.make_retriever(self._retriever_conn)
+                except BaseException:
+                    self._drop_retriever()
+                    raise
             try:
                 found = self._retriever.search(text, k, domains=domains or None, vocabularies=vocabularies or None)
             except psycopg.OperationalError:

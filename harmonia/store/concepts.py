@@ -8,7 +8,7 @@ from typing import Any
 
 import psycopg
 
-from harmonia.domain import Concept, SourceKey
+from harmonia.domain import Candidate, Concept, SourceKey
 
 COLUMNS = ("concept_id", "concept_name", "domain_id", "vocabulary_id", "concept_class_id", "concept_code",
            "standard_concept", "invalid_reason")
@@ -17,7 +17,18 @@ VALID_STANDARD = "c.standard_concept = 'S' AND c.invalid_reason IS NULL"
 
 
 def _concept(row: Sequence[Any]) -> Concept:
-    return Concept(*row)
+    return Concept(concept_id=row[0], concept_name=row[1], domain_id=row[2], vocabulary_id=row[3],
+                   concept_class_id=row[4], concept_code=row[5], standard_concept=row[6], invalid_reason=row[7])
+
+
+# The candidate columns a search selects (valid standard concepts: standard_concept and invalid_reason are known).
+CANDIDATE_COLUMNS = "c.concept_id, c.concept_name, c.domain_id, c.vocabulary_id, c.concept_class_id, c.concept_code"
+
+
+def candidate(row: Sequence[Any], similarity: float, scores: dict[str, float]) -> Candidate:
+    """A Candidate from a row that starts with CANDIDATE_COLUMNS."""
+    return Candidate(concept_id=row[0], concept_name=row[1], domain_id=row[2], vocabulary_id=row[3],
+                     concept_class_id=row[4], concept_code=row[5], similarity=similarity, scores=scores)
 
 
 def filters(domains: Sequence[str] | None, vocabularies: Sequence[str] | None, params: dict[str, Any]) -> str:

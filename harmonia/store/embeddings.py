@@ -12,6 +12,8 @@ from pgvector import Vector
 from psycopg import sql
 
 from harmonia.domain import Candidate
+from harmonia.store.common import scalar
+from harmonia.store.concepts import candidate
 
 # Model keys and dimensions go into the SQL text as literals, not parameters: the partial HNSW index
 # (WHERE model = '<key>') is only usable when the planner sees the constant, and a cached generic plan would not.
@@ -129,8 +131,8 @@ def ensure_index(conn: psycopg.Connection, model_key: str, dim: int, *, m: int =
 
 
 def count(conn: psycopg.Connection, model_key: str) -> int:
-    return conn.execute("SELECT count(*) FROM vocab.concept_embedding WHERE model = %s",
-                        (model_key,)).fetchone()[0]
+    return scalar(conn.execute("SELECT count(*) FROM vocab.concept_embedding WHERE model = %s",
+                        (model_key,)))
 
 
 def vector_search(conn: psycopg.Connection, model_key: str, dim: int, query: np.ndarray, k: int, *,
@@ -169,4 +171,4 @@ def vector_search(conn: psycopg.Connection, model_key: str, dim: int, query: np.
     if not exact:
         # relaxed_order may return slightly out of order; order by the exact similarity it computed.
         rows.sort(key=lambda r: -r[6])
-    return [Candidate(*r[:6], similarity=float(r[6]), scores={"vector": float(r[6])}) for r in rows]
+    return [candidate(r, float(r[6]), {"vector": float(r[6])}) for r in rows]

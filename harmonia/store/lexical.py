@@ -15,10 +15,9 @@ import psycopg
 from psycopg import sql
 
 from harmonia.domain import Candidate
-from harmonia.store.concepts import VALID_STANDARD, filters
+from harmonia.store.concepts import CANDIDATE_COLUMNS, VALID_STANDARD, candidate, filters
 from harmonia.store.embeddings import vector_literal
 
-CANDIDATE_COLS = "c.concept_id, c.concept_name, c.domain_id, c.vocabulary_id, c.concept_class_id, c.concept_code"
 _SCORE = ("(public.word_similarity(vocab.lexnorm(%(q)s), vocab.lexnorm({col})) "
           "+ public.similarity(vocab.lexnorm(%(q)s), vocab.lexnorm({col}))) / 2")
 
@@ -46,14 +45,14 @@ def lexical_search(conn: psycopg.Connection, text: str, k: int, *, domains: Sequ
         ), best AS (
             SELECT concept_id, max(ns) AS ns, max(ss) AS ss FROM hits GROUP BY concept_id
         )
-        SELECT {CANDIDATE_COLS}, greatest(%(bn)s * b.ns, %(bs)s * b.ss) AS score, b.ns, b.ss
+        SELECT {CANDIDATE_COLUMNS}, greatest(%(bn)s * b.ns, %(bs)s * b.ss) AS score, b.ns, b.ss
         FROM best b JOIN vocab.concept c ON c.concept_id = b.concept_id
         ORDER BY score DESC, c.concept_id LIMIT %(k)s"""
     with conn.transaction():
         conn.execute("SELECT set_config('pg_trgm.word_similarity_threshold', %s, true)", (str(threshold),))
-        rows = conn.execute(q, params).fetchall()  # type: ignore[arg-type]
-    return [Candidate(*r[:6], similarity=float(r[6]),
-                      scores={"lexical": float(r[6]), "name": float(r[7]), "synonym": float(r[8])}) for r in rows]
+        rows = conn.execute(q, params).fetchall()
+    return [candidate(r, float(r[6]), {"lexical": float(r[6]), "name": float(r[7]), "synonym": float(r[8])})
+            for r in rows]
 
 
 def lexical_scores(conn: psycopg.Connection, text: str, concept_ids: Sequence[int]) -> dict[int, tuple[float, float]]:
@@ -67,7 +66,7 @@ def lexical_scores(conn: psycopg.Connection, text: str, concept_ids: Sequence[in
                    coalesce((SELECT max({syn_score}) FROM vocab.concept_synonym s
                              WHERE s.concept_id = c.concept_id), 0)
             FROM vocab.concept c WHERE c.concept_id = ANY(%(ids)s)"""
-    rows = conn.execute(q, {"q": text, "ids": list(concept_ids)}).fetchall()  # type: ignore[arg-type]
+    rows = conn.execute(q, {"q": text, "ids": list(concept_ids)}).fetchall()
     return {r[0]: (float(r[1]), float(r[2])) for r in rows}
 
 
@@ -94,4 +93,4 @@ def synonym_pairs(conn: psycopg.Connection, vocabularies: Sequence[str] | None) 
         q += " AND c.vocabulary_id = ANY(%s)"
         params.append(list(vocabularies))
     q += " ORDER BY c.concept_id, s.concept_synonym_name"
-    return [(r[0], r[1]) for r in conn.execute(q, params).fetchall()]  # type: ignore[arg-type]
+    return [(r[0], r[1]) for r in conn.execute(q, params).fetchall()]

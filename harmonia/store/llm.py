@@ -9,6 +9,8 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
+from harmonia.store.common import one
+
 
 @dataclass
 class CallRecord:
@@ -66,10 +68,10 @@ def cache_put(conn: psycopg.Connection, prompt_hash: str, provider: str, model: 
 
 def call_stats(conn: psycopg.Connection, since: str | None = None) -> dict[str, Any]:
     """Calls, errors, tokens and mean latency in the log (optionally since a timestamp), for cost reports."""
-    row = conn.execute(
+    row = one(conn.execute(
         """SELECT count(*), count(error_kind), coalesce(sum(input_tokens), 0), coalesce(sum(output_tokens), 0),
                   coalesce(avg(latency_ms), 0)
            FROM harmonia.llm_call WHERE %s::timestamptz IS NULL OR at >= %s::timestamptz""",
-        (since, since)).fetchone()
+        (since, since)))
     return {"calls": row[0], "errors": row[1], "input_tokens": int(row[2]), "output_tokens": int(row[3]),
             "mean_latency_ms": float(row[4])}

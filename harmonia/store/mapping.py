@@ -12,6 +12,7 @@ from typing import Any, TypedDict
 import psycopg
 
 from harmonia.domain import Decision, RankingEntry, SourceKey
+from harmonia.store.common import scalar
 
 
 def existing_maps(conn: psycopg.Connection, keys: Iterable[SourceKey]) -> set[SourceKey]:
@@ -120,9 +121,9 @@ def approved_maps(conn: psycopg.Connection, source_vocab: str | None = None) -> 
 
 def summary_counts(conn: psycopg.Connection) -> dict[str, int]:
     return {
-        "concept_map": conn.execute("SELECT count(*) FROM harmonia.concept_map").fetchone()[0],
-        "review_open": conn.execute(
-            "SELECT count(*) FROM harmonia.review_queue WHERE status <> 'resolved'").fetchone()[0],
+        "concept_map": scalar(conn.execute("SELECT count(*) FROM harmonia.concept_map")),
+        "review_open": scalar(conn.execute(
+            "SELECT count(*) FROM harmonia.review_queue WHERE status <> 'resolved'")),
     }
 
 

@@ -28,7 +28,8 @@ def index_name(model_key: str) -> str:
     return "mapping_memory_hnsw_" + hashlib.sha1(model_key.encode()).hexdigest()[:12]
 
 
-def replace(conn: psycopg.Connection, model_key: str, dim: int, rows: Sequence[SourceTargets], vectors: np.ndarray,
+def replace(conn: psycopg.Connection, model_key: str, dim: int, rows: Sequence[SourceTargets],
+            vectors: np.ndarray | Sequence[np.ndarray],
             *, m: int = 16, ef_construction: int = 128, maintenance_work_mem: str = "1GB") -> int:
     """Replace the model's memory with `rows` (each stored with its split key, targets and origin) and their
     vectors, in one transaction: readers see the old memory or the new one, never half of it. The index is dropped
@@ -62,8 +63,8 @@ def search(conn: psycopg.Connection, model_key: str, dim: int, vector: np.ndarra
     (source_code, source_vocab): a source never gets its own mapping back from the memory."""
     dist = sql.SQL("(embedding::public.vector({dim})) OPERATOR(public.<=>) %(q)s::public.vector({dim})").format(
         dim=sql.Literal(dim))
-    where = [sql.SQL("model = {}").format(sql.Literal(model_key))]
-    params: dict = {"q": vector_literal(vector)}
+    where: list[sql.Composable] = [sql.SQL("model = {}").format(sql.Literal(model_key))]
+    params: dict[str, object] = {"q": vector_literal(vector)}
     if exclude:
         where.append(sql.SQL("(source_code, source_vocab) NOT IN (SELECT * FROM unnest(%(codes)s::text[], "
                              "%(vocabs)s::text[]))"))

@@ -15,6 +15,7 @@ from typing import Any
 import psycopg
 
 from harmonia.domain import SourceTerm
+from harmonia.store.common import one, scalar
 
 CHANNEL = "harmonia_queue"
 FINAL_STATES = ("approved", "in_review", "failed")
@@ -131,33 +132,33 @@ def release_failed(conn: psycopg.Connection, item_id: int, owner: str, error: st
 
 def outstanding(conn: psycopg.Connection) -> dict[str, Any]:
     """What is left to do: pending items (and when the next retry is due) and items leased to a worker."""
-    r = conn.execute(
+    r = one(conn.execute(
         """SELECT count(*) FILTER (WHERE state = 'pending'),
                   count(*) FILTER (WHERE state = 'in_progress'),
                   min(retry_at) FILTER (WHERE state = 'pending')
-           FROM harmonia.source_queue WHERE state IN ('pending', 'in_progress')""").fetchone()
+           FROM harmonia.source_queue WHERE state IN ('pending', 'in_progress')"""))
     return {"pending": r[0], "in_progress": r[1], "next_retry_at": r[2]}
 
 
 def status(conn: psycopg.Connection, windows_min: Sequence[int] = (1, 5, 15)) -> dict[str, Any]:
     """Everything `harmonia status` shows."""
-    by_state = {s: 0 for s in ("pending", "in_progress", *FINAL_STATES)}
+    by_state: dict[str, int] = {s: 0 for s in ("pending", "in_progress", *FINAL_STATES)}
     for state, n in conn.execute("SELECT state, count(*) FROM harmonia.source_queue GROUP BY state"):
         by_state[state] = n
     throughput = {}
     for m in windows_min:
-        n = conn.execute("SELECT count(*) FROM harmonia.source_queue WHERE finished_at > now() - make_interval("
-                         "mins => %s)", (m,)).fetchone()[0]
+        n = scalar(conn.execute("SELECT count(*) FROM harmonia.source_queue WHERE finished_at > now() - make_interval("
+                         "mins => %s)", (m,)))
         throughput[m] = n
     oldest = conn.execute(
         """SELECT source_code, source_vocab, enqueued_at, extract(epoch FROM now() - enqueued_at), attempts
            FROM harmonia.source_queue WHERE state IN ('pending', 'in_progress')
            ORDER BY enqueued_at, id LIMIT 1""").fetchone()
-    leases = conn.execute(
+    leases = one(conn.execute(
         """SELECT count(DISTINCT lease_owner), count(*) FILTER (WHERE lease_expires_at < now())
-           FROM harmonia.source_queue WHERE state = 'in_progress'""").fetchone()
-    retrying = conn.execute(
-        "SELECT count(*) FROM harmonia.source_queue WHERE state = 'pending' AND attempts > 0").fetchone()[0]
+           FROM harmonia.source_queue WHERE state = 'in_progress'"""))
+    retrying = scalar(conn.execute(
+        "SELECT count(*) FROM harmonia.source_queue WHERE state = 'pending' AND attempts > 0"))
     review = {s: 0 for s in ("open", "flagged", "resolved")}
     for st, n in conn.execute("SELECT status, count(*) FROM harmonia.review_queue GROUP BY status"):
         review[st] = n
@@ -172,15 +173,16 @@ def status(conn: psycopg.Connection, windows_min: Sequence[int] = (1, 5, 15)) ->
         "expired_leases": leases[1],
         "pending_retries": retrying,
         "review_queue": review,
-        "concept_map": conn.execute("SELECT count(*) FROM harmonia.concept_map").fetchone()[0],
+        "concept_map": scalar(conn.execute("SELECT count(*) FROM harmonia.concept_map")),
     }
 
 
 def audit(conn: psycopg.Connection, source_vocab: str) -> dict[str, Any]:
     """Checks after a run over one source vocabulary: every item in one final state, none mapped twice, one
     auto_approve in the history per approved code (benchmark/worker_faults.py)."""
-    by_state = dict(conn.execute("SELECT state, count(*) FROM harmonia.source_queue WHERE source_vocab = %s "
-                                 "GROUP BY state", (source_vocab,)).fetchall())
+    by_state: dict[str, int] = dict(conn.execute(
+        "SELECT state, count(*) FROM harmonia.source_queue WHERE source_vocab = %s GROUP BY state",
+        (source_vocab,)).fetchall())
     q = """SELECT
              (SELECT count(*) FROM harmonia.source_queue WHERE source_vocab = %(v)s),
              (SELECT count(*) FROM (SELECT 1 FROM harmonia.concept_map WHERE source_vocab = %(v)s
@@ -203,7 +205,7 @@ def audit(conn: psycopg.Connection, source_vocab: str) -> dict[str, Any]:
              (SELECT coalesce(sum(attempts), 0) FROM harmonia.source_queue WHERE source_vocab = %(v)s),
              (SELECT count(*) FROM harmonia.source_queue WHERE source_vocab = %(v)s AND attempts > 1),
              (SELECT max(attempts) FROM harmonia.source_queue WHERE source_vocab = %(v)s)"""
-    r = conn.execute(q, {"v": source_vocab}).fetchone()
+    r = one(conn.execute(q, {"v": source_vocab}))
     return {"states": by_state, "items": r[0], "codes_mapped_twice": r[1], "concept_map_rows": r[2],
             "approved_without_map": r[3], "map_without_approved_item": r[4], "codes_with_two_auto_approvals": r[5],
             "auto_approve_history_rows": r[6], "review_states_without_review_item": r[7], "attempts_total": r[8],

@@ -12,6 +12,7 @@ from typing import Any, TypedDict
 import psycopg
 
 from harmonia.domain import RankingEntry, RankingRecord, SourceKey
+from harmonia.store.common import one, scalar
 
 STATUSES = ("open", "flagged", "resolved")
 
@@ -110,7 +111,7 @@ def list_items(conn: psycopg.Connection, *, statuses: Sequence[str] = ("open", "
         where.append("q.confidence <= %s")
         params.append(max_confidence)
     cond = " AND ".join(where)
-    total = conn.execute(f"SELECT count(*) FROM harmonia.review_queue q WHERE {cond}", params).fetchone()[0]
+    total = scalar(conn.execute(f"SELECT count(*) FROM harmonia.review_queue q WHERE {cond}", params))
     rows = conn.execute(
         f"""SELECT {_ITEM_COLS} FROM harmonia.review_queue q LEFT JOIN harmonia.users u ON u.id = q.resolved_by
             WHERE {cond} ORDER BY q.id LIMIT %s OFFSET %s""", [*params, limit, offset]).fetchall()
@@ -190,7 +191,7 @@ def list_maps(conn: psycopg.Connection, *, source_vocab: str | None = None, deci
         where.append("(m.source_code ILIKE %s OR m.source_text ILIKE %s OR c.concept_name ILIKE %s)")
         params += [f"%{search}%"] * 3
     cond = " AND ".join(where)
-    total = conn.execute(f"SELECT count(*) FROM {_MAP_FROM} WHERE {cond}", params).fetchone()[0]
+    total = scalar(conn.execute(f"SELECT count(*) FROM {_MAP_FROM} WHERE {cond}", params))
     rows = conn.execute(f"""SELECT {_MAP_COLS} FROM {_MAP_FROM} WHERE {cond}
                             ORDER BY m.source_vocab, m.source_code LIMIT %s OFFSET %s""",
                         [*params, limit, offset]).fetchall()
@@ -201,7 +202,7 @@ def upsert_reviewed_map(conn: psycopg.Connection, *, source_code: str, source_vo
                         concept_id: int, confidence: float | None, model_version: str | None,
                         ranking: RankingRecord, reviewer_id: int) -> int:
     """Insert the reviewer's map, or update the existing one for this code (one row per code)."""
-    row = conn.execute(
+    row = one(conn.execute(
         """INSERT INTO harmonia.concept_map (source_code, source_vocab, source_text, omop_concept_id, confidence,
                decided_by, reviewer_id, reviewed_at, model_version, candidate_ranking_json)
            VALUES (%s, %s, %s, %s, %s, 'reviewer', %s, now(), %s, %s)
@@ -213,8 +214,8 @@ def upsert_reviewed_map(conn: psycopg.Connection, *, source_code: str, source_vo
                updated_at = now()
            RETURNING id""",
         (source_code, source_vocab, source_text, concept_id, None if confidence is None else round(confidence, 4),
-         reviewer_id, model_version, json.dumps(ranking))).fetchone()
-    return row[0]
+         reviewer_id, model_version, json.dumps(ranking))))
+    return int(row[0])
 
 
 def delete_map(conn: psycopg.Connection, map_id: int) -> None:

@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 
 import psycopg
 from psycopg import sql
 
 from harmonia.domain import MapsToEdge
+from harmonia.store.common import scalar
 
 LIVE = "vocab"
 STAGING = "vocab_staging"
@@ -31,7 +32,8 @@ class Stage:
     conn: psycopg.Connection
     tables: list[str]
 
-    def copy(self, table: str, columns: list[str]):  # noqa: ANN201 - psycopg Copy context
+    def copy_in(self, table: str, columns: list[str]) -> AbstractContextManager[psycopg.Copy]:
+        """COPY into the staging table (tab-separated text; write rows with `.write(bytes)`)."""
         cols = sql.SQL(", ").join(sql.Identifier(c) for c in columns)
         # CSV with a quote character that never occurs: fields pass through verbatim, empty means NULL.
         stmt = sql.SQL("COPY {}.{} ({}) FROM STDIN WITH (FORMAT csv, DELIMITER E'\\t', QUOTE E'\\x01', "
@@ -93,7 +95,7 @@ def _copy_constraints_and_indexes(conn: psycopg.Connection, table: str) -> None:
         new, n = pattern.subn(rf" ON \g<1>{STAGING}.{table} ", definition, count=1)
         if n != 1:
             raise VocabSwapError(f"cannot re-target index definition: {definition}")
-        conn.execute(new)  # type: ignore[arg-type]
+        conn.execute(new)
 
 
 def _foreign_keys_into(conn: psycopg.Connection, tables: list[str]) -> list[dict[str, str]]:
@@ -142,9 +144,9 @@ def counts(conn: psycopg.Connection) -> dict[str, int]:
     out = {}
     for t in ("concept", "concept_relationship", "concept_synonym", "concept_ancestor", "vocabulary", "domain",
               "concept_class", "relationship"):
-        out[t] = conn.execute(sql.SQL("SELECT count(*) FROM vocab.{}").format(sql.Identifier(t))).fetchone()[0]
-    out["standard_valid"] = conn.execute(
-        "SELECT count(*) FROM vocab.concept WHERE standard_concept = 'S' AND invalid_reason IS NULL").fetchone()[0]
+        out[t] = scalar(conn.execute(sql.SQL("SELECT count(*) FROM vocab.{}").format(sql.Identifier(t))))
+    out["standard_valid"] = scalar(conn.execute(
+        "SELECT count(*) FROM vocab.concept WHERE standard_concept = 'S' AND invalid_reason IS NULL"))
     return out
 
 

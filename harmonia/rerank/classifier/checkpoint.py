@@ -62,8 +62,9 @@ class Calibration:
         return cls(x=x, y=y, method=d.get("method", "isotonic"), n=int(d.get("n", 0)))
 
 
-def reranker_root(settings: Settings) -> Path:
-    return settings.data_path / "reranker"
+def reranker_root(data_path: Path) -> Path:
+    """Where `harmonia reranker train` puts its runs (and the `latest` pointer)."""
+    return data_path / "reranker"
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -80,9 +81,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def checkpoint_from_settings(settings: Settings) -> Path:
-    if settings.classifier_checkpoint:
-        return resolve_checkpoint(settings.classifier_checkpoint)
-    latest = reranker_root(settings) / "latest"
+    """The checkpoint `classifier_checkpoint` names, else the latest trained one under the data dir."""
+    if settings.classifier.checkpoint:
+        return resolve_checkpoint(settings.classifier.checkpoint)
+    latest = reranker_root(settings.data_path) / "latest"
     if not latest.exists():
         raise CheckpointError(f"no trained classifier at {latest}: run `harmonia reranker train` first "
                               "(or set classifier_checkpoint)")

@@ -74,9 +74,9 @@ class ClassifierReranker(Reranker):
     def from_settings(cls, settings: Settings, conn: psycopg.Connection | None = None) -> ClassifierReranker:
         from harmonia.embedding.model import resolve_device
 
-        return cls(checkpoint_from_settings(settings), top_n=settings.rerank_top_n,
-                   batch_size=settings.classifier_batch_size, max_length=settings.classifier_max_length,
-                   device=resolve_device(settings.embedding_device), dtype=settings.classifier_dtype)
+        return cls(checkpoint_from_settings(settings), top_n=settings.rerank.top_n,
+                   batch_size=settings.classifier.batch_size, max_length=settings.classifier.max_length,
+                   device=resolve_device(settings.embedding.device), dtype=settings.classifier.dtype)
 
     @property
     def model_version(self) -> str:

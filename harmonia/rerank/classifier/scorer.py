@@ -6,10 +6,14 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from harmonia.domain import Candidate, Concept
+
+if TYPE_CHECKING:
+    import torch
 
 
 def candidate_text(c: Candidate | Concept) -> str:
@@ -41,7 +45,7 @@ def resolve_dtype(setting: str, device: str) -> str:
     return "bfloat16" if device == "cpu" and _cpu_has_native_bf16() else "float32"
 
 
-def autocast(device: str, dtype: str):  # noqa: ANN201 - a torch autocast context
+def autocast(device: str, dtype: str) -> torch.autocast:
     """Mixed precision for the forward pass: matrix products in bfloat16, reductions and the loss in float32."""
     import torch
 

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import psycopg
@@ -52,6 +52,10 @@ from harmonia.rerank.classifier.stacker import Stacker
 from harmonia.rerank.classifier.stacker import features as stacker_features
 from harmonia.store import concepts as concept_store
 from harmonia.store import mapping as map_store
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +163,7 @@ def build_material(conn: psycopg.Connection, settings: Settings, opts: TrainOpti
         ids = ids[: opts.max_sources]
     n_hold = min(opts.holdout_max, int(round(len(ids) * opts.holdout))) if len(ids) >= 10 else 0
     hold_ids, train_ids = ids[:n_hold], ids[n_hold:]
-    pool = concept_store.standard_concepts(conn, settings.vocabularies)
+    pool = concept_store.standard_concepts(conn, settings.embedding.vocabularies)
     if not pool:
         raise TrainError("no valid standard concepts loaded: run `harmonia vocab load` first")
     texts = {c.concept_id: c for c in pool}
@@ -355,7 +359,7 @@ class TrainReport:
     stacked: bool = False            # a stacker was fit (enough held-out sources)
 
 
-def _load_base(name: str, num_labels: int = 1, layers: int = 0):  # noqa: ANN202 - (tokenizer, model)
+def _load_base(name: str, num_labels: int = 1, layers: int = 0) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
     if Path(name).expanduser().exists():
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         name = str(Path(name).expanduser())
@@ -387,7 +391,7 @@ def grouped_order(train: Sequence[Example], seed: int) -> np.ndarray:
     return np.array([i for k in rng.permutation(len(keys)) for i in by_source[keys[k]]], dtype=np.int64)
 
 
-def listwise_loss(logits, labels, sources: Sequence[str]):  # noqa: ANN001, ANN201 - torch tensors
+def listwise_loss(logits: torch.Tensor, labels: torch.Tensor, sources: Sequence[str]) -> torch.Tensor:
     """Mean over the batch's sources that have a positive and a negative of -log(softmax mass on the positives):
     it trains the ranking among one source's candidates, which is what top-1 measures; BCE alone scores each pair
     on its own."""
@@ -413,7 +417,7 @@ def train(conn: psycopg.Connection, settings: Settings, opts: TrainOptions, *, o
 
     from harmonia.embedding.model import bundled_model_path, resolve_device
 
-    root = reranker_root(settings)
+    root = reranker_root(settings.data_path)
     root.mkdir(parents=True, exist_ok=True)
     if resume:
         run_dir = out or find_resumable(root)
@@ -426,7 +430,7 @@ def train(conn: psycopg.Connection, settings: Settings, opts: TrainOptions, *, o
         if (run_dir / "model_card.json").exists() or (run_dir / "state").exists():
             raise TrainError(f"{run_dir} already holds a run: pick another --out, or --resume it")
         run_dir.mkdir(parents=True, exist_ok=True)
-        opts.base_model = opts.base_model or settings.classifier_base_model or str(bundled_model_path())
+        opts.base_model = opts.base_model or settings.classifier.base_model or str(bundled_model_path())
         (run_dir / "run.json").write_text(json.dumps({"options": asdict(opts), "started": _now_stamp()}, indent=1))
 
     pairs_path = run_dir / "pairs.jsonl.gz"
@@ -439,12 +443,12 @@ def train(conn: psycopg.Connection, settings: Settings, opts: TrainOptions, *, o
         raise TrainError("no training pairs: the loaded vocabulary has no 'Maps to' rows from development "
                          "sources and there are no review decisions")
 
-    device = resolve_device(settings.embedding_device)
-    dtype = resolve_dtype(settings.classifier_dtype, device)  # bfloat16 where the hardware has it: ~1.7x on a CPU
+    device = resolve_device(settings.embedding.device)
+    dtype = resolve_dtype(settings.classifier.dtype, device)  # bfloat16 where the hardware has it: ~1.7x on a CPU
     torch.manual_seed(opts.seed)
     state_dir = run_dir / "state"
     tok, model = _load_base(str(state_dir / "model")) if resume else _load_base(opts.base_model, layers=opts.layers)
-    model.to(device).train()
+    model.to(device).train()  # type: ignore[arg-type]  # transformers' wrapper of Module.to drops its overloads
     n = len(material.train)
     per_epoch = math.ceil(n / opts.batch_size)
     total = int(math.ceil(per_epoch * opts.epochs))
@@ -510,7 +514,7 @@ def train(conn: psycopg.Connection, settings: Settings, opts: TrainOptions, *, o
     shutil.rmtree(model_dir, ignore_errors=True)
     model.save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
-    scorer = PairScorer(model_dir, device=device, max_length=opts.max_length, batch_size=settings.classifier_batch_size,
+    scorer = PairScorer(model_dir, device=device, max_length=opts.max_length, batch_size=settings.classifier.batch_size,
                         dtype=dtype)
     ev = evaluate(scorer, material.holdout, seed=opts.seed)
     metrics, fusion_weight = ev.metrics, ev.retrieval_weight
@@ -529,8 +533,8 @@ def train(conn: psycopg.Connection, settings: Settings, opts: TrainOptions, *, o
         "device": device, "dtype": dtype, "train_seconds_this_session": round(train_seconds, 1),
         "data": material.counts,
         "split": "harmonia.groundtruth.part_of == 'dev' sources only; held-out slice of dev for metrics",
-        "embedding_model_for_negatives": settings.embedding_model or "bundled all-MiniLM-L6-v2",
-        "retrieval_mode": settings.retrieval_mode,  # the stacker learnt this retriever's scores
+        "embedding_model_for_negatives": settings.embedding.model or "bundled all-MiniLM-L6-v2",
+        "retrieval_mode": settings.retrieval.mode,  # the stacker learnt this retriever's scores
         "holdout_metrics": metrics, "calibration": {"method": cal.method, "n": cal.n},
         "retrieval_weight": fusion_weight,
         "stacker": ({"file": "stacker.json", "features": ev.stacker.features, "hidden": [w.shape[1] for w in

@@ -17,7 +17,7 @@ from harmonia.rerank.llm.providers.base import (
 )
 
 if TYPE_CHECKING:
-    from harmonia.config import Settings
+    from harmonia.config import LLMSettings
 
 # name -> "module:Class"; imported lazily so a missing optional SDK only matters to whoever selects it
 PROVIDERS: dict[str, str] = {
@@ -34,9 +34,9 @@ def provider_class(name: str) -> type[Provider]:
     return getattr(importlib.import_module(module), cls)
 
 
-def get_provider(settings: Settings, **client_kwargs: Any) -> Provider:
+def get_provider(cfg: LLMSettings, **client_kwargs: Any) -> Provider:
     """The provider `llm_provider` names. client_kwargs go to the SDK client (e.g. http_client)."""
-    return provider_class(settings.llm_provider)(settings, **client_kwargs)
+    return provider_class(cfg.provider)(cfg, **client_kwargs)
 
 
 __all__ = ["PROVIDERS", "RETRYABLE", "Provider", "ProviderError", "ProviderFatal", "ProviderResponse",

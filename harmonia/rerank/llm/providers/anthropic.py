@@ -19,7 +19,7 @@ from harmonia.rerank.llm.providers.base import (
 )
 
 if TYPE_CHECKING:
-    from harmonia.config import Settings
+    from harmonia.config import LLMSettings
 
 
 # Newer SDKs (and models) dropped sampling parameters from messages.create; send temperature only where accepted.
@@ -29,23 +29,24 @@ _TAKES_TEMPERATURE = "temperature" in inspect.signature(anthropic.resources.mess
 class AnthropicProvider(Provider):
     name = "anthropic"
 
-    def __init__(self, settings: Settings, **kw: Any) -> None:
-        super().__init__(settings)
-        key = read_api_key(settings, "ANTHROPIC_API_KEY")
+    def __init__(self, cfg: LLMSettings, **kw: Any) -> None:
+        super().__init__(cfg)
+        key = read_api_key(cfg, "ANTHROPIC_API_KEY")
         if not key:
             raise ProviderFatal("no Anthropic API key: set ANTHROPIC_API_KEY, llm_api_key_env or llm_api_key_file "
                                 "(or use reranker = \"none\" offline)")
         self.client = anthropic.Anthropic(
-            api_key=key, base_url=settings.llm_base_url or None, timeout=settings.llm_timeout_s,
-            max_retries=0, **kw)  # tenacity in harmonia.rerank.llm owns retries
+            api_key=key, base_url=cfg.base_url or None, timeout=cfg.timeout_s,
+            max_retries=0, **kw)  # tenacity in harmonia.rerank.llm.reranker owns retries
 
     def call(self, system: str, messages: list[dict[str, str]], tool_schema: dict[str, Any],
              tool_name: str, tool_description: str = "") -> ProviderResponse:
-        sampling = {"temperature": self.settings.llm_temperature} if _TAKES_TEMPERATURE else {}
+        sampling = {"temperature": self.cfg.temperature} if _TAKES_TEMPERATURE else {}
         try:
-            resp = self.client.messages.create(
-                model=self.model, system=system, messages=messages,  # type: ignore[arg-type]
-                max_tokens=self.settings.llm_max_tokens, **sampling,
+            # Plain dicts for messages and tools: the SDK's TypedDict parameters describe the same JSON.
+            resp = self.client.messages.create(  # type: ignore[call-overload]
+                model=self.model, system=system, messages=messages,
+                max_tokens=self.cfg.max_tokens, **sampling,
                 tools=[{"name": tool_name, "description": tool_description, "input_schema": tool_schema}],
                 tool_choice={"type": "tool", "name": tool_name})
         except anthropic.RateLimitError as exc:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from harmonia.config import Settings
+    from harmonia.config import LLMSettings
 
 
 class ProviderError(Exception):
@@ -66,11 +66,11 @@ def parse_retry_after(value: str | None) -> float | None:
         return None
 
 
-def read_api_key(settings: Settings, default_env: str) -> str | None:
+def read_api_key(cfg: LLMSettings, default_env: str) -> str | None:
     """The API key: llm_api_key_file, else the env var llm_api_key_env, else the provider's usual variable."""
-    if settings.llm_api_key_file:
-        return Path(settings.llm_api_key_file).expanduser().read_text().strip()
-    return os.environ.get(settings.llm_api_key_env or default_env) or None
+    if cfg.api_key_file:
+        return Path(cfg.api_key_file).expanduser().read_text().strip()
+    return os.environ.get(cfg.api_key_env or default_env) or None
 
 
 class Provider:
@@ -79,9 +79,9 @@ class Provider:
 
     name = "base"
 
-    def __init__(self, settings: Settings, **client_kwargs: Any) -> None:
-        self.settings = settings
-        self.model = settings.llm_model
+    def __init__(self, cfg: LLMSettings, **client_kwargs: Any) -> None:
+        self.cfg = cfg
+        self.model = cfg.model
 
     def call(self, system: str, messages: list[dict[str, str]], tool_schema: dict[str, Any],
              tool_name: str, tool_description: str = "") -> ProviderResponse:

@@ -22,17 +22,17 @@ from harmonia.rerank.llm.providers.base import (
 )
 
 if TYPE_CHECKING:
-    from harmonia.config import Settings
+    from harmonia.config import LLMSettings
 
 
 class OllamaProvider(Provider):
     name = "ollama"
 
-    def __init__(self, settings: Settings, **kw: Any) -> None:
-        super().__init__(settings)
+    def __init__(self, cfg: LLMSettings, **kw: Any) -> None:
+        super().__init__(cfg)
         # ollama.ResponseError drops the headers; a response hook keeps Retry-After for this thread's request
         self._last = threading.local()
-        self.client = ollama.Client(host=settings.llm_base_url or None, timeout=settings.llm_timeout_s,
+        self.client = ollama.Client(host=cfg.base_url or None, timeout=cfg.timeout_s,
                                     event_hooks={"response": [self._remember]}, **kw)
 
     def _remember(self, response: httpx.Response) -> None:
@@ -42,8 +42,8 @@ class OllamaProvider(Provider):
         self._last.retry_after = None
         try:
             return self.client.chat(model=self.model, stream=False,
-                                    options={"temperature": self.settings.llm_temperature,
-                                             "num_predict": self.settings.llm_max_tokens}, **kw)
+                                    options={"temperature": self.cfg.temperature,
+                                             "num_predict": self.cfg.max_tokens}, **kw)
         except ollama.ResponseError as exc:
             retry_after = getattr(self._last, "retry_after", None)
             if exc.status_code == 429:

@@ -21,7 +21,7 @@ from harmonia.rerank.llm.providers.base import (
 )
 
 if TYPE_CHECKING:
-    from harmonia.config import Settings
+    from harmonia.config import LLMSettings
 
 
 def strict_schema(schema: dict[str, Any]) -> dict[str, Any]:
@@ -47,23 +47,24 @@ def strict_schema(schema: dict[str, Any]) -> dict[str, Any]:
 class OpenAIProvider(Provider):
     name = "openai"
 
-    def __init__(self, settings: Settings, **kw: Any) -> None:
-        super().__init__(settings)
-        key = read_api_key(settings, "OPENAI_API_KEY")
-        if not key and not settings.llm_base_url:
+    def __init__(self, cfg: LLMSettings, **kw: Any) -> None:
+        super().__init__(cfg)
+        key = read_api_key(cfg, "OPENAI_API_KEY")
+        if not key and not cfg.base_url:
             raise ProviderFatal("no OpenAI API key: set OPENAI_API_KEY, llm_api_key_env or llm_api_key_file "
                                 "(or use reranker = \"none\" offline)")
         self.client = openai.OpenAI(
             api_key=key or "unused",  # local OpenAI-compatible servers usually take no key
-            base_url=settings.llm_base_url or None, timeout=settings.llm_timeout_s,
-            max_retries=0, **kw)  # tenacity in harmonia.rerank.llm owns retries
+            base_url=cfg.base_url or None, timeout=cfg.timeout_s,
+            max_retries=0, **kw)  # tenacity in harmonia.rerank.llm.reranker owns retries
 
     def call(self, system: str, messages: list[dict[str, str]], tool_schema: dict[str, Any],
              tool_name: str, tool_description: str = "") -> ProviderResponse:
         try:
-            resp = self.client.chat.completions.create(
-                model=self.model, messages=[{"role": "system", "content": system}, *messages],  # type: ignore[list-item]
-                max_tokens=self.settings.llm_max_tokens, temperature=self.settings.llm_temperature,
+            # Plain dicts for messages and tools: the SDK's TypedDict parameters describe the same JSON.
+            resp = self.client.chat.completions.create(  # type: ignore[call-overload]
+                model=self.model, messages=[{"role": "system", "content": system}, *messages],
+                max_tokens=self.cfg.max_tokens, temperature=self.cfg.temperature,
                 tools=[{"type": "function", "function": {"name": tool_name, "description": tool_description,
                                                          "strict": True, "parameters": strict_schema(tool_schema)}}],
                 tool_choice={"type": "function", "function": {"name": tool_name}})
