@@ -11,6 +11,7 @@ from pathlib import Path
 import psycopg
 
 from harmonia import db
+from harmonia.store.server import ensure_database
 
 
 @contextlib.contextmanager
@@ -25,8 +26,7 @@ def database(url: str | None, keep_dir: str | None = None) -> Iterator[str]:
         server = db.start_embedded(root / "pgdata")
         try:
             with psycopg.connect(server.uri("postgres"), autocommit=True) as c:
-                if not c.execute("SELECT 1 FROM pg_database WHERE datname = 'bench'").fetchone():
-                    c.execute("CREATE DATABASE bench")
+                ensure_database(c, "bench")
             yield server.uri("bench")
         finally:
             if not keep_dir:

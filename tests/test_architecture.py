@@ -157,24 +157,68 @@ def _docstrings(tree: ast.AST) -> set[int]:
     return ids
 
 
+def sql_in(path: Path, root: Path) -> list[str]:
+    """Where one file runs or composes SQL."""
+    out = []
+    tree = ast.parse(path.read_text(), str(path))
+    docs = _docstrings(tree)
+    for node in ast.walk(tree):
+        where = f"{path.relative_to(root)}:{getattr(node, 'lineno', '?')}"
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in SQL_CALLS:
+            if node.func.attr != "copy" or node.args:
+                out.append(f"{where}: .{node.func.attr}(...)")
+        elif isinstance(node, ast.ImportFrom) and node.module == "psycopg" and \
+                any(a.name == "sql" for a in node.names):
+            out.append(f"{where}: psycopg.sql composes SQL")
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs \
+                and SQL_TEXT.search(node.value):
+            out.append(f"{where}: SQL text {node.value[:60]!r}")
+    return out
+
+
 def sql_outside_store(root: Path, homes: tuple[str, ...] = SQL_HOMES) -> list[str]:
     out = []
     for name, path in modules(root).items():
-        if any(name == h or name.startswith(h + ".") for h in homes):
-            continue
-        tree = ast.parse(path.read_text(), str(path))
-        docs = _docstrings(tree)
-        for node in ast.walk(tree):
-            where = f"{path.relative_to(root)}:{getattr(node, 'lineno', '?')}"
-            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in SQL_CALLS:
-                if node.func.attr != "copy" or node.args:
-                    out.append(f"{where}: .{node.func.attr}(...)")
-            elif isinstance(node, ast.ImportFrom) and node.module == "psycopg" and \
-                    any(a.name == "sql" for a in node.names):
-                out.append(f"{where}: psycopg.sql composes SQL")
-            elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs \
-                    and SQL_TEXT.search(node.value):
-                out.append(f"{where}: SQL text {node.value[:60]!r}")
+        if not any(name == h or name.startswith(h + ".") for h in homes):
+            out += sql_in(path, root)
+    return out
+
+
+def script_problems(root: Path, folder: str = "benchmark") -> list[str]:
+    """The scripts under `folder` import harmonia as an installed package: no sys.path edits, every
+    `from harmonia.x import y` names something that exists, any other import is installed or a file beside the
+    script; and they hold no SQL (it belongs in harmonia/store/)."""
+    import importlib
+    import importlib.util
+
+    def found(module: str) -> bool:
+        try:
+            return importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):  # a parent is missing or is not a package
+            return False
+
+    out = []
+    scripts = sorted((root / folder).glob("*.py"))
+    siblings = {p.stem for p in scripts}
+    for path in scripts:
+        where = path.relative_to(root)
+        out += sql_in(path, root)
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Attribute) and node.attr == "path" and isinstance(node.value, ast.Name) \
+                    and node.value.id == "sys":
+                out.append(f"{where}:{node.lineno}: touches sys.path")
+            elif isinstance(node, ast.Import):
+                out += [f"{where}:{node.lineno}: cannot import {a.name}" for a in node.names
+                        if a.name.split(".")[0] not in siblings and not found(a.name)]
+            elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                if node.module.split(".")[0] in siblings:
+                    continue
+                if not found(node.module):
+                    out.append(f"{where}:{node.lineno}: cannot import {node.module}")
+                elif node.module.split(".")[0] == "harmonia":
+                    module = importlib.import_module(node.module)
+                    out += [f"{where}:{node.lineno}: {node.module} has no {a.name}" for a in node.names
+                            if not hasattr(module, a.name) and not found(f"{node.module}.{a.name}")]
     return out
 
 
@@ -199,6 +243,10 @@ def test_every_module_has_a_layer() -> None:
 def test_sql_lives_only_in_the_store() -> None:
     assert sql_outside_store(REPO) == []
     assert any(sql_outside_store(REPO, homes=()))  # the checker does see the store's SQL
+
+
+def test_benchmark_scripts_import_the_package_without_sys_path_edits_and_hold_no_sql() -> None:
+    assert script_problems(REPO) == []
 
 
 # ------------------------------------------------------------------------------------------------ the checkers fail
@@ -239,3 +287,18 @@ def test_the_checkers_catch_a_cycle_an_upward_import_and_sql_outside_the_store(b
     found = sql_outside_store(bad_tree)
     assert len(found) == 2 and all("pipeline/worker.py" in f for f in found)
     assert not any("store/queue.py" in f for f in found)
+
+
+def test_the_script_checker_catches_sys_path_edits_missing_names_and_sql(tmp_path: Path) -> None:
+    _package(tmp_path, {
+        "benchmark/_helper.py": "X = 1\n",
+        "benchmark/bad.py": (
+            "import sys\nsys.path.insert(0, '.')\nfrom _helper import X\nfrom harmonia.config import NoSuchThing\n"
+            "from harmonia.nowhere import y\n\ndef f(conn):\n    return conn.execute('SELECT 1 FROM t')\n"),
+        "benchmark/good.py": "from _helper import X\nfrom harmonia.store import server\nfrom harmonia import config\n",
+    })
+    found = script_problems(tmp_path)
+    assert sorted(f.split(": ", 1)[1] for f in found) == [
+        ".execute(...)", "SQL text 'SELECT 1 FROM t'", "cannot import harmonia.nowhere",
+        "harmonia.config has no NoSuchThing", "touches sys.path"], found
+    assert all(f.startswith("benchmark/bad.py:") for f in found)
