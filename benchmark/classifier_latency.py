@@ -44,7 +44,7 @@ def main() -> None:
     groups = [tok([q] * 50, rng.sample(docs, 50), truncation=True, max_length=64, padding=True,
                   return_tensors="pt") for q in queries]
 
-    def load(**kw):  # noqa: ANN003, ANN202
+    def load(**kw):
         return AutoModelForSequenceClassification.from_pretrained(run / "model", num_labels=1, **kw).eval()
 
     f32 = load()

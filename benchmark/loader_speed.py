@@ -33,7 +33,7 @@ def write_concepts(path: Path, rows: int, gz: bool) -> None:
     doms = [("Condition", "SNOMED", "Clinical Finding"), ("Measurement", "LOINC", "Lab Test"),
             ("Drug", "RxNorm", "Clinical Drug"), ("Condition", "ICD10", "ICD10 code")]
     opener = gzip.open if gz else open
-    with opener(path, "wt", encoding="utf-8") as fh:  # type: ignore[operator]
+    with opener(path, "wt", encoding="utf-8") as fh:  # type: ignore[operator]  # gzip.open | open: one signature here
         fh.write(HEADER)
         buf = []
         for i in range(1, rows + 1):

@@ -44,7 +44,7 @@ from harmonia.store import memory as mem_store
 K = 50
 
 
-def icd10_test(conn, vocabularies: list[str], n: int, seed: int) -> list[SourceTargets]:  # noqa: ANN001
+def icd10_test(conn, vocabularies: list[str], n: int, seed: int) -> list[SourceTargets]:
     rows = maps_to_sources(conn, ["ICD10"], part="test")
     valid = {cid for cid, c in concept_store.get_concepts(conn, {t for r in rows for t in r.targets}).items()
              if c.vocabulary_id in vocabularies}
@@ -56,7 +56,7 @@ def icd10_test(conn, vocabularies: list[str], n: int, seed: int) -> list[SourceT
     return rows
 
 
-def lab_rows(conn, path: Path, vocabularies: list[str], part: str  # noqa: ANN001
+def lab_rows(conn, path: Path, vocabularies: list[str], part: str
              ) -> tuple[list[SourceTargets], int]:
     rows = read_usagi_truth(path)
     concepts = concept_store.get_concepts(conn, {t for r in rows for t in r.targets})
@@ -72,7 +72,7 @@ def lab_rows(conn, path: Path, vocabularies: list[str], part: str  # noqa: ANN00
     return kept, dropped
 
 
-def score(pools, order) -> dict:  # noqa: ANN001
+def score(pools, order) -> dict:
     agg = aggregate([score_row(order(p)[:K], order(p)[:K], r.targets) for r, p in pools])
     return {"n": agg.n, "recall@50": agg.recall, "top-1": agg.top1, "top-5": agg.top5, "MRR": agg.mrr}
 

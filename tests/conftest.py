@@ -129,7 +129,7 @@ def conn(fresh_db: str) -> Iterator[psycopg.Connection]:
 
 
 @pytest.fixture(scope="session")
-def embedder():  # noqa: ANN201
+def embedder():
     from harmonia.embedding.model import Embedder
 
     return Embedder.from_settings(Settings())

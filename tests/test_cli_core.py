@@ -13,7 +13,7 @@ from harmonia.cli import app
 runner = CliRunner()
 
 
-def run(fresh_db: str, tmp_path: Path, *args: str):  # noqa: ANN201
+def run(fresh_db: str, tmp_path: Path, *args: str):
     env = {"HARMONIA_CONFIG": "", "HARMONIA_DATA_DIR": str(tmp_path)}
     return runner.invoke(app, ["--database-url", fresh_db, *args], env=env)
 

@@ -48,7 +48,7 @@ def test_interrupted_run_resumes_from_its_checkpoint(tmp_path, monkeypatch) -> N
     real = torch.nn.utils.clip_grad_norm_
     calls = {"n": 0}
 
-    def crash_on_third(*a, **kw):  # noqa: ANN002, ANN003, ANN202
+    def crash_on_third(*a, **kw):
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt

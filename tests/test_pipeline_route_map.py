@@ -51,12 +51,12 @@ TERMS = [SourceTerm("E11", "ICD10", "Type 2 diabetes mellitus", 40, {"site": "a"
 
 
 def counts(conn: psycopg.Connection) -> tuple[int, int, int]:
-    return tuple(conn.execute(f"SELECT count(*) FROM harmonia.{t}").fetchone()[0]  # type: ignore[return-value]
+    return tuple(conn.execute(f"SELECT count(*) FROM harmonia.{t}").fetchone()[0]  # type: ignore[return-value]  # three counts
                  for t in ("concept_map", "review_queue", "concept_map_history"))
 
 
 def test_llm_decisions_persist_to_map_and_review_and_reruns_are_idempotent(
-        settings: Settings, conn: psycopg.Connection, embedder, stub: Stub, tmp_path: Path) -> None:  # noqa: ANN001
+        settings: Settings, conn: psycopg.Connection, embedder, stub: Stub, tmp_path: Path) -> None:
     s = make_settings(settings.database.url, tmp_path, reranker="llm", llm_provider="openai", llm_model="gpt-stub",
                       llm_base_url=stub.base_url, llm_max_retries=1, llm_retry_max_wait_s=0.02,
                       auto_approve_threshold=0.9)
@@ -119,7 +119,7 @@ def write_csv(path: Path) -> Path:
     return path
 
 
-def cli(url: str, tmp_path: Path, *args: str, **env: str):  # noqa: ANN201
+def cli(url: str, tmp_path: Path, *args: str, **env: str):
     e = {"HARMONIA_CONFIG": "", "HARMONIA_DATA_DIR": str(tmp_path), **env}
     return runner.invoke(app, ["--database-url", url, *args], env=e)
 
@@ -205,7 +205,7 @@ def test_router_never_approves_a_non_candidate_or_an_unsure_top1() -> None:
     term = SourceTerm("Z1", "local", "x")
 
     def res(ids: list[int], conf: float, **kw: object) -> RerankResult:
-        return RerankResult([RankedCandidate(i, 0.9, "r") for i in ids], conf, "m", **kw)  # type: ignore[arg-type]
+        return RerankResult([RankedCandidate(i, 0.9, "r") for i in ids], conf, "m", **kw)  # type: ignore[arg-type]  # optional fields
 
     assert route(term, cands, res([1003, 1000], 0.95), 0.9).action == "approve"
     assert route(term, cands, res([1003], 0.9), 0.9).reason == "approved"  # threshold inclusive

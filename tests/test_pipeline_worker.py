@@ -109,7 +109,7 @@ class TopReranker(Reranker):
 
     name = "top-test"
 
-    def __init__(self, review_codes: set[str] = frozenset()) -> None:  # type: ignore[assignment]
+    def __init__(self, review_codes: set[str] = frozenset()) -> None:  # type: ignore[assignment]  # never mutated
         self.review_codes = review_codes
         self.calls = 0
 
@@ -140,14 +140,14 @@ class FlakyReranker(Reranker):
         return [TopReranker().rerank(t, c) for t, c in items]
 
 
-def make_worker(settings_url: str, tmp_path: Path, conn: psycopg.Connection, embedder, reranker: Reranker,  # noqa: ANN001
+def make_worker(settings_url: str, tmp_path: Path, conn: psycopg.Connection, embedder, reranker: Reranker,
                 **kw: object) -> Worker:
     overrides = {"worker_poll_s": 0.05, "worker_lease_s": 10.0, **{k: v for k, v in kw.items()
                                                                     if k.startswith("worker_")}}
     s = make_settings(settings_url, tmp_path, **overrides)
     pipe = Pipeline(VectorRetriever.from_settings(conn, embedder, s), reranker, s.router, s.rerank)
     rest = {k: v for k, v in kw.items() if not k.startswith("worker_")}
-    return Worker.from_settings(s, pipeline=pipe, **rest)  # type: ignore[arg-type]
+    return Worker.from_settings(s, pipeline=pipe, **rest)  # type: ignore[arg-type]  # the test passes typed options
 
 
 def spawn_child(url: str, data_dir: Path, concept_id: int, *, delay: float, batch: int, lease_s: float = 10.0,
@@ -163,9 +163,9 @@ def read_until(proc: subprocess.Popen, key: str, timeout: float = 90) -> dict:
     """Next stdout JSON line holding `key` (the child prints one line per event)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        line = proc.stdout.readline()  # type: ignore[union-attr]
+        line = proc.stdout.readline()  # type: ignore[union-attr]  # Popen(stdout=PIPE)
         if not line:
-            raise AssertionError(f"child exited ({proc.poll()}): {proc.stderr.read()}")  # type: ignore[union-attr]
+            raise AssertionError(f"child exited ({proc.poll()}): {proc.stderr.read()}")  # type: ignore[union-attr]  # PIPE
         msg = json.loads(line)
         if key in msg:
             return msg
@@ -224,7 +224,7 @@ def test_cli_enqueue_worker_status(fresh_db: str, tmp_path: Path, conn: psycopg.
 
 
 def test_worker_persists_outcome_and_state(fresh_db: str, tmp_path: Path, conn: psycopg.Connection,
-                                           embedder) -> None:  # noqa: ANN001
+                                           embedder) -> None:
     terms = sample_terms(conn, 12)
     enqueue(conn, terms)
     review = {t.source_code for t in terms[:4]}
@@ -270,7 +270,7 @@ def test_several_processes_never_share_an_item(fresh_db: str, tmp_path: Path, co
 
 @pytest.mark.slow
 def test_sigterm_finishes_items_in_hand_and_sigkill_loses_nothing(fresh_db: str, tmp_path: Path,
-                                                                   conn: psycopg.Connection, embedder) -> None:  # noqa: ANN001
+                                                                   conn: psycopg.Connection, embedder) -> None:
     terms = sample_terms(conn, 30)
     enqueue(conn, terms)
     cid = any_concept(conn)
@@ -306,7 +306,7 @@ def test_sigterm_finishes_items_in_hand_and_sigkill_loses_nothing(fresh_db: str,
 
 
 def test_expired_lease_is_reclaimed_not_before(fresh_db: str, tmp_path: Path, conn: psycopg.Connection,
-                                               embedder) -> None:  # noqa: ANN001
+                                               embedder) -> None:
     terms = sample_terms(conn, 5)
     enqueue(conn, terms)
     # A worker that claims and dies before persisting (crash between rerank and persist).
@@ -323,7 +323,7 @@ def test_expired_lease_is_reclaimed_not_before(fresh_db: str, tmp_path: Path, co
 
 
 def test_attempts_counted_and_final_failure_goes_to_review(fresh_db: str, tmp_path: Path,
-                                                            conn: psycopg.Connection, embedder) -> None:  # noqa: ANN001
+                                                            conn: psycopg.Connection, embedder) -> None:
     terms = sample_terms(conn, 6)
     enqueue(conn, terms)
     bad = {terms[1].source_code, terms[4].source_code}
@@ -351,13 +351,13 @@ def test_attempts_counted_and_final_failure_goes_to_review(fresh_db: str, tmp_pa
 
 
 def test_lost_lease_rolls_back_instead_of_mapping_twice(fresh_db: str, tmp_path: Path, conn: psycopg.Connection,
-                                                        embedder) -> None:  # noqa: ANN001
+                                                        embedder) -> None:
     terms = sample_terms(conn, 3)
     enqueue(conn, terms)
     stolen = terms[1].source_code
 
     class Thief(TopReranker):
-        def rerank_many(self, items):  # noqa: ANN001, ANN202
+        def rerank_many(self, items):
             # While this worker decides, its lease on one item expires and another worker takes it.
             with psycopg.connect(conn.info.dsn, autocommit=True) as c2:
                 c2.execute("UPDATE harmonia.source_queue SET lease_owner = 'thief' WHERE source_code = %s",
@@ -375,7 +375,7 @@ def test_lost_lease_rolls_back_instead_of_mapping_twice(fresh_db: str, tmp_path:
 
 
 def test_notify_wakes_an_idle_worker(fresh_db: str, tmp_path: Path, conn: psycopg.Connection,
-                                     embedder) -> None:  # noqa: ANN001
+                                     embedder) -> None:
     w = make_worker(fresh_db, tmp_path, conn, embedder, TopReranker(), max_items=3, worker_poll_s=60.0)
     th = threading.Thread(target=w.run)
     th.start()
@@ -392,7 +392,7 @@ def test_notify_wakes_an_idle_worker(fresh_db: str, tmp_path: Path, conn: psycop
 
 
 def test_stop_while_idle_exits_promptly(fresh_db: str, tmp_path: Path, conn: psycopg.Connection,
-                                        embedder) -> None:  # noqa: ANN001
+                                        embedder) -> None:
     w = make_worker(fresh_db, tmp_path, conn, embedder, TopReranker(), worker_poll_s=60.0)
     th = threading.Thread(target=w.run)
     th.start()
@@ -404,7 +404,7 @@ def test_stop_while_idle_exits_promptly(fresh_db: str, tmp_path: Path, conn: psy
 
 
 def test_worker_with_llm_reranker_against_stub_provider(fresh_db: str, tmp_path: Path,
-                                                        conn: psycopg.Connection, monkeypatch) -> None:  # noqa: ANN001
+                                                        conn: psycopg.Connection, monkeypatch) -> None:
     """The real LLM reranker (openai SDK) against the OpenAI-wire stub: calls run concurrently, outcomes land."""
     from benchmark.stub_llm_server import serve
 

@@ -213,7 +213,7 @@ def test_resume_continues_from_saved_state(conn: psycopg.Connection, settings: S
     calls = {"n": 0}
     real_step = torch.optim.AdamW.step
 
-    def failing_step(self, *a, **k):  # noqa: ANN001, ANN002, ANN003, ANN202
+    def failing_step(self, *a, **k):
         calls["n"] += 1
         if calls["n"] == 11:
             raise KeyboardInterrupt
@@ -238,7 +238,7 @@ def test_training_picks_the_retrieval_weight_that_maximises_held_out_mrr() -> No
             return np.array([1.0 if "wrong" in d else 0.0 for d in docs])
 
     holdout = {1: {"text": "q", "targets": [10], "candidates": [(11, "wrong", 0.5), (10, "right", 0.9)]}}
-    ev = evaluate(Scorer(), holdout)  # type: ignore[arg-type]
+    ev = evaluate(Scorer(), holdout)  # type: ignore[arg-type]  # a duck-typed stand-in scorer
     # 0.4 * w > 1 first holds at w = 5 in the grid; larger weights tie, and ties go to the smaller one
     assert ev.retrieval_weight == 5.0 and ev.right == [True] and 0 < ev.top_p[0] < 1
     m = ev.metrics
@@ -271,7 +271,7 @@ def test_the_stacker_learns_the_retrievers_evidence_out_of_fold() -> None:
         def logits(self, queries: list[str], docs: list[str]) -> np.ndarray:
             return np.zeros(len(docs))
 
-    ev = evaluate(Scorer(), _holdout_where_memory_votes_decide(80))  # type: ignore[arg-type]
+    ev = evaluate(Scorer(), _holdout_where_memory_votes_decide(80))  # type: ignore[arg-type]  # stand-in
     m = ev.metrics
     assert ev.stacker is not None and m["sources"] == 80
     assert m["none_top1"] < 0.3 and m["cross_encoder_top1"] < 0.3

@@ -41,7 +41,7 @@ def make(tmp_path: Path) -> Iterator[Callable[..., tuple[LLMReranker, Stub]]]:
         stub.close()
 
 
-def decide(rr: LLMReranker, term: SourceTerm = TERM, n: int = 50):  # noqa: ANN201
+def decide(rr: LLMReranker, term: SourceTerm = TERM, n: int = 50):
     cands = candidates(n)
     result = rr.rerank_many([(term, cands)])[0]
     return result, route(term, cands, result, threshold=0.9)

@@ -23,7 +23,7 @@ def _id(conn: psycopg.Connection, name: str) -> int:
                         "AND invalid_reason IS NULL", (name,)).fetchone()[0]
 
 
-def _remember(conn, settings, embedder, target: int) -> None:  # noqa: ANN001
+def _remember(conn, settings, embedder, target: int) -> None:
     maps = [SourceTargets("HG1", "LOCAL", "Excessive vomiting in pregnancy, unspecified", [target], origin="review"),
             SourceTargets("X2", "LOCAL", "Fracture of femur", [_id(conn, "Fracture of femur")], origin="file")]
     r = build_memory(conn, embedder, settings, maps, progress=False)

@@ -19,7 +19,7 @@ def test_tuning_reads_only_dev_sources_and_never_gets_worse(conn, settings, embe
     seen: list[str] = []
     real = HybridRetriever.pools
 
-    def spy(self, texts, **kw):  # noqa: ANN001, ANN202
+    def spy(self, texts, **kw):
         seen.extend(texts)
         return real(self, texts, **kw)
 

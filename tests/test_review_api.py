@@ -334,7 +334,7 @@ def test_user_cli_prints_token_once_and_stores_hash(fresh_db: str, tmp_path: Pat
     runner = CliRunner()
     env = {"HARMONIA_CONFIG": "", "HARMONIA_DATA_DIR": str(tmp_path)}
 
-    def run(*args: str):  # noqa: ANN202
+    def run(*args: str):
         return runner.invoke(cli_app, ["--database-url", fresh_db, *args], env=env)
 
     r = run("user", "add", "alice", "--role", "reader")

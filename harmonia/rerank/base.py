@@ -37,7 +37,7 @@ class Reranker:
     def model_version(self) -> str:
         return self.name
 
-    def close(self) -> None:  # noqa: B027 - optional hook
+    def close(self) -> None:  # an optional hook: a reranker holding nothing closes nothing
         pass
 
     def __enter__(self) -> Self:

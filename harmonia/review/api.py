@@ -180,7 +180,7 @@ def create_app(settings: Settings) -> FastAPI:
                 results = [c.to_dict() for c in concept_store.get_concepts(conn, [int(q)]).values()]
         try:
             results += service.search(q, k, domains=domain, vocabularies=vocabulary)
-        except Exception as exc:  # noqa: BLE001 - e.g. no embeddings yet: say so, do not 500
+        except Exception as exc:  # e.g. no embeddings yet: say so (503), do not 500
             if not results:
                 raise HTTPException(503, f"concept search unavailable: {exc}") from exc
         return {"query": q, "results": results}

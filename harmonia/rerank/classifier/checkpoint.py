@@ -99,6 +99,6 @@ def weights_hash(model_dir: Path, *extra: Path) -> str:
         if p.is_file() and p.suffix in (".safetensors", ".bin", ".json"):
             h.update(p.name.encode())
             with open(p, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):  # noqa: B023 - fh is bound per iteration
+                for block in iter(lambda: fh.read(1 << 20), b""):
                     h.update(block)
     return h.hexdigest()[:12]

@@ -87,5 +87,5 @@ class Provider:
              tool_name: str, tool_description: str = "") -> ProviderResponse:
         raise NotImplementedError
 
-    def close(self) -> None:  # noqa: B027 - optional hook
+    def close(self) -> None:  # an optional hook: a provider without a client to close keeps it
         pass
