@@ -302,3 +302,43 @@ def test_the_script_checker_catches_sys_path_edits_missing_names_and_sql(tmp_pat
         ".execute(...)", "SQL text 'SELECT 1 FROM t'", "cannot import harmonia.nowhere",
         "harmonia.config has no NoSuchThing", "touches sys.path"], found
     assert all(f.startswith("benchmark/bad.py:") for f in found)
+
+
+# ------------------------------------------------------------------------------------------------ suppressions
+
+SUPPRESSION = re.compile(r"#\s*(noqa(?::\s*[A-Z]+[0-9]+(?:\s*,\s*[A-Z]+[0-9]+)*)?"
+                         r"|type:\s*ignore(?:\[[\w\-, ]+\])?)(.*)$")
+
+
+def unexplained_suppressions(root: Path, folders: tuple[str, ...] = ("harmonia", "benchmark", "scripts", "tests")
+                             ) -> list[str]:
+    """`# noqa` and `# type: ignore` lines that do not say why: a reason after the directive on the same line
+    (`# noqa: BLE001 - why`, `# type: ignore[x]  # why`) or a comment on the line above."""
+    out = []
+    for folder in folders:
+        for path in sorted((root / folder).rglob("*.py")):
+            lines = path.read_text().splitlines()
+            for i, line in enumerate(lines):
+                m = SUPPRESSION.search(line)
+                if m is None or "SUPPRESSION" in line:
+                    continue
+                reason = m.group(2).strip().lstrip("-#—: ").strip()
+                above = lines[i - 1].strip() if i else ""
+                if not reason and not above.startswith("#"):
+                    out.append(f"{path.relative_to(root)}:{i + 1}: {line.strip()}")
+    return out
+
+
+def test_every_noqa_and_type_ignore_says_why() -> None:
+    assert unexplained_suppressions(REPO) == []
+
+
+def test_the_suppression_checker_sees_a_bare_one(tmp_path: Path) -> None:
+    _package(tmp_path, {"harmonia/a.py": (
+        "x = 1  # type: ignore[assignment]\n"
+        "y = 2  # type: ignore[assignment]  # the stub is wrong\n"
+        "# a reason above\nz = 3  # noqa: E501\n"
+        "w = 4  # noqa: BLE001 - why\n"
+        "v = 5  # noqa\n")})
+    assert unexplained_suppressions(tmp_path, ("harmonia",)) == [
+        "harmonia/a.py:1: x = 1  # type: ignore[assignment]", "harmonia/a.py:6: v = 5  # noqa"]
