@@ -153,8 +153,11 @@ class ClassifierSettings:
 
 @dataclass
 class RouterSettings:
-    auto_approve_threshold: float = setting(0.9, "Confidence at or above which a top-1 is auto-approved "
-                                                 "(`harmonia bench calibrate` sets it).", key="auto_approve_threshold")
+    auto_approve_threshold: float = setting(0.5, "A floor: no first choice whose calibrated probability is below it "
+                                                 "is auto-approved, whatever its calibration. It approves nothing "
+                                                 "by itself: only a threshold certified for the source's kind or "
+                                                 "set (`harmonia bench calibrate`, `harmonia calibrate fit`) does.",
+                                            key="auto_approve_threshold")
 
 
 @dataclass

@@ -129,6 +129,7 @@ class RankingRecord(TypedDict, total=False):
     usage: dict[str, Any]        # auto-approval: the reranker's usage
     retrieved: int               # auto-approval: how many candidates were retrieved
     review_item_id: int          # a reviewer's decision: the review item it resolved
+    calibration: dict[str, Any]  # the router's calibration: kind, calibrator hash, threshold, raw confidence
 
 
 Action = Literal["approve", "review"]
@@ -144,15 +145,23 @@ class Decision:
     confidence: float
     model_version: str
     ranking: list[RankingEntry]         # top-N with names, scores and rationales: what a reviewer sees
-    reason: str                         # approved | low_confidence | no_match | no_candidates | <error kind>
+    # approved | low_confidence | uncalibrated | no_match | no_candidates | <error kind>
+    reason: str
     error: str | None = None
     usage: dict[str, Any] = field(default_factory=dict)
     candidates: list[Candidate] = field(default_factory=list)  # all retrieved (for metrics; not stored)
+    # How the confidence was calibrated and against what it was compared: kind, calibrator hash, threshold (None:
+    # uncalibrated), the reranker's raw confidence, the evidence; empty for a decision made without the router.
+    calibration: dict[str, Any] = field(default_factory=dict)
 
     def ranking_json(self) -> RankingRecord:
-        return {"model_version": self.model_version, "confidence": self.confidence, "ranked": self.ranking,
-                "reason": self.reason, "error": self.error, "usage": self.usage,
-                "retrieved": len(self.candidates), "source_frequency": self.term.source_frequency}
+        rec: RankingRecord = {"model_version": self.model_version, "confidence": self.confidence,
+                              "ranked": self.ranking, "reason": self.reason, "error": self.error,
+                              "usage": self.usage, "retrieved": len(self.candidates),
+                              "source_frequency": self.term.source_frequency}
+        if self.calibration:
+            rec["calibration"] = self.calibration
+        return rec
 
 
 @dataclass

@@ -46,6 +46,24 @@ def make_settings(url: str, data_dir: Path, **overrides: object) -> Settings:
     return load_settings(overrides, env=env)
 
 
+def calibrate_as_is(conn: psycopg.Connection, data_path: Path, reranker: str, reranker_version: str, *,
+                    threshold: float | None = 0.9, kind: str = "diagnosis", source_vocab: str = "") -> None:
+    """Calibrate a reranker for tests whose subject is not the calibration: a stored calibrator that takes the
+    reranker's own confidence as the probability (one feature, the confidence's logit, weight 1) and a certified
+    threshold for `kind` (or for one source set), as `harmonia bench calibrate` would store them."""
+    from harmonia.pipeline import confidence
+    from harmonia.store import calibration
+
+    cal = confidence.Calibrator(reranker=reranker, features=["raw_logit"], mean=[0.0], scale=[1.0], coef=[1.0],
+                                kinds=[], kind_coef=[], intercept=0.0)
+    confidence.save(cal, data_path)
+    with conn.transaction():
+        calibration.save_threshold(conn, calibration.StoredThreshold(
+            reranker_version=reranker_version, calibrator_hash=cal.hash, kind=kind, source_vocab=source_vocab,
+            threshold=threshold, target=0.98, alpha=0.05, bound=0.98, rows_behind=200, rows_correct=200,
+            coverage=0.5, calibration_rows=400, method="test", origin="bench"))
+
+
 def create_database(server: db.EmbeddedServer, name: str, template: str | None = None) -> str:
     with psycopg.connect(server.uri("postgres"), autocommit=True) as conn:
         q = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))

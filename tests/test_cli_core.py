@@ -38,8 +38,11 @@ def test_search_prints_candidates_and_filters(fresh_db: str, tmp_path: Path) -> 
 
 @pytest.mark.slow
 def test_quickstart_maps_and_scores_sample_terms(fresh_db: str, tmp_path: Path) -> None:
-    r = run(fresh_db, tmp_path, "quickstart", "--n", "12", "--show", "1")
+    r = run(fresh_db, tmp_path, "quickstart", "--n", "12", "--show", "1", "--calibrate-rows", "60")
     assert r.exit_code == 0, r.output
+    # 60 development rows certify no threshold (149 right rows at least): nothing is auto-approved
+    assert "too few calibration rows" in " ".join(r.output.split())
+    assert "auto-approved 0 of 12 test-part terms" in r.output
     assert "vocabulary already loaded" in r.output
     assert "input rows 12 = approved" in r.output and "top-1" in r.output and "recall@50" in r.output
     assert "remembered 6," in r.output and "retrieval=hybrid" in r.output  # the dev part's ~6.8k mapped sources

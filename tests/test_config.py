@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def test_defaults_without_file_or_env() -> None:
     s = load_settings(env={"HARMONIA_CONFIG": ""})
-    assert s.rerank.kind == "none" and s.retrieval.top_k == 50 and s.router.auto_approve_threshold == 0.9
+    assert s.rerank.kind == "none" and s.retrieval.top_k == 50 and s.router.auto_approve_threshold == 0.5
     assert "SNOMED" in s.embedding.vocabularies and s.sources["reranker"] == "default"
 
 

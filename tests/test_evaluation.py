@@ -10,10 +10,10 @@ import pytest
 from harmonia.config import BenchmarkSettings, LLMSettings
 from harmonia.domain import MapsToEdge
 from harmonia.evaluation.calibrate import (
+    CalibrationError,
     CoveragePoint,
-    at_threshold,
-    calibrate_run,
-    choose_threshold,
+    calibrate_runs,
+    check_run,
     plot,
     precision_coverage,
     reliability,
@@ -150,7 +150,7 @@ def test_gates() -> None:
 # --------------------------------------------------------------------------------------------- calibration
 
 
-def test_precision_coverage_and_threshold_on_synthetic_scores(tmp_path: Path) -> None:
+def test_precision_coverage_on_synthetic_scores(tmp_path: Path) -> None:
     # 20 rows at confidences 0.05..1.00; the top 8 (>= 0.65) are all right, then 1 in 2 are right below.
     conf = [round(0.05 * i, 2) for i in range(1, 21)]
     ok = [c >= 0.65 or i % 2 == 0 for i, c in enumerate(conf)]
@@ -159,34 +159,60 @@ def test_precision_coverage_and_threshold_on_synthetic_scores(tmp_path: Path) ->
     by_t = {p.threshold: p for p in points}
     assert by_t[0.65].approved == 8 and by_t[0.65].precision == 1.0 and by_t[0.65].share == pytest.approx(8 / 25)
     assert by_t[0.6].precision == pytest.approx(8 / 9)
-    # the smallest threshold reaching precision 0.98 is 0.65 (0.60 gives 8/9)
-    chosen = choose_threshold(points, 0.98)
-    assert chosen is not None and chosen.threshold == 0.65
     for p in points:
         expected = sum(o for c, o in zip(conf, ok, strict=True) if c >= p.threshold) / sum(c >= p.threshold
                                                                                            for c in conf)
         assert p.precision == pytest.approx(expected)
-    # a looser target: 0.45 approves 12 with 10 right (0.833); 0.40 gives 10/13 (0.769) and nothing lower reaches 0.8
-    loose = choose_threshold(points, 0.8)
-    assert loose is not None and loose.threshold == 0.45 and loose.precision == pytest.approx(10 / 12)
-    assert choose_threshold([CoveragePoint(0.9, 3, 0.1, 0.9)], 0.98) is None
     rel = reliability(conf, ok)
     assert sum(b["n"] for b in rel) == 20 and rel[-1]["accuracy"] == 1.0
-    png = plot(points, rel, chosen, 0.98, tmp_path / "cal.png")
+    png = plot(points, rel, CoveragePoint(0.65, 8, 8 / 25, 1.0), 0.98, tmp_path / "cal.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_calibrate_run_ignores_rows_that_cannot_be_approved() -> None:
-    rows = [{"confidence": 0.9, "hit1": True, "reason": "approved", "top5": [1]},
-            {"confidence": 0.8, "hit1": False, "reason": "low_confidence", "top5": [1]},
-            {"confidence": 0.95, "hit1": False, "reason": "provider_error", "top5": [1]},  # a fault: never approved
-            {"confidence": 0.0, "hit1": False, "reason": "no_match", "top5": []}]
-    cal = calibrate_run({"rows_detail": rows}, 0.98)
-    assert cal.rows == 4 and cal.approvable == 2
-    assert cal.threshold == 0.9 and cal.chosen is not None and cal.chosen.share == 0.25
-    assert calibrate_run({"rows_detail": rows}, 0.5).threshold == 0.8
-    assert cal.to_dict()["threshold"] == 0.9
-    # the threshold checked on another run
-    p = at_threshold({"rows_detail": rows}, 0.75)
-    assert (p.approved, p.share, p.precision) == (2, 0.5, 0.5)
-    assert at_threshold({"rows_detail": rows}, 0.99).approved == 0
+def _run(n: int, vocab: str, kind: str, seed: int, version: str = "none") -> dict:
+    """A `bench run` result whose rows carry evidence: the first choice is right when it is an exact name match
+    or (otherwise) with a probability rising with its similarity."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        sem = float(rng.uniform(0.5, 1.0))
+        exact = float(rng.random() < 0.3)
+        right = bool(exact or rng.random() < (sem - 0.5) * 1.6)
+        ev = {"sem1": sem, "sem_margin": 0.05, "exact_name": exact, "agree_vec": 1.0, "domain_fit": 1.0}
+        rows.append({"source_code": f"{vocab}{i}", "source_vocab": vocab, "hit1": right, "top5": [1],
+                     "reason": "uncalibrated", "confidence": sem,
+                     "calibration": {"kind": kind, "evidence": ev, "raw_confidence": sem}})
+    rows.append({"source_code": "ERR", "source_vocab": vocab, "hit1": False, "top5": [1], "reason": "provider_error",
+                 "confidence": 0.99, "calibration": {"kind": kind}})  # a fault: never approvable, no evidence
+    return {"set": f"{vocab}.dev.csv", "reranker": "none", "model_version": version, "rows_detail": rows}
+
+
+def test_calibrate_runs_per_kind_and_never_the_unknown_kind() -> None:
+    runs = [_run(3000, "ICD10", "diagnosis", 1), _run(300, "local", "unknown", 2)]
+    cal = calibrate_runs(runs, target=0.98)
+    assert cal.reranker_version == "none" and set(cal.kinds) == {"diagnosis"} and "unknown" in cal.skipped
+    d = cal.kinds["diagnosis"]
+    assert d.rows == 3001 and d.approvable == 3000  # the fault counts in the coverage, never as approvable
+    c = d.choice
+    assert c.threshold is not None and c.bound >= 0.98 and c.rows >= 149
+    stored = {t.kind: t for t in cal.stored()}
+    assert stored["diagnosis"].threshold == c.threshold and stored["diagnosis"].calibrator_hash == \
+        cal.calibrator.hash and stored["diagnosis"].coverage == pytest.approx(c.rows / 3001)
+    # on fresh rows of the same kind the calibration approves with at least the target's precision
+    check = check_run(_run(3000, "ICD10", "diagnosis", 9), cal.calibrator, {"diagnosis": c.threshold})
+    assert check["diagnosis"]["approved"] > 300
+    assert check["diagnosis"]["right"] / check["diagnosis"]["approved"] >= 0.97
+    # fewer rows: a higher threshold or none
+    small = calibrate_runs([_run(400, "ICD10", "diagnosis", 1)], target=0.98).kinds["diagnosis"].choice
+    assert small.threshold is None or small.threshold >= c.threshold
+    # runs of different reranker versions, or without evidence, are refused
+    with pytest.raises(CalibrationError, match="different rerankers"):
+        calibrate_runs([_run(100, "ICD10", "diagnosis", 1), _run(100, "ICD10", "diagnosis", 2, "llm:x")])
+    old = _run(100, "ICD10", "diagnosis", 1)
+    del old["rows_detail"][5]["calibration"]
+    with pytest.raises(CalibrationError, match="row 6 has no evidence"):
+        calibrate_runs([old])
+
+

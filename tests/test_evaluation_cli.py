@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from harmonia.cli import app
 from harmonia.domain import SourceTargets
 from harmonia.groundtruth import part_of, read_set, write_set
 from harmonia.paths import sample_dir
+from harmonia.store import calibration as cal_store
 from harmonia.store import concepts as concept_store
 from harmonia.store import vocab as vocab_store
 
@@ -129,21 +129,43 @@ def test_run_gates_and_calibrate(env: dict[str, str], tmp_path: Path) -> None:
     assert invoke(lowered, "bench", "run", str(bad_set), "--out", str(runs), "--gate", "hard",
                   "--no-progress").exit_code == 0
 
-    # calibration: a threshold exists for the good run (every top-1 right), and --write puts it in the config
+    # calibration: 8 rows are too few to fit a calibrator; a clear error, nothing stored
     r = invoke(env, "bench", "calibrate", str(runs / "good.none.json"), "--target", "0.98")
+    assert r.exit_code == 1 and "too few to fit a calibrator" in r.output
+
+
+def test_calibrate_stores_the_calibrator_and_per_kind_thresholds(env: dict[str, str], tmp_path: Path) -> None:
+    good = _exact_name_rows(env, 40)
+    # diagnosis-kind rows (ICD10): 40 right, 20 credited with another row's concept (wrong); and a local set
+    rows = [SourceTargets(f"D{i}", "ICD10", r.source_text, r.targets if i < 40 else good[(i + 1) % 40].targets,
+                          source_domain=r.source_domain) for i, r in enumerate(good + good[:20])]
+    rows += [SourceTargets(f"L{i}", "local", r.source_text, r.targets) for i, r in enumerate(good[:10])]
+    runs = tmp_path / "runs"
+    r = invoke(env, "bench", "run", str(write_set(rows, tmp_path / "mix.dev.csv")), "--reranker", "none", "--out",
+               str(runs), "--no-progress")
     assert r.exit_code == 0, r.output
-    cal = json.loads((runs / "good.none.calibration.json").read_text())
-    assert cal["threshold"] == min(x["confidence"] for x in res["rows_detail"])
-    assert (runs / "good.none.calibration.png").read_bytes()[:4] == b"\x89PNG"
-    written = tomllib.loads(Path(env["HARMONIA_CONFIG"]).read_text())
-    assert written["auto_approve_threshold"] == pytest.approx(cal["threshold"])
-    # no threshold reaches the target on the all-wrong run: an error, and the config is left alone
-    r = invoke(env, "bench", "calibrate", str(runs / "bad.none.json"))
-    assert r.exit_code == 1 and "no threshold reaches precision 0.98" in r.output
-    assert tomllib.loads(Path(env["HARMONIA_CONFIG"]).read_text())["auto_approve_threshold"] == \
-        pytest.approx(cal["threshold"])
-    r = invoke(env, "bench", "calibrate", str(runs / "bad.none.json"), "--no-write")
-    assert r.exit_code == 0 and "No threshold reaches precision 0.98" in r.output
+    res = json.loads((runs / "mix.dev.none.json").read_text())
+    assert all(x["reason"] == "uncalibrated" and x["action"] == "review" for x in res["rows_detail"])
+    assert res["rows_detail"][0]["calibration"]["kind"] == "diagnosis"
+    assert set(res["rows_detail"][0]["calibration"]["evidence"]) >= {"sem1", "exact_name", "agree_lex"}
+    r = invoke(env, "bench", "calibrate", str(runs / "mix.dev.none.json"), "--no-write")
+    assert r.exit_code == 0, r.output
+    assert not (Path(env["HARMONIA_DATA_DIR"]) / "calibration" / "none.json").exists()
+    r = invoke(env, "bench", "calibrate", str(runs / "mix.dev.none.json"), "--check", str(runs / "mix.dev.none.json"))
+    assert r.exit_code == 0, r.output
+    out = " ".join(r.output.split())
+    # 60 diagnosis rows cannot certify 0.98 (149 right rows at least); the local set is never calibrated as a kind
+    assert "| diagnosis | 60 | none |" in out and "too few calibration rows" in out
+    assert "unknown: 10 rows of sets without a declared kind" in out
+    assert "mix.dev.none.json, diagnosis: 0 of 60 auto-approved" in out
+    cal = json.loads((Path(env["HARMONIA_DATA_DIR"]) / "calibration" / "none.json").read_text())
+    doc = json.loads((runs / "mix.dev.none.calibration.json").read_text())
+    assert doc["calibrator"]["hash"] == cal["hash"] and doc["kinds"]["diagnosis"]["choice"]["threshold"] is None
+    assert (runs / "mix.dev.none.diagnosis.calibration.png").read_bytes()[:4] == b"\x89PNG"
+    with psycopg.connect(env["HARMONIA_DATABASE_URL"]) as conn:
+        stored = cal_store.thresholds_for(conn, "none", cal["hash"])
+    assert [(t.kind, t.source_vocab, t.threshold, t.calibration_rows, t.origin) for t in stored] == [
+        ("diagnosis", "", None, 60, "bench")]
 
 
 def test_run_rejects_bad_input(env: dict[str, str], tmp_path: Path) -> None:

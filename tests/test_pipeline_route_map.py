@@ -14,11 +14,12 @@ from typer.testing import CliRunner
 from harmonia.cli import app
 from harmonia.config import Settings
 from harmonia.domain import Decision, SourceTerm
+from harmonia.pipeline.confidence import Calibration
 from harmonia.pipeline.run import MapSummary, Pipeline, map_terms
 from harmonia.rerank.llm.reranker import LLMReranker, Prompt
 from harmonia.retrieval import make_retriever
 from harmonia.store import mapping as map_store
-from tests.conftest import make_settings
+from tests.conftest import calibrate_as_is, make_settings
 from tests.llm_stubs import OllamaStub, OpenAIStub, Stub, good_input, user_payload
 
 runner = CliRunner()
@@ -60,7 +61,10 @@ def test_llm_decisions_persist_to_map_and_review_and_reruns_are_idempotent(
     s = make_settings(settings.database.url, tmp_path, reranker="llm", llm_provider="openai", llm_model="gpt-stub",
                       llm_base_url=stub.base_url, llm_max_retries=1, llm_retry_max_wait_s=0.02,
                       auto_approve_threshold=0.9)
-    pipe = Pipeline(make_retriever(conn, embedder, s), LLMReranker.from_settings(s, conn), s.router, s.rerank)
+    version = f"llm:openai/gpt-stub:prompt=v1-{Prompt.load('v1').hash}"
+    calibrate_as_is(conn, s.data_path, "llm", version, threshold=0.9)  # the stub's confidence, taken as it is
+    pipe = Pipeline(make_retriever(conn, embedder, s), LLMReranker.from_settings(s, conn), s.router, s.rerank,
+                    Calibration.load(conn, s.data_path, "llm", version))
     summary = map_terms(conn, pipe, TERMS, summary=MapSummary(input_rows=4), progress=False)
     assert (summary.approved, summary.review, summary.errors) == (1, 3, 1) and summary.reconciles
     assert dict(summary.reasons) == {"approved": 1, "low_confidence": 1, "provider_error": 1, "no_match": 1}
@@ -68,7 +72,8 @@ def test_llm_decisions_persist_to_map_and_review_and_reruns_are_idempotent(
                        "FROM harmonia.concept_map WHERE source_code = 'E11'").fetchone()
     top = summary.decisions[0].candidates[0]
     assert row[0] == top.concept_id and float(row[1]) == 0.96 and row[4] == "auto"
-    assert row[2] == f"llm:openai/gpt-stub:prompt=v1-{Prompt.load('v1').hash}"
+    assert row[2] == f"{version}+cal:{pipe.calibration.hash}"
+    assert row[3]["calibration"]["kind"] == "diagnosis" and row[3]["calibration"]["threshold"] == 0.9
     ranked = row[3]["ranked"]
     assert len(ranked) == 5 and ranked[0]["concept_id"] == top.concept_id and ranked[0]["rationale"] == "reason 0"
     assert row[3]["usage"]["input_tokens"] == 1400 and row[3]["source_frequency"] == 40
@@ -132,15 +137,15 @@ def flat(text: str) -> str:
 def test_map_cli_reports_bad_rows_by_line_and_reconciles_then_exports(fresh_db: str, conn: psycopg.Connection,
                                                                       tmp_path: Path) -> None:
     f = write_csv(tmp_path / "codes.csv")
-    r = cli(fresh_db, tmp_path, "map", str(f), "--reranker", "none", "--no-progress",
-            HARMONIA_AUTO_APPROVE_THRESHOLD="0.9")
+    calibrate_as_is(conn, tmp_path, "none", "none", kind="unknown", source_vocab="local", threshold=0.9)
+    r = cli(fresh_db, tmp_path, "map", str(f), "--reranker", "none", "--no-progress")
     assert r.exit_code == 0, r.output
     assert "line 3: empty sourceName" in r.output and "line 4: invalid UTF-8 encoding" in r.output
     assert ("input rows 5 = approved 1 + to review 1 (of which errors 0) + already mapped 0 "
             "+ invalid rows skipped 2 + duplicates 1") in flat(r.output)
     m = conn.execute("SELECT source_code, source_vocab, omop_concept_id, model_version FROM harmonia.concept_map"
                      ).fetchall()
-    assert len(m) == 1 and m[0][:2] == ("A1", "local") and m[0][3] == "none"
+    assert len(m) == 1 and m[0][:2] == ("A1", "local") and m[0][3].startswith("none+cal:")
     assert conn.execute("SELECT source_code, extra ->> 'site' FROM harmonia.review_queue").fetchall() == [
         ("A4", "south")]
     concept_name = conn.execute("SELECT concept_name FROM vocab.concept WHERE concept_id = %s",
@@ -155,7 +160,7 @@ def test_map_cli_reports_bad_rows_by_line_and_reconciles_then_exports(fresh_db: 
     assert (u["sourceCode"], u["sourceName"], u["sourceFrequency"]) == ("A1", "Essential hypertension", "10")
     assert (u["mappingStatus"], u["equivalence"], u["conceptId"], u["conceptName"]) == (
         "APPROVED", "EQUAL", str(m[0][2]), concept_name)
-    assert u["comment"] == "model_version=none" and float(u["matchScore"]) >= 0.9
+    assert u["comment"] == f"model_version={m[0][3]}" and float(u["matchScore"]) >= 0.9
     out = tmp_path / "stcm.csv"
     r = cli(fresh_db, tmp_path, "export", "--format", "stcm", "-o", str(out))
     assert r.exit_code == 0, r.output
@@ -178,6 +183,8 @@ def test_map_cli_reports_bad_rows_by_line_and_reconciles_then_exports(fresh_db: 
 def test_switching_to_an_llm_provider_is_configuration_only(fresh_db: str, conn: psycopg.Connection,
                                                             tmp_path: Path) -> None:
     stub = OllamaStub(("fn", scripted))
+    version = f"llm:ollama/llama-stub:prompt=v1-{Prompt.load('v1').hash}"
+    calibrate_as_is(conn, tmp_path, "llm", version, threshold=0.9)
     try:
         f = tmp_path / "dx.csv"
         f.write_text("sourceCode,sourceName\nE11,Type 2 diabetes mellitus\nR69,\"Illness, unspecified\"\n")
@@ -190,7 +197,7 @@ def test_switching_to_an_llm_provider_is_configuration_only(fresh_db: str, conn:
     assert "input rows 2 = approved 1 + to review 1" in flat(r.output)
     assert "[reranker=llm; reasons: {'approved': 1, 'low_confidence': 1}]" in flat(r.output)
     mv = conn.execute("SELECT model_version FROM harmonia.concept_map").fetchone()[0]
-    assert mv == f"llm:ollama/llama-stub:prompt=v1-{Prompt.load('v1').hash}"
+    assert mv.startswith(f"{version}+cal:")
     logged = conn.execute("SELECT count(*), sum(input_tokens) FROM harmonia.llm_call WHERE provider = 'ollama'"
                           ).fetchone()
     assert logged == (2, 2600)
@@ -217,5 +224,65 @@ def test_router_never_approves_a_non_candidate_or_an_unsure_top1() -> None:
     d = route(term, cands, res([1003], 0.99, error="boom", error_kind="provider_error"), 0.9)
     assert d.action == "review" and d.reason == "provider_error" and d.error == "boom"
     assert route(term, [], res([], 0.0), 0.9).reason == "no_candidates"
+    # no certified threshold: review, however sure the reranker is
+    d = route(term, cands, res([1003], 1.0), None)
+    assert (d.action, d.reason) == ("review", "uncalibrated")
     assert route(term, cands, res([1001, 1002, 1003, 1004, 1005, 1006], 0.5), 0.9, top_n=5).ranking[-1][
         "concept_id"] == 1005
+
+
+def test_an_uncalibrated_kind_or_a_stale_calibration_approves_nothing(fresh_db: str, conn: psycopg.Connection,
+                                                                     tmp_path: Path) -> None:
+    from harmonia.pipeline import confidence
+    from harmonia.store import vocab as vocab_store
+
+    seen: dict[str, tuple[str, str]] = {}
+    for e in vocab_store.maps_to_edges(conn, ["ICD10"]):
+        seen.setdefault(e.source_code, (e.source_code, e.source_text))
+        if len(seen) == 12:
+            break
+    f = tmp_path / "dx.csv"
+    f.write_text("sourceCode,sourceName\n" + "".join(f'{c},"{t}"\n' for c, t in seen.values()))
+    f2 = tmp_path / "dx2.csv"
+    f2.write_text("sourceCode,sourceName\nL1,Essential hypertension\nL2,Type 2 diabetes mellitus\n")
+
+    def mapped(*extra: str, path: Path = f, vocab: str = "ICD10") -> str:
+        conn.execute("DELETE FROM harmonia.concept_map_history; DELETE FROM harmonia.concept_map; "
+                     "DELETE FROM harmonia.review_queue")
+        r = cli(fresh_db, tmp_path, "map", str(path), "--reranker", "none", "--no-progress", "--source-vocab", vocab,
+                *extra)
+        assert r.exit_code == 0, r.output
+        return flat(r.output)
+
+    # nothing calibrated: every code to review, reason uncalibrated, even with the floor at 0
+    out = mapped(path=f, vocab="ICD10")
+    assert "approved 0 + to review 12" in out and "'uncalibrated': 12" in out
+    assert conn.execute("SELECT count(*) FROM harmonia.concept_map").fetchone()[0] == 0
+    assert {r[0] for r in conn.execute("SELECT reason FROM harmonia.review_queue")} == {"uncalibrated"}
+    # a calibration of one local set covers that set only: ICD10 stays uncalibrated, and so does another local set
+    calibrate_as_is(conn, tmp_path, "none", "none", kind="unknown", source_vocab="local", threshold=0.0)
+    assert "approved 0 + to review 12" in mapped(path=f, vocab="ICD10")
+    assert "approved 0 + to review 2" in mapped(path=f2, vocab="other-local")
+    assert "approved 2 + to review 0" in mapped(path=f2, vocab="local")
+    # the diagnosis kind calibrated for this reranker and calibrator: approvals
+    calibrate_as_is(conn, tmp_path, "none", "none", kind="diagnosis", threshold=0.0)
+    assert "approved 12 + to review 0" in mapped(path=f, vocab="ICD10")
+    # stale: the calibrator is refit (another hash): its thresholds are gone with it
+    cal = confidence.load(tmp_path, "none")
+    assert cal is not None
+    cal.coef = [0.9]
+    confidence.save(cal, tmp_path)
+    out = mapped(path=f, vocab="ICD10")
+    assert "approved 0 + to review 12" in out and "'uncalibrated': 12" in out
+    # stale: thresholds stored for this calibrator but another reranker version do not count either
+    from harmonia.store import calibration as cal_store
+
+    with conn.transaction():
+        cal_store.save_threshold(conn, cal_store.StoredThreshold(
+            reranker_version="none-v0", calibrator_hash=cal.hash, kind="diagnosis", source_vocab="", threshold=0.0,
+            target=0.98, alpha=0.05, bound=0.99, rows_behind=300, rows_correct=300, coverage=1.0,
+            calibration_rows=300, method="test", origin="bench"))
+    assert "approved 0 + to review 12" in mapped(path=f, vocab="ICD10")
+    # a kind calibrated with no certified threshold approves nothing
+    calibrate_as_is(conn, tmp_path, "none", "none", kind="diagnosis", threshold=None)
+    assert "approved 0 + to review 12" in mapped(path=f, vocab="ICD10")

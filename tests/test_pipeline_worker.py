@@ -21,19 +21,22 @@ import pytest
 from typer.testing import CliRunner
 
 from harmonia.domain import Candidate, RankedCandidate, RerankResult, SourceTerm
+from harmonia.pipeline.confidence import Calibration
 from harmonia.pipeline.run import Pipeline
 from harmonia.pipeline.worker import Worker, enqueue
 from harmonia.rerank.base import Reranker
 from harmonia.retrieval.vector import VectorRetriever
 from harmonia.store import queue as qstore
 from harmonia.store import vocab as vocab_store
-from tests.conftest import make_settings
+from tests.conftest import calibrate_as_is, make_settings
 
 REPO = Path(__file__).resolve().parent.parent
 
 CHILD = r'''
 import json, os, sys, time
+import psycopg
 from harmonia.config import load_settings
+from harmonia.pipeline.confidence import Calibration
 from harmonia.pipeline.run import Pipeline
 from harmonia.domain import RankedCandidate, RerankResult
 from harmonia.rerank.base import Reranker
@@ -57,7 +60,8 @@ class SlowReranker(Reranker):
         time.sleep(cfg["delay"])
         return [RerankResult([RankedCandidate(c[0].concept_id, 0.99)], 0.99, "slow-test") for t, c in items]
 
-w = Worker.from_settings(s, pipeline=Pipeline(FixedRetriever(), SlowReranker(), s.router, s.rerank),
+cal = Calibration.load(psycopg.connect(cfg["url"], autocommit=True), s.data_path, "slow-test", "slow-test")
+w = Worker.from_settings(s, pipeline=Pipeline(FixedRetriever(), SlowReranker(), s.router, s.rerank, cal),
                          batch_size=cfg["batch"], drain=True)
 print(json.dumps({"ready": w.owner}), flush=True)
 while cfg.get("go") and not os.path.exists(cfg["go"]):
@@ -141,17 +145,24 @@ class FlakyReranker(Reranker):
 
 
 def make_worker(settings_url: str, tmp_path: Path, conn: psycopg.Connection, embedder, reranker: Reranker,
-                **kw: object) -> Worker:
+                calibrated: bool = True, **kw: object) -> Worker:
+    """A worker whose pipeline takes the test reranker's confidence as calibrated (threshold 0.9 for diagnosis
+    codes; the test rerankers answer as `top-test`), or has no calibration at all."""
     overrides = {"worker_poll_s": 0.05, "worker_lease_s": 10.0, **{k: v for k, v in kw.items()
                                                                     if k.startswith("worker_")}}
     s = make_settings(settings_url, tmp_path, **overrides)
-    pipe = Pipeline(VectorRetriever.from_settings(conn, embedder, s), reranker, s.router, s.rerank)
+    if calibrated:
+        calibrate_as_is(conn, tmp_path, reranker.name, "top-test")
+    cal = Calibration.load(conn, tmp_path, reranker.name, "top-test")
+    pipe = Pipeline(VectorRetriever.from_settings(conn, embedder, s), reranker, s.router, s.rerank, cal)
     rest = {k: v for k, v in kw.items() if not k.startswith("worker_")}
     return Worker.from_settings(s, pipeline=pipe, **rest)  # type: ignore[arg-type]  # the test passes typed options
 
 
 def spawn_child(url: str, data_dir: Path, concept_id: int, *, delay: float, batch: int, lease_s: float = 10.0,
                 go: Path | None = None) -> subprocess.Popen:
+    with psycopg.connect(url) as conn:  # the child's reranker calibrated as it is (threshold 0.9)
+        calibrate_as_is(conn, data_dir, "slow-test", "slow-test")
     cfg = {"url": url, "data_dir": str(data_dir), "concept_id": concept_id, "delay": delay, "batch": batch,
            "go": str(go) if go else None,
            "settings": {"worker_poll_s": 0.05, "worker_lease_s": lease_s, "worker_max_attempts": 3}}
@@ -221,6 +232,19 @@ def test_cli_enqueue_worker_status(fresh_db: str, tmp_path: Path, conn: psycopg.
     assert st["review_queue"]["open"] == st["queue"]["in_review"]
     r = runner.invoke(app, ["status"], env=env)
     assert r.exit_code == 0 and "throughput" in r.output and "queue drained" in r.output
+
+
+def test_a_worker_without_calibration_approves_nothing(fresh_db: str, tmp_path: Path, conn: psycopg.Connection,
+                                                       embedder) -> None:
+    terms = sample_terms(conn, 6)
+    enqueue(conn, terms)
+    w = make_worker(fresh_db, tmp_path, conn, embedder, TopReranker(), calibrated=False, drain=True, batch_size=6)
+    stats = w.run()
+    w.close()
+    assert (stats.claimed, stats.approved, stats.in_review) == (6, 0, 6)  # every answer 0.99 sure, none approved
+    assert {r["state"] for r in queue_rows(conn).values()} == {"in_review"}
+    assert conn.execute("SELECT count(*) FROM harmonia.concept_map").fetchone()[0] == 0
+    assert {r[0] for r in conn.execute("SELECT reason FROM harmonia.review_queue")} == {"uncalibrated"}
 
 
 def test_worker_persists_outcome_and_state(fresh_db: str, tmp_path: Path, conn: psycopg.Connection,
@@ -407,8 +431,10 @@ def test_worker_with_llm_reranker_against_stub_provider(fresh_db: str, tmp_path:
                                                         conn: psycopg.Connection, monkeypatch) -> None:
     """The real LLM reranker (openai SDK) against the OpenAI-wire stub: calls run concurrently, outcomes land."""
     from benchmark.stub_llm_server import serve
+    from harmonia.rerank.llm.prompt import Prompt
 
     server, stub = serve(0, delay=0.5, confidence=0.95)
+    calibrate_as_is(conn, tmp_path, "llm", f"llm:openai/stub-model:prompt=v1-{Prompt.load('v1').hash}")
     try:
         monkeypatch.setenv("OPENAI_API_KEY", "stub-key")
         s = make_settings(fresh_db, tmp_path, reranker="llm", llm_provider="openai", llm_model="stub-model",

@@ -19,7 +19,7 @@ from harmonia.rerank.classifier.reranker import ClassifierReranker
 from harmonia.rerank.classifier.scorer import PairScorer, candidate_text, resolve_dtype
 from harmonia.rerank.classifier.train import TrainOptions, dev_sources, load_material, review_examples, train
 from harmonia.store import concepts as concept_store
-from tests.conftest import make_settings
+from tests.conftest import calibrate_as_is, make_settings
 
 TINY = dict(max_sources=12, batch_size=8, learning_rate=3e-4, layers=2, hard_negatives=1, hard_top=1,
             random_negatives=1, max_positives=1, holdout=0.0, max_length=40, save_every=10, warmup_ratio=0.0)
@@ -114,6 +114,7 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_pipeline_with_classifier_routes_and_persists(conn: psycopg.Connection, settings: Settings,
                                                      tiny_run: tuple[Settings, Path]) -> None:
+    from harmonia.pipeline.confidence import Calibration
     from harmonia.pipeline.run import MapSummary, Pipeline, map_terms
     from harmonia.store import vocab as vocab_store
 
@@ -127,17 +128,20 @@ def test_pipeline_with_classifier_routes_and_persists(conn: psycopg.Connection, 
              for r in rows[:6]]
     pipe = Pipeline.from_settings(conn, s)
     assert isinstance(pipe.reranker, ClassifierReranker)
+    # calibrated as it is, threshold 0: every first choice approved
+    calibrate_as_is(conn, s.data_path, "classifier", pipe.reranker.model_version, threshold=0.0)
+    pipe.calibration = Calibration.load(conn, s.data_path, "classifier", pipe.reranker.model_version)
     summary = map_terms(conn, pipe, terms, summary=MapSummary(input_rows=len(terms)), progress=False)
     assert summary.approved == len(terms) and summary.reconciles
     stored = conn.execute("SELECT model_version, candidate_ranking_json, confidence FROM harmonia.concept_map"
                           ).fetchall()
     assert len(stored) == len(terms)
     for mv, ranking, conf in stored:
-        assert mv == pipe.reranker.model_version and mv.startswith("classifier:")
+        assert mv == f"{pipe.reranker.model_version}+cal:{pipe.calibration.hash}" and mv.startswith("classifier:")
         assert 1 <= len(ranking["ranked"]) <= s.rerank.top_n and 0 <= conf <= 1
         scores = [r["score"] for r in ranking["ranked"]]
         assert scores == sorted(scores, reverse=True)
-    # the same codes with an unreachable threshold go to review instead, with the ranking attached
+    # other codes with an unreachable floor go to review instead, with the ranking attached
     s2 = make_settings(settings.database.url, settings.data_path, reranker="classifier",
                        classifier_checkpoint=str(run_dir), auto_approve_threshold=1.0)
     terms2 = [SourceTerm(source_code=r.source_code, source_vocab=r.source_vocab, source_text=r.source_text)

@@ -176,7 +176,9 @@ def test_llm_check_and_stats_commands(fresh_db: str, stub: OpenAIStub, tmp_path:
                            env=env)
     assert r.exit_code == 0, r.output
     out = json.loads(r.output[r.output.index("{"):])
-    assert out["action"] == "approve" and out["confidence"] == 0.93 and len(out["ranked"]) == 1
+    # nothing calibrated for this model: the check shows what it would do, review (uncalibrated)
+    assert (out["action"], out["reason"]) == ("review", "uncalibrated")
+    assert out["confidence"] == 0.93 and len(out["ranked"]) == 1 and out["calibration"]["kind"] == "unknown"
     assert "hypertension" in out["ranked"][0]["concept_name"].lower()
     assert out["model_version"].startswith("llm:openai/gpt-stub:prompt=v1-")
     r = CliRunner().invoke(app, ["--database-url", fresh_db, "llm", "stats"], env=env)

@@ -152,53 +152,76 @@ def run(set_path: Path = typer.Argument(..., help="A set CSV written by `bench c
 
 
 @bench_app.command("calibrate")
-def calibrate(run_json: Path = typer.Argument(..., help="A result JSON written by `bench run`."),
-              target: float = typer.Option(None, help="Auto-approved precision to reach (default: "
+def calibrate(run_json: list[Path] = typer.Argument(..., help="Result JSONs written by `bench run` on development "
+                                                              "parts, all with one reranker version."),
+              target: float = typer.Option(None, help="Auto-approved precision to certify (default: "
                                                       "bench_target_precision, 0.98)."),
+              alpha: float = typer.Option(0.05, help="1 - confidence level of the lower bound (0.05: 95%)."),
               write: bool = typer.Option(True, "--write/--no-write",
-                                         help="Write the threshold into the config file as auto_approve_threshold."),
-              out: Path = typer.Option(None, help="Folder for the table and plot (default: next to RUN_JSON)."),
-              check: Path = typer.Option(None, help="Another run (e.g. the test part) to check the threshold on."),
+                                         help="Store the calibrator in the data directory and the thresholds in the "
+                                              "database (--no-write: only report)."),
+              out: Path = typer.Option(None, help="Folder for the table and plots (default: next to the first run)."),
+              check: list[Path] = typer.Option(None, "--check", help="Another run (e.g. a test part) to report the "
+                                                                     "calibration on. Repeatable."),
               ) -> None:
-    """Precision-coverage table, reliability plot, and the smallest threshold reaching the target precision."""
-    from harmonia.config import write_settings
-    from harmonia.evaluation.calibrate import at_threshold, calibrate_run, plot, table_markdown
+    """Fit the reranker's calibrator (evidence -> P(first choice right), cross-fitted) and certify per kind of
+    source the smallest threshold whose 95% lower bound on precision reaches the target."""
+    from harmonia.evaluation.calibrate import (
+        CalibrationError,
+        as_point,
+        calibrate_runs,
+        check_run,
+        choice_markdown,
+        plot,
+        store,
+    )
 
     s = settings()
     target = s.benchmark.target_precision if target is None else target
-    if not 0.0 < target <= 1.0:
-        fail(f"--target {target}: must be in (0, 1]")
+    if not 0.0 < target < 1.0:
+        fail(f"--target {target}: must be in (0, 1)")
+    if not 0.0 < alpha < 0.5:
+        fail(f"--alpha {alpha}: must be in (0, 0.5)")
+
+    def read(path: Path) -> dict:
+        try:
+            result = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            fail(f"{path}: cannot read a bench run result ({exc})")
+        if not isinstance(result, dict) or not isinstance(result.get("rows_detail"), list):
+            fail(f"{path}: not a `bench run` result (no rows_detail)")
+        return result
+
+    results = [read(p) for p in run_json]
     try:
-        result = json.loads(run_json.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        fail(f"{run_json}: cannot read a bench run result ({exc})")
-    if not isinstance(result, dict) or not isinstance(result.get("rows_detail"), list):
-        fail(f"{run_json}: not a `bench run` result (no rows_detail)")
-    cal = calibrate_run(result, target)
-    if not cal.points:
-        fail(f"{run_json}: no row has a top-1 to approve; nothing to calibrate")
-    out_dir = out if out is not None else run_json.parent
-    stem = run_json.name.removesuffix(".json")
-    md = table_markdown(cal.points, cal.chosen, target)
+        cal = calibrate_runs(results, target=target, alpha=alpha)
+    except CalibrationError as exc:
+        fail(str(exc))
+    out_dir = out if out is not None else run_json[0].parent
+    stem = run_json[0].name.removesuffix(".json")
+    md = choice_markdown(cal)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{stem}.calibration.md").write_text(md)
-    (out_dir / f"{stem}.calibration.json").write_text(json.dumps(cal.to_dict(), indent=1))
-    png = plot(cal.points, cal.reliability, cal.chosen, target, out_dir / f"{stem}.calibration.png",
-               title=f"{result.get('set', '')} — reranker {result.get('reranker', '')}, {cal.rows} rows")
+    (out_dir / f"{stem}.calibration.json").write_text(json.dumps({
+        "calibrator": cal.calibrator.to_json(), "reranker_version": cal.reranker_version, "target": target,
+        "alpha": alpha, "runs": [str(p) for p in run_json], "skipped": cal.skipped,
+        "kinds": {k: {"rows": v.rows, "approvable": v.approvable, "choice": v.choice.to_dict(),
+                      "reliability": v.reliability} for k, v in cal.kinds.items()}}, indent=1))
+    for k in cal.kinds.values():
+        plot(k.points, k.reliability, as_point(k), target, out_dir / f"{stem}.{k.kind}.calibration.png",
+             title=f"{k.kind} - {cal.reranker_version}, {k.rows} rows (out-of-fold probabilities)")
     print(md)
-    console.print(f"table: {out_dir / (stem + '.calibration.md')}; plot: {png}")
-    if check is not None and cal.threshold is not None:
-        try:
-            other = json.loads(check.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            fail(f"{check}: cannot read a bench run result ({exc})")
-        p = at_threshold(other, cal.threshold)
-        console.print(f"on {check.name}: threshold {cal.threshold:.4f} auto-approves {p.approved} "
-                      f"({p.share:.1%}) with precision {p.precision:.3f}")
-    if cal.threshold is None:
-        if write:
-            fail(f"no threshold reaches precision {target}; auto_approve_threshold left unchanged")
-        return
+    console.print(f"table: {out_dir / (stem + '.calibration.md')}; plots: {out_dir}/{stem}.<kind>.calibration.png")
+    floor = s.router.auto_approve_threshold
+    thresholds = {k: (max(v.choice.threshold, floor) if v.choice.threshold is not None else None)
+                  for k, v in cal.kinds.items()}
+    for path in check or []:
+        for kind, c in sorted(check_run(read(path), cal.calibrator, thresholds).items()):
+            prec = f"precision {c['right'] / c['approved']:.3f}" if c["approved"] else "nothing approved"
+            console.print(f"on {path.name}, {kind}: {c['approved']} of {c['rows']} auto-approved "
+                          f"({c['approved'] / c['rows']:.1%}), {c['right']} right ({prec})", markup=False)
     if write:
-        path = write_settings({"auto_approve_threshold": cal.threshold})
-        console.print(f"wrote auto_approve_threshold = {cal.threshold} into {path}")
+        with connect(s) as conn:
+            cal_path = store(conn, cal, s.data_path)
+        console.print(f"calibrator {cal.calibrator.hash} written to {cal_path}; thresholds for "
+                      f"{', '.join(cal.kinds) or 'no kind'} stored for `{cal.reranker_version}`", markup=False)

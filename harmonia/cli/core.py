@@ -183,6 +183,27 @@ def map_file(path: Path = typer.Argument(..., exists=True, dir_okay=False, help=
         fail("summary does not reconcile with the input count")
 
 
+def _quickstart_calibrate(conn: psycopg.Connection, pipe: Pipeline, s: Settings, rows: int, seed: int) -> None:
+    """Calibrate the pipeline's reranker on `rows` development-part ICD10 sources (as `bench run` + `bench
+    calibrate` would) and give the pipeline the result."""
+    from harmonia.evaluation.calibrate import CalibrationError, calibrate_runs, choice_markdown, store
+    from harmonia.evaluation.run import run_set
+    from harmonia.groundtruth import maps_to_sources
+    from harmonia.pipeline.confidence import Calibration
+
+    dev = maps_to_sources(conn, ["ICD10"], part="dev")
+    random.Random(seed).shuffle(dev)
+    result = run_set(pipe, dev[:rows], s, set_path="ICD10 'Maps to' development part")
+    try:
+        cal = calibrate_runs([result], target=s.benchmark.target_precision)
+    except CalibrationError as exc:
+        console.print(f"no calibration ({exc}): nothing will be auto-approved", markup=False)
+        return
+    store(conn, cal, s.data_path)
+    print(choice_markdown(cal))
+    pipe.calibration = Calibration.load(conn, s.data_path, pipe.reranker.name, pipe.reranker.model_version)
+
+
 def _pipeline(conn: psycopg.Connection, s: Settings) -> Pipeline:
     """The configured pipeline, or a clear error (no API key, no checkpoint, nothing embedded) and exit 1."""
     from harmonia.rerank.classifier.checkpoint import CheckpointError
@@ -299,9 +320,12 @@ def quickstart(n: int = typer.Option(200, help="How many sample ICD10 terms to m
                reload: bool = typer.Option(False, help="Reload the bundled vocabulary even if one is loaded."),
                reranker: str = typer.Option(None, help="none | llm | classifier (default: the setting)."),
                retrieval: str = typer.Option("hybrid", help="Retrieval mode for this run: vector | lexical | "
-                                             "hybrid (with the mapping memory).")) -> None:
-    """The main job on the bundled sample: migrate, load, embed, remember the development part's mappings, map
-    sample ICD10 terms of the test part, score them."""
+                                             "hybrid (with the mapping memory)."),
+               calibrate_rows: int = typer.Option(1500, help="ICD10 development-part sources the reranker is "
+                                                             "calibrated on before mapping (0: keep the stored "
+                                                             "calibration, if any).")) -> None:
+    """The main job on the bundled sample: migrate, load, embed, remember the development part's mappings,
+    calibrate on development-part ICD10 sources, map sample ICD10 terms of the test part, score them."""
     from harmonia.domain import SourceTerm
     from harmonia.embedding.ingest import embed_concepts
     from harmonia.embedding.model import Embedder
@@ -346,6 +370,10 @@ def quickstart(n: int = typer.Option(200, help="How many sample ICD10 terms to m
         terms = [SourceTerm(source_code=e.source_code, source_vocab=e.source_vocab, source_text=e.source_text)
                  for e in truth.values()]
         with _pipeline(conn, s) as pipe:
+            if calibrate_rows:
+                console.rule(f"4a. calibrate on {calibrate_rows} ICD10 development-part sources")
+                _quickstart_calibrate(conn, pipe, s, calibrate_rows, seed)
+            console.rule(f"4b. map {n} ICD10 test-part terms")
             summary = map_terms(conn, pipe, terms, summary=MapSummary(input_rows=len(terms)), skip_existing=False)
     hits1 = hits5 = recall = 0
     for i, d in enumerate(summary.decisions):
@@ -368,6 +396,11 @@ def quickstart(n: int = typer.Option(200, help="How many sample ICD10 terms to m
     m = len(summary.decisions) or 1
     console.rule("5. results")
     _print_summary(summary, s.rerank.kind)
+    approved = [d for d in summary.decisions if d.action == "approve"]
+    right = sum(1 for d in approved if d.concept_id in truth[d.term.key].targets)
+    console.print(f"[bold]auto-approved {len(approved)} of {len(summary.decisions)} test-part terms, {right} of "
+                  f"them right" + (f" (precision {right / len(approved):.3f})" if approved else "") + "[/bold]; "
+                  "the rest wait for a reviewer (`harmonia serve`)")
     console.print(f"[bold]top-1 {hits1 / m:.3f}   top-5 {hits5 / m:.3f}   recall@{s.retrieval.top_k} "
                   f"{recall / m:.3f}[/bold]   on {m} ICD10 -> standard 'Maps to' sources "
                   f"(test part; retrieval={s.retrieval.mode}, reranker={s.rerank.kind}, model {embedder.key})")

@@ -25,7 +25,8 @@ def check(text: str = typer.Argument(..., help="Source text to map."),
     """Retrieve candidates for TEXT and rerank them with the configured provider; print what it said."""
     from harmonia.domain import SourceTerm
     from harmonia.embedding.model import Embedder
-    from harmonia.pipeline.route import route
+    from harmonia.pipeline.confidence import Calibration
+    from harmonia.pipeline.run import route_calibrated
     from harmonia.rerank.llm.providers import ProviderFatal
     from harmonia.rerank.llm.reranker import LLMReranker
     from harmonia.retrieval import RetrievalError, make_retriever
@@ -41,7 +42,8 @@ def check(text: str = typer.Argument(..., help="Source text to map."),
         term = SourceTerm(code, source_vocab, text)
         with rr:
             result = rr.safe_rerank(term, cands)
-    d = route(term, cands, result, s.router.auto_approve_threshold, s.rerank.top_n)
+        cal = Calibration.load(conn, s.data_path, rr.name, rr.model_version)
+    d = route_calibrated(term, cands, result, cal, s.router.auto_approve_threshold, s.rerank.top_n)
     if as_json:
         print(json.dumps({"action": d.action, "reason": d.reason, **d.ranking_json()}, indent=1, default=str))
         return

@@ -1,17 +1,33 @@
-"""Calibrating the auto-approve threshold from a benchmark run: which confidence gives the precision we need.
+"""`harmonia bench calibrate`: fit a reranker's calibrator on benchmark runs of development parts and certify a
+threshold per kind of source (issue 14 points 1-3).
 
-A row can be auto-approved only when the router would approve it at a low enough threshold: it has a top-1 and
-no fault (reason approved or low_confidence). Share auto-approved is over all rows, precision over those approved.
+A row can be auto-approved only when the router would approve it at a low enough threshold: it has a first choice
+and no fault (reason approved, low_confidence or uncalibrated). The calibrator is fitted on those rows' evidence
+(harmonia.pipeline.confidence); the thresholds are chosen on out-of-fold probabilities (no row scored by a model
+that saw it) with the fixed-sequence Clopper-Pearson test of harmonia.pipeline.thresholds. Coverage is over all
+rows of the kind, precision over those approved.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-APPROVABLE = ("approved", "low_confidence")
+import psycopg
+
+from harmonia.pipeline import confidence as conf_mod
+from harmonia.pipeline.confidence import UNKNOWN_KIND, Calibrator
+from harmonia.pipeline.thresholds import DEFAULT_ALPHA, ThresholdChoice, choose_threshold
+from harmonia.store import calibration as cal_store
+from harmonia.store.calibration import StoredThreshold
+
+APPROVABLE = ("approved", "low_confidence", "uncalibrated")
+
+
+class CalibrationError(ValueError):
+    """The runs cannot be calibrated (the message says why)."""
 
 
 @dataclass
@@ -20,16 +36,6 @@ class CoveragePoint:
     approved: int     # rows with confidence >= threshold
     share: float      # approved / all rows
     precision: float  # correct top-1 among the approved
-
-
-def points_from_run(rows: Sequence[dict[str, Any]]) -> tuple[list[float], list[bool], int]:
-    """(confidences, top-1 correct) of the approvable rows, and the number of all rows."""
-    conf, ok = [], []
-    for r in rows:
-        if r.get("reason") in APPROVABLE and r.get("top5"):
-            conf.append(float(r["confidence"]))
-            ok.append(bool(r["hit1"]))
-    return conf, ok, len(rows)
 
 
 def precision_coverage(confidences: Sequence[float], correct: Sequence[bool], total: int | None = None
@@ -50,11 +56,6 @@ def precision_coverage(confidences: Sequence[float], correct: Sequence[bool], to
     return out[::-1]
 
 
-def choose_threshold(points: Sequence[CoveragePoint], target: float) -> CoveragePoint | None:
-    """The smallest threshold whose auto-approved precision reaches the target (None if none does)."""
-    return next((p for p in points if p.precision >= target), None)
-
-
 def reliability(confidences: Sequence[float], correct: Sequence[bool], bins: int = 10) -> list[dict[str, Any]]:
     """Per confidence bin: mean confidence, accuracy, count (the reliability diagram)."""
     out = []
@@ -68,23 +69,9 @@ def reliability(confidences: Sequence[float], correct: Sequence[bool], bins: int
     return out
 
 
-def table_markdown(points: Sequence[CoveragePoint], chosen: CoveragePoint | None, target: float,
-                   max_lines: int = 25) -> str:
-    """The precision-coverage table, thinned to about `max_lines` thresholds (the chosen one always shown)."""
-    step = max(1, len(points) // max_lines)
-    shown = [p for i, p in enumerate(points) if i % step == 0 or p is chosen or i == len(points) - 1]
-    lines = ["| threshold | auto-approved | share auto-approved | precision |", "|---:|---:|---:|---:|"]
-    for p in shown:
-        mark = " **<- chosen**" if p is chosen else ""
-        lines.append(f"| {p.threshold:.4f} | {p.approved} | {p.share:.3f} | {p.precision:.3f}{mark} |")
-    verdict = (f"Smallest threshold with precision >= {target}: {chosen.threshold:.4f} (auto-approves "
-               f"{chosen.share:.1%}, precision {chosen.precision:.3f})" if chosen
-               else f"No threshold reaches precision {target}.")
-    return "\n".join(lines) + "\n\n" + verdict + "\n"
-
-
 def plot(points: Sequence[CoveragePoint], rel: Sequence[dict[str, Any]], chosen: CoveragePoint | None,
          target: float, path: Path, title: str = "") -> Path:
+    """Reliability diagram and precision-coverage curve side by side (a PNG)."""
     import matplotlib
 
     matplotlib.use("Agg")  # headless: files only
@@ -116,35 +103,163 @@ def plot(points: Sequence[CoveragePoint], rel: Sequence[dict[str, Any]], chosen:
     return path
 
 
+
+
+# ------------------------------------------------------------------------------------------ fitting from runs
+
+
 @dataclass
-class Calibration:
-    target: float
-    rows: int
+class CalRow:
+    """One benchmark row as the calibration sees it."""
+
+    source_vocab: str
+    source_code: str
+    kind: str
+    correct: bool
+    approvable: bool
+    evidence: dict[str, float] | None
+
+
+@dataclass
+class KindCalibration:
+    kind: str
+    rows: int                   # all rows of the kind (the coverage's denominator)
     approvable: int
+    choice: ThresholdChoice
     points: list[CoveragePoint]
-    chosen: CoveragePoint | None
     reliability: list[dict[str, Any]]
 
-    @property
-    def threshold(self) -> float | None:
-        return self.chosen.threshold if self.chosen else None
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"target": self.target, "rows": self.rows, "approvable": self.approvable,
-                "threshold": self.threshold, "chosen": asdict(self.chosen) if self.chosen else None,
-                "points": [asdict(p) for p in self.points], "reliability": self.reliability}
+@dataclass
+class RunsCalibration:
+    reranker: str
+    reranker_version: str
+    calibrator: Calibrator
+    kinds: dict[str, KindCalibration] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)  # kind -> why it got no calibration
+
+    def stored(self) -> list[StoredThreshold]:
+        out = []
+        for k in self.kinds.values():
+            c = k.choice
+            out.append(StoredThreshold(
+                reranker_version=self.reranker_version, calibrator_hash=self.calibrator.hash, kind=k.kind,
+                source_vocab="", threshold=c.threshold, target=c.target, alpha=c.alpha,
+                bound=c.bound if c.threshold is not None else None, rows_behind=c.rows, rows_correct=c.correct,
+                coverage=c.rows / k.rows if k.rows else 0.0, calibration_rows=k.rows, method=c.method,
+                origin="bench", details={"approvable": k.approvable, "reason": c.reason}))
+        return out
 
 
-def at_threshold(result: dict[str, Any], threshold: float) -> CoveragePoint:
-    """What a threshold does on another run (calibrate on the dev part, check on the test part)."""
-    conf, ok, total = points_from_run(result.get("rows_detail", []))
-    approved = [o for c, o in zip(conf, ok, strict=True) if c >= threshold]
-    return CoveragePoint(threshold, len(approved), len(approved) / total if total else 0.0,
-                         sum(approved) / len(approved) if approved else 0.0)
+def rows_of(result: dict[str, Any]) -> list[CalRow]:
+    out = []
+    for i, r in enumerate(result.get("rows_detail", [])):
+        cal = r.get("calibration") or {}
+        approvable = r.get("reason") in APPROVABLE and bool(r.get("top5"))
+        ev = cal.get("evidence")
+        if approvable and not isinstance(ev, dict):
+            raise CalibrationError(f"{result.get('set', 'run')}: row {i + 1} has no evidence recorded (a run made "
+                                   "before calibration existed): run `harmonia bench run` again")
+        out.append(CalRow(source_vocab=str(r.get("source_vocab", "")), source_code=str(r.get("source_code", "")),
+                          kind=str(cal.get("kind") or conf_mod.kind_of(str(r.get("source_vocab", "")))[0]),
+                          correct=bool(r.get("hit1")), approvable=approvable,
+                          evidence={k: float(v) for k, v in ev.items()} if isinstance(ev, dict) else None))
+    return out
 
 
-def calibrate_run(result: dict[str, Any], target: float) -> Calibration:
-    """Calibration of a `bench run` result (its per-row details)."""
-    conf, ok, total = points_from_run(result.get("rows_detail", []))
-    points = precision_coverage(conf, ok, total)
-    return Calibration(target, total, len(conf), points, choose_threshold(points, target), reliability(conf, ok))
+def calibrate_runs(results: Sequence[dict[str, Any]], *, target: float = 0.98, alpha: float = DEFAULT_ALPHA,
+                   folds: int = 5) -> RunsCalibration:
+    """Fit the calibrator on every approvable row of the runs (all made with one reranker version) and certify a
+    threshold per kind on out-of-fold probabilities. The kind `unknown` (a set whose kind was never declared) is
+    never calibrated as a kind: it would cover every undeclared set."""
+    if not results:
+        raise CalibrationError("no run given")
+    versions = {str(r.get("model_version")) for r in results}
+    rerankers = {str(r.get("reranker")) for r in results}
+    if len(versions) != 1 or len(rerankers) != 1:
+        raise CalibrationError(f"the runs were made with different rerankers ({', '.join(sorted(versions))}); "
+                               "calibrate each reranker version on its own runs")
+    rows = [row for res in results for row in rows_of(res)]
+    fit_rows = [r for r in rows if r.approvable and r.evidence is not None]
+    if len(fit_rows) < 20:
+        raise CalibrationError(f"{len(fit_rows)} rows with a first choice: too few to fit a calibrator (20 at least)")
+    ev = [r.evidence or {} for r in fit_rows]
+    ok = [r.correct for r in fit_rows]
+    kinds = [r.kind for r in fit_rows]
+    reranker = rerankers.pop()
+    try:
+        oof = conf_mod.cross_fit(ev, ok, kinds, [f"{r.source_vocab}:{r.source_code}" for r in fit_rows], reranker,
+                                 folds=folds)
+        calibrator = conf_mod.fit(ev, ok, kinds, reranker)
+    except ValueError as exc:
+        raise CalibrationError(str(exc)) from exc
+    calibrator.fitted_on.update(sets=sorted({str(r.get("set", "")) for r in results}))
+    out = RunsCalibration(reranker=reranker, reranker_version=versions.pop(), calibrator=calibrator)
+    for kind in sorted({r.kind for r in rows}):
+        idx = [i for i, r in enumerate(fit_rows) if r.kind == kind]
+        total = sum(1 for r in rows if r.kind == kind)
+        if kind == UNKNOWN_KIND:
+            out.skipped[kind] = (f"{total} rows of sets without a declared kind: never calibrated as a kind "
+                                 "(declare the kind, or calibrate the set from reviews)")
+            continue
+        conf = oof[idx]
+        right = [ok[i] for i in idx]
+        choice = choose_threshold(conf, right, target=target, alpha=alpha)
+        out.kinds[kind] = KindCalibration(kind=kind, rows=total, approvable=len(idx), choice=choice,
+                                          points=precision_coverage(list(conf), right, total),
+                                          reliability=reliability(list(conf), right))
+    return out
+
+
+def check_run(result: dict[str, Any], calibrator: Calibrator, thresholds: dict[str, float | None]
+              ) -> dict[str, dict[str, Any]]:
+    """What a calibration does on another run (e.g. the test part): per kind, rows, approved, right."""
+    out: dict[str, dict[str, Any]] = {}
+    for r in rows_of(result):
+        k = out.setdefault(r.kind, {"rows": 0, "approved": 0, "right": 0})
+        k["rows"] += 1
+        t = thresholds.get(r.kind)
+        if t is None or not r.approvable or r.evidence is None:
+            continue
+        if calibrator.probability(r.evidence, r.kind) >= t:
+            k["approved"] += 1
+            k["right"] += int(r.correct)
+    return out
+
+
+def choice_markdown(cal: RunsCalibration) -> str:
+    lines = [f"Calibrator {cal.calibrator.hash} for `{cal.reranker_version}` "
+             f"({cal.calibrator.fitted_on.get('rows')} rows, {cal.calibrator.fitted_on.get('right')} right; "
+             f"features {', '.join(cal.calibrator.features)}).", "",
+             "| kind | rows | threshold | lower bound (95%) | rows behind | right | expected coverage |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for k in cal.kinds.values():
+        c = k.choice
+        if c.threshold is None:
+            lines.append(f"| {k.kind} | {k.rows} | none | - | - | - | 0 |")
+        else:
+            lines.append(f"| {k.kind} | {k.rows} | {c.threshold:.4f} | {c.bound:.4f} | {c.rows} | {c.correct} | "
+                         f"{c.rows / k.rows:.1%} |")
+    for k in cal.kinds.values():
+        if k.choice.threshold is None:
+            lines.append(f"\n{k.kind}: no threshold ({k.choice.reason}); nothing of this kind is auto-approved.")
+    for kind, why in cal.skipped.items():
+        lines.append(f"\n{kind}: {why}.")
+    return "\n".join(lines) + "\n"
+
+
+def store(conn: psycopg.Connection, cal: RunsCalibration, data_path: Path) -> Path:
+    """Write the calibrator under the data directory and its thresholds into the database (one transaction)."""
+    path = conf_mod.save(cal.calibrator, data_path)
+    with conn.transaction():
+        for t in cal.stored():
+            cal_store.save_threshold(conn, t)
+    return path
+
+
+def as_point(k: KindCalibration) -> CoveragePoint | None:
+    c = k.choice
+    if c.threshold is None:
+        return None
+    return CoveragePoint(c.threshold, c.rows, c.rows / k.rows if k.rows else 0.0, c.correct / c.rows)
+

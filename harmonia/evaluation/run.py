@@ -88,7 +88,9 @@ def run_set(pipeline: Pipeline, rows: Sequence[SourceTargets], s: Settings, *, b
                     "targets": r.targets, "same_name": r.same_name, "top5": ranked[:5],
                     "confidence": d.confidence, "action": d.action, "reason": d.reason, "error": d.error,
                     "hit1": sc.hit1, "hit5": sc.hit5, "rr": sc.rr, "rank": sc.rank, "recall": sc.recall,
-                    "retrieved": len(d.candidates), "usage": d.usage or {}})
+                    "retrieved": len(d.candidates), "usage": d.usage or {},
+                    # kind, evidence, raw confidence: what `bench calibrate` fits the calibrator on
+                    "calibration": d.calibration})
             bar.update(len(batch))
     seconds = time.perf_counter() - t0
     n = len(per_row)

@@ -1,14 +1,24 @@
-"""The router: auto-approve what the reranker is sure of, send the rest to review with the reasoning attached."""
+"""The router: auto-approve what a calibration vouches for, send the rest to review with the reasoning attached.
+
+The one router of `harmonia map`, the workers and the API's queue. A decision is auto-approved only when its
+(calibrated) confidence reaches a threshold that a calibration certified for its kind or source set; without one
+(`threshold` None) it goes to review with reason `uncalibrated`, however sure the reranker says it is.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from harmonia.domain import Action, Candidate, Decision, RankingEntry, RerankResult, SourceTerm
 
 
-def route(term: SourceTerm, candidates: Sequence[Candidate], result: RerankResult, threshold: float,
-          top_n: int = 5) -> Decision:
+def route(term: SourceTerm, candidates: Sequence[Candidate], result: RerankResult, threshold: float | None,
+          top_n: int = 5, *, confidence: float | None = None, model_version: str | None = None,
+          calibration: dict[str, Any] | None = None) -> Decision:
+    """`threshold`: the certified threshold for this term's kind or set (None: uncalibrated, never approved);
+    `confidence`: the calibrated probability (default: the reranker's own confidence); `model_version`: the
+    decision's (default: the reranker's); `calibration`: what to record about both."""
     by_id = {c.concept_id: c for c in candidates}
     # The reranker should only return candidates; anything else is dropped here too (the FK is the last line).
     ranked = [r for r in result.ranked if r.concept_id in by_id][:top_n]
@@ -22,7 +32,7 @@ def route(term: SourceTerm, candidates: Sequence[Candidate], result: RerankResul
         if c.evidence:  # e.g. the already-mapped source through which the mapping memory proposed this concept
             entry["evidence"] = c.evidence
         ranking.append(entry)
-    confidence = max(0.0, min(1.0, float(result.confidence)))
+    confidence = max(0.0, min(1.0, float(result.confidence if confidence is None else confidence)))
     top = ranked[0].concept_id if ranked else None
     if result.error:
         reason = result.error_kind or "error"
@@ -30,11 +40,14 @@ def route(term: SourceTerm, candidates: Sequence[Candidate], result: RerankResul
         reason = "no_candidates"
     elif result.no_match or top is None:
         reason = "no_match"
+    elif threshold is None:
+        reason = "uncalibrated"
     elif confidence >= threshold and result.ranked[0].concept_id in by_id:  # a dropped top-1's confidence is void
         reason = "approved"
     else:
         reason = "low_confidence"
     action: Action = "approve" if reason == "approved" else "review"
     return Decision(term=term, action=action, concept_id=top, confidence=confidence,
-                    model_version=result.model_version, ranking=ranking, reason=reason, error=result.error,
-                    usage=result.usage, candidates=list(candidates))
+                    model_version=model_version or result.model_version, ranking=ranking, reason=reason,
+                    error=result.error, usage=result.usage, candidates=list(candidates),
+                    calibration=dict(calibration or {}))

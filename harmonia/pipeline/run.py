@@ -17,7 +17,9 @@ from typing import Self
 import psycopg
 
 from harmonia.config import RerankSettings, RouterSettings, Settings
-from harmonia.domain import Decision, RerankResult, SourceTerm
+from harmonia.domain import Candidate, Decision, RerankResult, SourceTerm
+from harmonia.pipeline import confidence as conf_mod
+from harmonia.pipeline.confidence import Calibration
 from harmonia.pipeline.route import route
 from harmonia.rerank.base import Reranker
 from harmonia.retrieval.base import Retriever
@@ -30,11 +32,15 @@ class Pipeline:
     """retrieve -> rerank -> route for batches of source terms; owns (and closes) its retriever and reranker."""
 
     def __init__(self, retriever: Retriever, reranker: Reranker, router: RouterSettings,
-                 rerank: RerankSettings) -> None:
+                 rerank: RerankSettings, calibration: Calibration | None = None) -> None:
+        """`calibration`: the reranker's calibrator and certified thresholds (`Calibration.load`); without one
+        nothing is auto-approved (reason `uncalibrated`)."""
         self.retriever = retriever
         self.reranker = reranker
-        self.threshold = router.auto_approve_threshold
+        # No longer a threshold by itself: a floor under every calibrated one.
+        self.floor = router.auto_approve_threshold
         self.top_n = rerank.top_n
+        self.calibration = calibration or Calibration.uncalibrated(reranker.model_version)
 
     @classmethod
     def from_settings(cls, conn: psycopg.Connection, settings: Settings) -> Pipeline:
@@ -47,10 +53,11 @@ class Pipeline:
         retriever = make_retriever(conn, Embedder.from_settings(settings), settings)
         try:
             reranker = make_reranker(settings, conn)
+            calibration = Calibration.load(conn, settings.data_path, reranker.name, reranker.model_version)
         except BaseException:
             retriever.close()
             raise
-        return cls(retriever, reranker, settings.router, settings.rerank)
+        return cls(retriever, reranker, settings.router, settings.rerank, calibration)
 
     def close(self) -> None:
         """Close the reranker and the retriever (not the connection the retriever was given)."""
@@ -78,8 +85,36 @@ class Pipeline:
             if not isinstance(result, RerankResult):  # defensive: a reranker bug must not lose the code
                 result = RerankResult([], 0.0, self.reranker.model_version, error="reranker returned nothing",
                                       error_kind="reranker_exception")
-            decisions.append(route(term, cands, result, self.threshold, self.top_n))
+            decisions.append(self.route(term, cands, result))
         return decisions
+
+    def route(self, term: SourceTerm, cands: Sequence[Candidate], result: RerankResult) -> Decision:
+        return route_calibrated(term, cands, result, self.calibration, self.floor, self.top_n)
+
+
+def route_calibrated(term: SourceTerm, cands: Sequence[Candidate], result: RerankResult, cal: Calibration,
+                     floor: float, top_n: int = 5) -> Decision:
+    """Calibrate a reranker's answer and route it against the certified threshold of the term's kind or set (none:
+    review, `uncalibrated`); `floor` (the auto_approve_threshold setting) is a floor under every threshold."""
+    cal.refresh_if_due()
+    kind, domains = conf_mod.kind_of(term.source_vocab)
+    ev = conf_mod.evidence(term, cands, result, domains)
+    record: dict[str, object] = {"kind": kind, "raw_confidence": round(float(result.confidence), 4)}
+    if ev is not None:  # kept with the decision: what a calibrator is fitted on (`bench calibrate`)
+        record["evidence"] = {k: round(v, 6) for k, v in ev.items()}
+    if cal.calibrator is None or ev is None:
+        # Nothing to calibrate (no calibrator; or no first choice, which the router sends to review anyway)
+        return route(term, cands, result, None, top_n, calibration=record)
+    prob = cal.calibrator.probability(ev, kind)
+    stored = cal.threshold_for(kind, term.source_vocab, result.model_version)
+    threshold = None
+    if stored is not None:
+        record.update(threshold_id=stored.id, origin=stored.origin, source_vocab=stored.source_vocab)
+        if stored.threshold is not None:  # a calibration that certified no threshold approves nothing
+            threshold = max(stored.threshold, floor)
+    record.update(calibrator=cal.calibrator.hash, threshold=threshold)
+    return route(term, cands, result, threshold, top_n, confidence=prob,
+                 model_version=f"{result.model_version}+cal:{cal.calibrator.hash}", calibration=record)
 
 
 @dataclass
