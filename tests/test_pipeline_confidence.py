@@ -153,3 +153,29 @@ def test_evidence_of_a_decision() -> None:
     # nothing to vouch for: no first choice, or one that is not a candidate
     assert confidence.evidence(term, cands, RerankResult([], 0.0, "none", no_match=True)) is None
     assert confidence.evidence(term, cands, RerankResult([RankedCandidate(99, 1.0)], 1.0, "llm")) is None
+
+
+def test_review_sample_is_stratified_and_self_weighting_above_the_floor() -> None:
+    from harmonia.pipeline.thresholds import fit_from_sample, review_sample
+
+    rng = np.random.default_rng(11)
+    conf = rng.beta(4, 1.5, 5000)
+    d = review_sample(conf, 200, seed=3)
+    assert len(d.high) == 170 and len(d.low) == 30 and not set(d.high) & set(d.low)
+    assert all(conf[i] >= d.floor for i in d.high) and all(conf[i] < d.floor for i in d.low)
+    assert d.floor == pytest.approx(np.quantile(conf, 0.5))
+    # a small set: everything of a stratum, the spare rows go to the other
+    small = review_sample(conf[:100], 200, seed=3)
+    assert len(small.high) + len(small.low) == 100
+    # the same seed, the same sample
+    assert review_sample(conf, 200, seed=3) == d
+    # a set whose upper half is near-certain (confidence 0.97-1.0, right 99.6% of the time): 170 reviewed rows
+    # certify a threshold at 0.95; the coverage is counted over the whole set
+    conf = np.where(conf >= d.floor, rng.uniform(0.97, 1.0, 5000), conf)
+    right = np.where(conf >= d.floor, rng.random(5000) < 0.996, rng.random(5000) < 0.5)
+    c = fit_from_sample(conf[d.high], right[d.high], conf, d.floor, target=0.95)
+    assert c.threshold is not None and c.threshold >= d.floor and c.bound >= 0.95
+    assert c.coverage == pytest.approx((conf >= c.threshold).mean()) and c.calibration_rows == 5000
+    # 0.98 needs at least 149 right rows above the threshold: with 170 reviewed, only if nearly all are right
+    strict = fit_from_sample(conf[d.high], np.zeros(170, bool), conf, d.floor)
+    assert strict.threshold is None

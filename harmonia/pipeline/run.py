@@ -102,6 +102,8 @@ def route_calibrated(term: SourceTerm, cands: Sequence[Candidate], result: Reran
     record: dict[str, object] = {"kind": kind, "raw_confidence": round(float(result.confidence), 4)}
     if ev is not None:  # kept with the decision: what a calibrator is fitted on (`bench calibrate`)
         record["evidence"] = {k: round(v, 6) for k, v in ev.items()}
+        first = next(c for c in cands if c.concept_id == result.ranked[0].concept_id)
+        record["domain"] = first.domain_id  # to recompute the domain fit for another kind (benchmarks)
     if cal.calibrator is None or ev is None:
         # Nothing to calibrate (no calibrator; or no first choice, which the router sends to review anyway)
         return route(term, cands, result, None, top_n, calibration=record)

@@ -127,3 +127,52 @@ def precision_at(confidence: Sequence[float] | np.ndarray, correct: Sequence[boo
     ok = np.asarray(correct, dtype=bool)
     sel = conf >= threshold
     return int(sel.sum()), int(ok[sel].sum())
+
+
+# ------------------------------------------------------------------------------- a new set's reviewed sample
+
+
+@dataclass
+class SampleDesign:
+    """Which decisions of a set go to reviewers (`harmonia calibrate sample`): indices into the set's decisions."""
+
+    high: list[int]      # sampled from the upper stratum (confidence >= floor): the only rows a threshold can use
+    low: list[int]       # sampled from the rest: for the record (reliability), never for the bound
+    floor: float         # the stratum boundary: the lowest threshold a fit from this sample may choose
+
+
+def review_sample(confidence: Sequence[float] | np.ndarray, n: int, *, seed: int = 0, share_high: float = 0.85,
+                  floor_quantile: float = 0.5) -> SampleDesign:
+    """A random sample of n decisions stratified by confidence: the upper stratum (confidence at or above the
+    `floor_quantile` quantile of the set) gets `share_high` of the rows, the lower one the rest (spare rows go to
+    the other stratum). Within a stratum every decision has the same chance, so the sampled upper rows at or
+    above any threshold t >= floor are a simple random sample of the set's decisions above t, and the plain
+    Clopper-Pearson bound on their verdicts is valid without weights."""
+    conf = np.asarray(confidence, dtype=float)
+    if n < 1:
+        raise ValueError(f"sample size {n}: must be at least 1")
+    if len(conf) == 0:
+        return SampleDesign([], [], 1.0)
+    floor = float(np.quantile(conf, floor_quantile))
+    hi = np.flatnonzero(conf >= floor)
+    lo = np.flatnonzero(conf < floor)
+    n_hi = min(len(hi), int(round(share_high * n)))
+    n_lo = min(len(lo), n - n_hi)
+    n_hi = min(len(hi), n - n_lo)
+    rng = np.random.default_rng(seed)
+    pick_hi = sorted(int(i) for i in rng.choice(hi, n_hi, replace=False)) if n_hi else []
+    pick_lo = sorted(int(i) for i in rng.choice(lo, n_lo, replace=False)) if n_lo else []
+    return SampleDesign(pick_hi, pick_lo, floor)
+
+
+def fit_from_sample(high_confidence: Sequence[float], high_right: Sequence[bool], set_confidence: Sequence[float],
+                    floor: float, *, target: float = 0.98, alpha: float = DEFAULT_ALPHA) -> ThresholdChoice:
+    """The set's threshold from its reviewers' verdicts on the upper-stratum sample (see `review_sample`); the
+    expected coverage is the share of all the set's decisions at or above it."""
+    choice = choose_threshold(high_confidence, high_right, target=target, alpha=alpha, floor=floor)
+    all_conf = np.asarray(set_confidence, dtype=float)
+    if choice.threshold is not None and len(all_conf):
+        choice.coverage = float((all_conf >= choice.threshold).mean())
+    choice.calibration_rows = len(all_conf)
+    choice.method = "ltt-fixed-sequence-clopper-pearson, reviewed sample of the upper stratum"
+    return choice
