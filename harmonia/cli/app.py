@@ -29,9 +29,11 @@ reranker_app = typer.Typer(help="The local classifier reranker.", no_args_is_hel
 bench_app = typer.Typer(help="Acceptance benchmark: curate, run, calibrate.", no_args_is_help=True)
 user_app = typer.Typer(help="Reviewers and their API tokens.", no_args_is_help=True)
 config_app = typer.Typer(help="Show and set the configuration.", no_args_is_help=True)
+calibrate_app = typer.Typer(help="Calibrate a source set from reviewers' verdicts: sample, fit, status.",
+                            no_args_is_help=True)
 for name, sub in (("db", db_app), ("vocab", vocab_app), ("embed", embed_app), ("retrieve", retrieve_app),
                   ("memory", memory_app), ("reranker", reranker_app), ("bench", bench_app), ("user", user_app),
-                  ("config", config_app)):
+                  ("config", config_app), ("calibrate", calibrate_app)):
     app.add_typer(sub, name=name)
 
 _overrides: dict[str, object] = {}

@@ -164,6 +164,17 @@ def create_app(settings: Settings) -> FastAPI:
         with service.connection() as conn:
             return svc.flag(conn, item_id, user["id"], note=body.note if body else None)
 
+    # ------------------------------------------------------------------------------------------------ calibration
+
+    @app.get("/api/calibration", tags=["calibration"],
+             summary="A source set's calibration from reviews: its sample's progress and its threshold")
+    def calibration(user: User, source_vocab: Annotated[str, Query(min_length=1, max_length=200)]
+                    ) -> dict[str, Any]:
+        from harmonia.pipeline.review_calibration import progress
+
+        with service.connection() as conn:
+            return progress(conn, source_vocab, target=settings.benchmark.target_precision).to_dict()
+
     # ------------------------------------------------------------------------------------------------ concepts
 
     @app.get("/api/concepts/search", tags=["concepts"], summary="Search standard concepts (the retriever)")

@@ -95,7 +95,7 @@ def list_items(conn: psycopg.Connection, *, statuses: Sequence[str] = ("open", "
                source_vocab: str | None = None, domain: str | None = None, min_confidence: float | None = None,
                max_confidence: float | None = None, limit: int = 50, offset: int = 0
                ) -> tuple[int, list[ReviewItem]]:
-    """One page of review items (oldest first) and the total matching the filters."""
+    """One page of review items (a calibration sample first, then oldest first) and the total matching."""
     where: list[str] = ["q.status = ANY(%s)"]
     params: list[Any] = [list(statuses)]
     if source_vocab:
@@ -114,7 +114,7 @@ def list_items(conn: psycopg.Connection, *, statuses: Sequence[str] = ("open", "
     total = scalar(conn.execute(f"SELECT count(*) FROM harmonia.review_queue q WHERE {cond}", params))
     rows = conn.execute(
         f"""SELECT {_ITEM_COLS} FROM harmonia.review_queue q LEFT JOIN harmonia.users u ON u.id = q.resolved_by
-            WHERE {cond} ORDER BY q.id LIMIT %s OFFSET %s""", [*params, limit, offset]).fetchall()
+            WHERE {cond} ORDER BY q.priority DESC, q.id LIMIT %s OFFSET %s""", [*params, limit, offset]).fetchall()
     return total, [_item(r) for r in rows]
 
 

@@ -117,6 +117,18 @@ async function select(i) {
   showItem(await api("review/items/" + state.items[i].id));
 }
 
+// The set's calibration from reviews: how far the sample is, and its threshold once fitted.
+async function showCalibration(vocab) {
+  const c = $("#i-calibration");
+  const p = await api("calibration?" + new URLSearchParams({ source_vocab: vocab }));
+  if (!state.item || state.item.source_vocab !== vocab) return;  // another item is shown by now
+  if (!p.sampled && !p.calibrated_at) { c.textContent = ""; return; }
+  c.textContent = `Calibration of ${vocab} from reviews: ${p.judged} of ${p.sampled} sampled decisions judged; ` +
+    `upper stratum ${p.high_judged} of ${p.high} (${p.high_right} right, ${p.needed} needed)` +
+    (p.calibrated_at ? (p.threshold === null ? "; fitted: no threshold certified"
+      : `; fitted: threshold ${fmt(p.threshold)}, lower bound ${fmt(p.bound)}`) : "");
+}
+
 const fmt = (x) => (x === null || x === undefined ? "-" : Number(x).toFixed(3));
 
 function showItem(item) {
@@ -136,6 +148,7 @@ function showItem(item) {
     "Suggested by ", el("code", { id: "i-model-version" }, item.model_version || "unknown model"),
     ` · confidence ${fmt(item.confidence)} · reason ${item.reason}`,
     item.error ? el("span", { class: "error" }, ` · error: ${item.error}`) : "");
+  showCalibration(item.source_vocab);
   $("#i-map").textContent = item.map
     ? `Current map: ${item.map.omop_concept_id} ${item.map.concept_name} (${item.map.decided_by}` +
       `${item.map.reviewer ? " " + item.map.reviewer : ""})` : "Not mapped yet.";
