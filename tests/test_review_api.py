@@ -330,6 +330,23 @@ def test_enqueue_source_codes(client: TestClient, conn: psycopg.Connection, toke
     assert client.post("/api/source-queue", json={"terms": []}, headers=h).status_code == 422
 
 
+def test_codes_enqueued_through_the_api_are_never_auto_approved_uncalibrated(
+        client: TestClient, conn: psycopg.Connection, tokens: dict[str, str], settings: Settings) -> None:
+    """The API's way in is the source queue; the workers route what it holds with the one router: with no
+    calibration for the reranker, nothing is approved, even a code whose name is a concept's own."""
+    from harmonia.pipeline.worker import Worker
+
+    terms = [{"source_code": "I10", "source_vocab": "ICD10", "source_text": "Essential hypertension"},
+             {"source_code": "L9", "source_vocab": "LAB", "source_text": "sodium, serum"}]
+    assert client.post("/api/source-queue", json={"terms": terms}, headers=auth(tokens["reviewer"])).is_success
+    w = Worker.from_settings(settings, drain=True)
+    stats = w.run()
+    w.close()
+    assert (stats.claimed, stats.approved, stats.in_review) == (2, 0, 2)
+    assert conn.execute("SELECT count(*) FROM harmonia.concept_map").fetchone()[0] == 0
+    assert {r[0] for r in conn.execute("SELECT reason FROM harmonia.review_queue")} == {"uncalibrated"}
+
+
 def test_user_cli_prints_token_once_and_stores_hash(fresh_db: str, tmp_path: Path) -> None:
     runner = CliRunner()
     env = {"HARMONIA_CONFIG": "", "HARMONIA_DATA_DIR": str(tmp_path)}
