@@ -87,6 +87,27 @@ class RankedCandidate:
     rationale: str = ""
 
 
+MappingType = Literal["MAPS_TO", "MAPS_TO_VALUE", "MAPS_TO_UNIT"]
+"""Usagi's mapping types: the target itself, the value of a 'Maps to' (history-of, lab results), or a unit."""
+
+Equivalence = Literal["EQUAL", "EQUIVALENT", "WIDER", "NARROWER", "INEXACT", "UNMATCHED", "UNREVIEWED"]
+"""Usagi's equivalence of a source and a target."""
+
+# Reranker failures that say nothing about the code: the provider was down, slow or busy. A worker returns such a
+# code to the queue with a back-off instead of sending it to review; every other error kind is the code's own.
+RETRYABLE_ERROR_KINDS = frozenset({"rate_limited", "server_error", "timeout", "connection_error"})
+
+
+@dataclass
+class AdditionalTarget:
+    """A further target a reranker proposes beside its first choice (a second 'Maps to', a 'Maps to value')."""
+
+    concept_id: int
+    mapping_type: MappingType = "MAPS_TO"
+    equivalence: Equivalence = "UNREVIEWED"
+    rationale: str = ""
+
+
 @dataclass
 class RerankResult:
     """A reranker's answer for one source term."""
@@ -99,6 +120,13 @@ class RerankResult:
     error_kind: str | None = None          # schema_violation, provider_error, timeout, ...
     usage: dict[str, Any] = field(default_factory=dict)    # tokens, calls, cache hits, latency
     details: dict[str, Any] = field(default_factory=dict)  # anything else worth keeping with the decision
+    equivalence: Equivalence | None = None  # of the first choice, when the reranker says
+    additional: list[AdditionalTarget] = field(default_factory=list)  # further targets, only ids among candidates
+
+    @property
+    def retryable(self) -> bool:
+        """The failure is the provider's, not the code's (see RETRYABLE_ERROR_KINDS)."""
+        return self.error is not None and self.error_kind in RETRYABLE_ERROR_KINDS
 
 
 class RankingEntry(TypedDict):
