@@ -42,6 +42,7 @@ from harmonia.evaluation.calibrate import plot, precision_coverage, reliability
 from harmonia.evaluation.curate import curate_maps_to_from_db, curate_usagi_from_db
 from harmonia.evaluation.run import run_set, write_result
 from harmonia.groundtruth import known_mappings
+from harmonia.kinds import KindRegistry
 from harmonia.paths import sample_dir
 from harmonia.pipeline import confidence
 from harmonia.pipeline.run import Pipeline
@@ -52,23 +53,14 @@ from harmonia.store import migrations
 from harmonia.store import vocab as vocab_store
 from harmonia.vocabulary import load_vocabulary
 
-# kind -> expected target domains (the domain-fit evidence is recomputed with them)
-KIND_DOMAINS: dict[str, tuple[str, ...]] = {
-    "diagnosis": ("Condition", "Observation", "Procedure"),
-    "admission": ("Condition", "Procedure", "Observation"),
-    "labs": ("Measurement",),
-    "drugs": ("Drug",),
-    "microbiology": ("Observation",),
-    "units": ("Unit",),
-    "procedures": ("Procedure", "Observation", "Measurement"),
-    "routes": ("Route",),
-}
+# Each set's kind (harmonia.kinds): declared in the bench database before the runs, so retrieval searches the kind's
+# domains, the guards know what a first choice may be, and the calibration is per kind.
 SET_KINDS: dict[str, str] = {
     "ICD10": "diagnosis", "ICD10CM": "diagnosis", "ICD9CM": "diagnosis",
     "finomop_lab": "labs", "amstel_lab": "labs", "mimiciv_meas_lab_loinc": "labs", "mimiciv_meas_chart": "labs",
     "amstel_drug": "drugs", "mimiciv_drug_ndc": "drugs", "amstel_admission": "admission",
     "mimiciv_micro_organism": "microbiology", "UCUM": "units", "mimiciv_meas_unit": "units",
-    "mimiciv_proc_datetimeevents": "procedures", "mimiciv_proc_itemid": "procedures", "mimiciv_drug_route": "routes",
+    "mimiciv_proc_datetimeevents": "procedure", "mimiciv_proc_itemid": "procedure", "mimiciv_drug_route": "routes",
 }
 USAGI = ("finomop_lab.usagi.csv.gz", "amstel_lab.dev.usagi.csv.gz", "amstel_drug.dev.usagi.csv.gz",
          "amstel_admission.dev.usagi.csv.gz")
@@ -111,6 +103,10 @@ def run_all(a: argparse.Namespace) -> dict[tuple[str, str], dict[str, Any]]:
         if not mem_store.count(conn, embedder.key):
             build_memory(conn, embedder, base, known_mappings(conn, base.embedding.vocabularies), progress=False)
         sets = prepare_sets(conn, a.seed, a.min_rows, a.max_rows)
+        reg = KindRegistry.from_settings(base, conn)
+        for name, rows in sets.items():
+            for vocab in {r.source_vocab for r in rows}:
+                reg.declare(conn, vocab, SET_KINDS[name], declared_by="calibration_loso")
         print("sets:", ", ".join(f"{k} ({SET_KINDS[k]}, {len(v)})" for k, v in sets.items()), flush=True)
         for reranker in a.reranker or ["none"]:
             overrides: dict[str, Any] = {"data_dir": a.data_dir, "reranker": reranker, "retrieval_mode": "hybrid"}
@@ -142,8 +138,9 @@ def rows_of(name: str, result: dict[str, Any]) -> list[dict[str, Any]]:
         approvable = r.get("reason") in ("approved", "low_confidence", "uncalibrated") and bool(r.get("top5"))
         if approvable and isinstance(ev, dict):
             ev = dict(ev)
-            if cal.get("domain"):
-                ev["domain_fit"] = float(cal["domain"] in KIND_DOMAINS[kind])
+            domains = KindRegistry().kind_named(kind).domains
+            if cal.get("domain") and domains:
+                ev["domain_fit"] = float(cal["domain"] in domains)
         else:
             ev = None
         out.append({"set": name, "kind": kind, "key": f"{r['source_vocab']}:{r['source_code']}",
