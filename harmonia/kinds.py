@@ -11,6 +11,7 @@ calibrated from reviews. A kind may be defined in the configuration too (`[kinds
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
@@ -82,10 +83,14 @@ class KindRegistry:
     kinds: dict[str, SourceKind] = field(default_factory=lambda: dict(BUILTIN_KINDS))
     configured: dict[str, SourceKind] = field(default_factory=dict)   # [sources.X]
     declared: dict[str, str] = field(default_factory=dict)            # the database's declarations
+    # Declarations are re-read every refresh_s seconds, so a long-lived worker sees a newly declared kind.
+    conn: psycopg.Connection | None = field(default=None, repr=False)
+    refresh_s: float = 60.0
+    loaded_at: float = 0.0
 
     @classmethod
     def from_settings(cls, settings: Settings, conn: psycopg.Connection | None = None) -> KindRegistry:
-        reg = cls()
+        reg = cls(conn=conn)
         for name, table in settings.kind_defs.items():
             reg.kinds[name] = _kind_from_table(name, table, BUILTIN_KINDS.get(name), f"[kinds.{name}]")
         for vocab, table in settings.source_sets.items():
@@ -99,9 +104,17 @@ class KindRegistry:
             k = _kind_from_table(kind_name, {x: v for x, v in table.items() if x != "kind"}, base,
                                  f"[sources.{vocab}]")
             reg.configured[vocab] = k
-        if conn is not None:
-            reg.declared = kinds_store.declared(conn)
+        reg.refresh()
         return reg
+
+    def refresh(self) -> None:
+        if self.conn is not None:
+            self.declared = kinds_store.declared(self.conn)
+            self.loaded_at = time.monotonic()
+
+    def refresh_if_due(self) -> None:
+        if self.conn is not None and time.monotonic() - self.loaded_at >= self.refresh_s:
+            self.refresh()
 
     def kind_named(self, name: str) -> SourceKind:
         if name not in self.kinds:

@@ -105,6 +105,7 @@ class Pipeline:
         """Retrieval batched across the terms, then the reranker (which may batch or run concurrently)."""
         if not terms:
             return []
+        self.kinds.refresh_if_due()
         candidate_lists = self.retrieve(terms)
         results = self.reranker.rerank_many(list(zip(terms, candidate_lists, strict=True)))
         results = [r if isinstance(r, RerankResult)  # defensive: a reranker bug must not lose the code
