@@ -105,7 +105,10 @@ class Pipeline:
         """Retrieval batched across the terms, then the reranker (which may batch or run concurrently)."""
         if not terms:
             return []
-        self.kinds.refresh_if_due()
+        try:
+            self.kinds.refresh_if_due()
+        except psycopg.OperationalError as exc:  # the database is away: the kinds read last stay in force
+            log.warning("kind refresh failed, keeping the declarations read last: %s", exc)
         candidate_lists = self.retrieve(terms)
         results = self.reranker.rerank_many(list(zip(terms, candidate_lists, strict=True)))
         results = [r if isinstance(r, RerankResult)  # defensive: a reranker bug must not lose the code
