@@ -151,3 +151,61 @@ def maps_to_changes(conn: psycopg.Connection) -> list[EdgeChange]:
         LEFT JOIN {PREVIOUS}.concept pc ON pc.concept_id = d.s AND c.concept_id IS NULL
         ORDER BY 2, 3, 5, 1"""
     return [EdgeChange(*r) for r in conn.execute(q).fetchall()]
+
+
+@dataclass(frozen=True)
+class MemoryFollow:
+    repointed: int   # rows whose targets changed: to a successor, or to their source's new 'Maps to'
+    dropped: int     # rows left with no valid target
+
+
+def memory_follow(conn: psycopg.Connection) -> MemoryFollow:
+    """Bring the mapping memory to the current release, in the caller's transaction: a target that is no longer a
+    valid standard concept is replaced by its valid standard 'Concept replaced by' / 'Maps to' (none: removed); a
+    row remembered from the vocabulary's own 'Maps to' (origin 'vocabulary', keyed by its source concept_id) takes
+    its source's current 'Maps to'; a row left without targets is dropped. Embeddings are of source texts, which a
+    release does not change, so none is recomputed."""
+    vs = "t.standard_concept = 'S' AND t.invalid_reason IS NULL"
+    conn.execute(f"""
+        CREATE TEMP TABLE _memory_follow ON COMMIT DROP AS
+        WITH used AS (SELECT DISTINCT unnest(targets) AS id FROM vocab.mapping_memory),
+        bad AS (SELECT u.id FROM used u LEFT JOIN vocab.concept t ON t.concept_id = u.id
+                WHERE t.concept_id IS NULL OR NOT ({vs})),
+        succ AS (SELECT b.id, array_agg(DISTINCT t.concept_id) AS ids FROM bad b
+                 JOIN vocab.concept_relationship r ON r.concept_id_1 = b.id
+                      AND r.relationship_id IN ('Concept replaced by', 'Maps to') AND r.invalid_reason IS NULL
+                 JOIN vocab.concept t ON t.concept_id = r.concept_id_2 AND {vs} AND t.concept_id <> b.id
+                 GROUP BY b.id),
+        vmt AS (SELECT m.model, m.source_vocab, m.source_code, array_agg(DISTINCT t.concept_id) AS ids
+                FROM vocab.mapping_memory m
+                JOIN vocab.concept_relationship r ON r.concept_id_1 = (CASE WHEN m.source_key ~ '^[0-9]{{1,9}}$'
+                     THEN m.source_key::integer END)
+                     AND r.relationship_id = 'Maps to' AND r.invalid_reason IS NULL
+                JOIN vocab.concept t ON t.concept_id = r.concept_id_2 AND {vs} AND t.concept_id <> r.concept_id_1
+                WHERE m.origin = 'vocabulary' AND m.source_key ~ '^[0-9]{{1,9}}$'
+                GROUP BY 1, 2, 3),
+        nt AS (SELECT m.model, m.source_vocab, m.source_code,
+                      (SELECT array_agg(x ORDER BY x) FROM unnest(m.targets) x) AS old,
+                      coalesce(CASE WHEN m.origin = 'vocabulary' AND v.ids IS NOT NULL
+                                    THEN (SELECT array_agg(x ORDER BY x) FROM unnest(v.ids) x) END,
+                               (SELECT array_agg(DISTINCT y ORDER BY y) FROM unnest(m.targets) u(tid)
+                                LEFT JOIN bad b ON b.id = u.tid LEFT JOIN succ s ON s.id = u.tid
+                                CROSS JOIN LATERAL unnest(CASE WHEN b.id IS NULL THEN ARRAY[u.tid]
+                                                               ELSE coalesce(s.ids, '{{}}') END) y),
+                               '{{}}') AS new
+               FROM vocab.mapping_memory m
+               LEFT JOIN vmt v ON v.model = m.model AND v.source_vocab = m.source_vocab
+                    AND v.source_code = m.source_code)
+        SELECT * FROM nt WHERE new IS DISTINCT FROM old""")
+    dropped = conn.execute(
+        """DELETE FROM vocab.mapping_memory m USING _memory_follow f
+           WHERE m.model = f.model AND m.source_vocab = f.source_vocab AND m.source_code = f.source_code
+             AND cardinality(f.new) = 0""").rowcount
+    repointed = conn.execute(
+        """UPDATE vocab.mapping_memory m SET targets = f.new FROM _memory_follow f
+           WHERE m.model = f.model AND m.source_vocab = f.source_vocab AND m.source_code = f.source_code
+             AND cardinality(f.new) > 0""").rowcount
+    conn.execute("DROP TABLE _memory_follow")
+    if dropped or repointed:
+        conn.execute("ANALYZE vocab.mapping_memory")
+    return MemoryFollow(repointed=repointed, dropped=dropped)
