@@ -225,3 +225,31 @@ def test_mapping_memory_follows_the_release(conn, embedder, next_release) -> Non
                             (embedder.key,)).fetchall())
     assert got == {"a": sorted([successor, keep]), moved["source_code"]: [moved["new"]], "c": [keep]}
     assert follow_memory(conn) == type(f)(0, 0)
+
+
+def test_benchmark_sets_record_the_release_they_were_curated_from(conn, next_release) -> None:
+    from harmonia.evaluation.curate import curate_maps_to_from_db
+
+    first = curate_maps_to_from_db(conn, seed=1, per_vocab=50, vocabularies=["ICD10"])
+    r = load_vocabulary(conn, next_release[0], progress=False)
+    second = curate_maps_to_from_db(conn, seed=1, per_vocab=50, vocabularies=["ICD10"])
+    assert first.summary["vocab_release"]["id"] == r.previous_release_id
+    assert second.summary["vocab_release"] == {"id": r.release_id, "label": next_release[1]["version"],
+                                               "content_sha256": second.summary["vocab_release"]["content_sha256"]}
+    assert len(second.summary["vocab_release"]["content_sha256"]) == 64
+
+
+def test_vocab_upgrade_command_does_it_all(fresh_db: str, tmp_path: Path, next_release) -> None:
+    directory, m = next_release
+    env = {"HARMONIA_CONFIG": "", "HARMONIA_DATA_DIR": str(tmp_path)}
+    with psycopg.connect(fresh_db, autocommit=True) as c:
+        recheck_store.map_maps_to(c, "ICD10")
+    res = CliRunner().invoke(app, ["--database-url", fresh_db, "vocab", "upgrade", str(directory),
+                                   "--no-progress"], env=env)
+    assert res.exit_code == 0, res.output
+    out = " ".join(res.output.split())
+    assert f"loaded release {m['version']}" in out
+    assert "embeddings: " in out and "left the index" in out and "mapping memory: " in out
+    assert "invalid_target" in out and "fresh retrieve + rerank" in out and "renamed" in out
+    res = CliRunner().invoke(app, ["--database-url", fresh_db, "vocab", "status"], env=env)
+    assert m["version"] in res.output and "re-checked: 20" in res.output

@@ -196,18 +196,18 @@ def findings_of(conn: psycopg.Connection, release_id: int) -> list[Finding]:
 
 def map_maps_to(conn: psycopg.Connection, source_vocab: str, limit: int | None = None) -> int:
     """Approve the vocabulary's own 'Maps to' of a source vocabulary as maps (one target per source, the lowest
-    id): a map table to re-check in tests and the release benchmark, never in production."""
+    id; at most `limit` maps, lowest source ids first): a map table to re-check in tests and the release
+    benchmark, never in production."""
     cur = conn.execute(
         """INSERT INTO harmonia.concept_map (source_code, source_vocab, source_text, omop_concept_id, decided_by,
                model_version)
-           SELECT DISTINCT ON (s.concept_id) s.concept_code, s.vocabulary_id, s.concept_name, t.concept_id, 'auto',
-                  'vocabulary:Maps to'
-           FROM vocab.concept s JOIN vocab.concept_relationship r ON r.concept_id_1 = s.concept_id
-           JOIN vocab.concept t ON t.concept_id = r.concept_id_2
-           WHERE s.vocabulary_id = %s AND r.relationship_id = 'Maps to' AND r.invalid_reason IS NULL
-             AND s.concept_id <> t.concept_id AND t.standard_concept = 'S' AND t.invalid_reason IS NULL
-             AND s.concept_id IN (SELECT concept_id FROM vocab.concept WHERE vocabulary_id = %s
-                                  ORDER BY concept_id LIMIT %s)
-           ORDER BY s.concept_id, t.concept_id
-           ON CONFLICT (source_code, source_vocab) DO NOTHING""", (source_vocab, source_vocab, limit))
+           SELECT code, vocab, name, target, 'auto', 'vocabulary:Maps to' FROM (
+               SELECT DISTINCT ON (s.concept_id) s.concept_code AS code, s.vocabulary_id AS vocab,
+                      s.concept_name AS name, t.concept_id AS target
+               FROM vocab.concept s JOIN vocab.concept_relationship r ON r.concept_id_1 = s.concept_id
+               JOIN vocab.concept t ON t.concept_id = r.concept_id_2
+               WHERE s.vocabulary_id = %s AND r.relationship_id = 'Maps to' AND r.invalid_reason IS NULL
+                 AND s.concept_id <> t.concept_id AND t.standard_concept = 'S' AND t.invalid_reason IS NULL
+               ORDER BY s.concept_id, t.concept_id LIMIT %s) x
+           ON CONFLICT (source_code, source_vocab) DO NOTHING""", (source_vocab, limit))
     return cur.rowcount
