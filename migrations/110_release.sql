@@ -57,8 +57,9 @@ $$;
 
 CREATE OR REPLACE FUNCTION harmonia.stamp_map_release() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    IF TG_OP = 'INSERT' OR NEW.omop_concept_id IS DISTINCT FROM OLD.omop_concept_id
-       OR NEW.reviewed_at IS DISTINCT FROM OLD.reviewed_at THEN
+    -- Read through jsonb so that a later migration dropping or renaming one of these columns cannot break writes.
+    IF TG_OP = 'INSERT' OR to_jsonb(NEW) -> 'omop_concept_id' IS DISTINCT FROM to_jsonb(OLD) -> 'omop_concept_id'
+       OR to_jsonb(NEW) -> 'reviewed_at' IS DISTINCT FROM to_jsonb(OLD) -> 'reviewed_at' THEN
         NEW.vocab_release_id := vocab.current_release_id();
     END IF;
     RETURN NEW;
@@ -72,7 +73,7 @@ DROP TRIGGER IF EXISTS concept_map_history_release ON harmonia.concept_map_histo
 CREATE TRIGGER concept_map_history_release BEFORE INSERT ON harmonia.concept_map_history
     FOR EACH ROW EXECUTE FUNCTION harmonia.stamp_release();
 DROP TRIGGER IF EXISTS review_queue_release ON harmonia.review_queue;
-CREATE TRIGGER review_queue_release BEFORE INSERT OR UPDATE OF status, reason, candidates_json
+CREATE TRIGGER review_queue_release BEFORE INSERT OR UPDATE OF status, reason
     ON harmonia.review_queue FOR EACH ROW EXECUTE FUNCTION harmonia.stamp_release();
 
 -- What the re-check found: one row per (release, map, old target). A finding opens a review item once; running the

@@ -85,6 +85,9 @@ def test_recheck_flags_each_case_with_its_successor_and_touches_nothing_else(con
     directory, m = next_release
     n_maps = recheck_store.map_maps_to(conn, "ICD10")
     assert n_maps > 10_000
+    # A reviewer's "no match" (concept 0, which is not standard) is not a target: never flagged.
+    conn.execute("INSERT INTO harmonia.concept_map (source_code, source_vocab, omop_concept_id, decided_by) "
+                 "VALUES ('nomatch', 'LOCAL', 0, 'reviewer')")
     by_target: dict[int, list[str]] = {}
     for code, target in conn.execute("SELECT source_code, omop_concept_id FROM harmonia.concept_map"):
         by_target.setdefault(target, []).append(code)

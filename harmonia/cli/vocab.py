@@ -50,16 +50,18 @@ def _recheck(conn: psycopg.Connection, s: Settings | None) -> None:
 
         with _pipeline(conn, s) as pipe:
             report = recheck(conn, pipeline=pipe)
-    t = Table(title=f"re-check against release {report.release_label}: {report.maps_affected:,} map(s) affected, "
-                    f"{report.new_findings:,} new, {report.reviews_opened:,} review item(s) opened "
-                    f"({report.seconds:.1f}s)")
-    t.add_column("reason")
-    t.add_column("detail")
-    t.add_column("maps", justify="right")
-    for key, n in report.by_reason.items():
-        reason, detail = key.split("/", 1)
-        t.add_row(reason, detail, f"{n:,}")
-    console.print(t)
+    console.print(f"re-check against release {report.release_label}: {report.maps_affected:,} map(s) affected, "
+                  f"{report.new_findings:,} new finding(s), {report.reviews_opened:,} review item(s) opened "
+                  f"({report.seconds:.1f}s)")
+    if report.by_reason:
+        t = Table()
+        t.add_column("reason")
+        t.add_column("detail")
+        t.add_column("maps", justify="right")
+        for key, n in report.by_reason.items():
+            reason, detail = key.split("/", 1)
+            t.add_row(reason, detail, f"{n:,}")
+        console.print(t)
     if report.proposed_by:
         console.print("successors of the new findings: "
                       + ", ".join(f"{k}={v:,}" for k, v in sorted(report.proposed_by.items())))

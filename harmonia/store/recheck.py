@@ -45,6 +45,7 @@ def affected(conn: psycopg.Connection, release_id: int, *, with_previous: bool) 
         WITH m AS (
             SELECT m.source_code, m.source_vocab, m.source_text, m.decided_by, m.omop_concept_id AS target
             FROM harmonia.concept_map m
+            WHERE m.omop_concept_id <> 0  -- "No matching concept": a reviewer's no-match, not a target
         ), src AS (
             SELECT DISTINCT ON (m.source_code, m.source_vocab) m.source_code, m.source_vocab, s.concept_id AS sid
             FROM m JOIN vocab.concept s ON s.vocabulary_id = m.source_vocab AND s.concept_code = m.source_code
