@@ -33,9 +33,14 @@ def next_release(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     return out, json.loads((out / "manifest.json").read_text())
 
 
-def _maps(conn: psycopg.Connection) -> list[tuple]:
-    return conn.execute("SELECT source_code, source_vocab, omop_concept_id, decided_by, updated_at, "
-                        "vocab_release_id FROM harmonia.concept_map ORDER BY 1, 2").fetchall()
+def _maps(conn: psycopg.Connection) -> dict[str, tuple]:
+    """ICD10 code -> the map's row as the re-check could change it, and its targets."""
+    rows = conn.execute(
+        """SELECT m.source_code, m.status, m.version, m.decided_by, m.updated_at, m.vocab_release_id,
+                  (SELECT array_agg(t.concept_id ORDER BY t.position) FROM harmonia.concept_map_target t
+                    WHERE t.map_id = m.id)
+           FROM harmonia.concept_map m WHERE m.source_vocab = 'ICD10'""").fetchall()
+    return {r[0]: tuple(r[1:]) for r in rows}
 
 
 def _code_of(conn: psycopg.Connection, concept_id: int) -> str:
@@ -101,8 +106,14 @@ def test_recheck_flags_each_case_with_its_successor_and_touches_nothing_else(con
     load_vocabulary(conn, directory, progress=False)
     report = recheck(conn)
 
-    assert _maps(conn) == before  # no map is changed, least of all the reviewer's
+    after = _maps(conn)
     found = {f.source_code: f for f in recheck_store.findings_of(conn, report.release_id)}
+    # Maps that are still right are not touched at all; flagged ones keep their targets (and who decided them).
+    assert {c: v for c, v in after.items() if c not in found} == {c: v for c, v in before.items() if c not in found}
+    for code in found:
+        assert after[code][5] == before[code][5] and after[code][2] == before[code][2], code
+        assert after[code][0] == ("INVALID_TARGET" if found[code].reason == "invalid_target" else "FLAGGED")
+        assert after[code][1] == before[code][1] + 1
     expected: dict[str, tuple[str, str, tuple[int, ...] | None]] = {}
     for old, new in upgraded.items():
         for code in by_target.get(old, []):
@@ -128,23 +139,29 @@ def test_recheck_flags_each_case_with_its_successor_and_touches_nothing_else(con
     assert report.by_reason["invalid_target/upgraded"] == sum(1 for e in expected.values() if e[1] == "upgraded")
 
     # What a reviewer sees: the reason, the successor first, the current target last, both described.
-    item = conn.execute("SELECT reason, status, candidates_json, extra, priority FROM harmonia.review_queue "
-                        "WHERE source_code = %s AND source_vocab = 'ICD10'", (reviewed_code,)).fetchone()
-    reason, status, cands, extra, priority = item
-    assert (reason, status, priority) == ("invalid_target", "open", 1)
+    item = conn.execute("SELECT reason, status, candidates_json, proposal, priority, extra FROM "
+                        "harmonia.review_queue WHERE source_code = %s AND source_vocab = 'ICD10'",
+                        (reviewed_code,)).fetchone()
+    reason, status, cands, proposal, priority, extra = item
+    assert (reason, status, priority, extra) == ("invalid_target", "open", 1, {})
     assert cands[0]["concept_id"] == upgraded[reviewed_target] and cands[-1]["concept_id"] == reviewed_target
-    assert "upgraded" in extra["recheck"] and extra["current target"].startswith(str(reviewed_target))
-    assert extra["proposed successor"].startswith(str(upgraded[reviewed_target]))
-    assert extra["map decided by"] == "reviewer"
-    history = conn.execute("SELECT action, old_concept_id, new_concept_id FROM harmonia.concept_map_history "
-                           "WHERE source_code = %s", (reviewed_code,)).fetchall()
-    assert history == [("recheck", reviewed_target, None)]
+    rc = proposal["recheck"]
+    assert "upgraded" in rc["summary"] and rc["current_target"].startswith(str(reviewed_target))
+    assert rc["proposed_successor"].startswith(str(upgraded[reviewed_target]))
+    assert rc["map_decided_by"] == "reviewer" and rc["proposed_concept_ids"] == [upgraded[reviewed_target]]
+    history = conn.execute("SELECT action, old_concept_id, new_concept_id, old_status, new_status, actor "
+                           "FROM harmonia.concept_map_history WHERE source_code = %s", (reviewed_code,)).fetchall()
+    assert history == [("recheck", reviewed_target, reviewed_target, "APPROVED", "INVALID_TARGET", "recheck")]
+    assert report.statuses == {"INVALID_TARGET": sum(1 for e in expected.values() if e[0] == "invalid_target"),
+                               "FLAGGED": sum(1 for e in expected.values() if e[0] == "maps_to_changed")}
     assert conn.execute("SELECT count(*) FROM harmonia.review_queue").fetchone()[0] == len(expected)
 
     # Again: the same findings are counted, nothing is re-opened; a resolved item stays resolved.
     conn.execute("UPDATE harmonia.review_queue SET status = 'resolved' WHERE source_code = %s", (reviewed_code,))
+    flagged = _maps(conn)
     again = recheck(conn)
     assert again.new_findings == again.reviews_opened == 0 and again.by_reason == report.by_reason
+    assert _maps(conn) == flagged
     assert conn.execute("SELECT status FROM harmonia.review_queue WHERE source_code = %s",
                         (reviewed_code,)).fetchone()[0] == "resolved"
 

@@ -8,10 +8,12 @@ A map is touched only when the release made it doubtful:
 The successor proposed: the old target's 'Concept replaced by' (or, when that one is not standard, its 'Maps to'),
 else the old target's own 'Maps to', else the source concept's new 'Maps to'; for `maps_to_changed` the new 'Maps
 to'. With a pipeline, a finding with none of these gets a fresh retrieve + rerank whose ranking is the proposal.
-Each finding opens the code's review item (reason, both concepts in `extra`, the proposals first among the
-candidates, the current target last) and a history row. The map keeps its target: a reviewer accepts the successor
-(approve), picks another, or keeps the map; nothing is replaced silently, whoever decided the map. Maps that are
-still right are not read past the one query that finds the affected ones.
+Each finding sets the map's status (INVALID_TARGET, or FLAGGED for `maps_to_changed`; version and history
+through harmonia.store.mapping) and opens the code's review item: the reason, the proposals first among the
+candidates and the current target last, and both concepts described in the item's `proposal` ("recheck"). The map
+keeps its targets: a reviewer accepts the successor (approve), picks another, or re-approves; nothing is replaced
+silently, whoever decided the map. Maps that are still right are not read past the one query that finds the
+affected ones, and not written.
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 
-from harmonia.domain import Concept, RankingEntry, SourceTerm
+from harmonia.domain import Concept, MapStatus, RankingEntry, SourceTerm
 from harmonia.store import concepts as concept_store
+from harmonia.store import mapping as map_store
 from harmonia.store import recheck as recheck_store
 from harmonia.store import release as release_store
 
@@ -46,6 +49,7 @@ class RecheckReport:
     retrieved: int = 0           # findings without a successor that got a fresh retrieve + rerank
     by_reason: dict[str, int] = field(default_factory=dict)    # "reason/detail" -> findings of the release
     proposed_by: dict[str, int] = field(default_factory=dict)  # of the new findings: 'Concept replaced by', ...
+    statuses: dict[str, int] = field(default_factory=dict)     # maps set to INVALID_TARGET / FLAGGED
     seconds: float = 0.0
 
 
@@ -83,7 +87,7 @@ def _describe(c: Concept | None, cid: int) -> str:
 
 def review_item(f: recheck_store.Finding, concepts: dict[int, Concept], label: str,
                 retrieved: list[RankingEntry] | None = None) -> tuple[list[RankingEntry], dict[str, Any]]:
-    """The candidates (proposals first, the current target last) and the `extra` a reviewer sees."""
+    """The candidates (proposals first, the current target last) and the finding as the item's proposal shows it."""
     ranking: list[RankingEntry] = []
     if retrieved:
         ranking.extend({**e, "rationale": f"fresh retrieval after release {label}: {e['rationale']}".strip()}
@@ -97,14 +101,33 @@ def review_item(f: recheck_store.Finding, concepts: dict[int, Concept], label: s
     if old is not None and all(e["concept_id"] != old.concept_id for e in ranking):
         ranking.append(_entry(old, f"the map's current target: {DETAIL_WORDS[f.detail]}", 0.0))
     first = ranking[0] if ranking and ranking[0]["concept_id"] != f.old_concept_id else None
-    extra: dict[str, Any] = {
-        "recheck": f"{f.reason}: {DETAIL_WORDS[f.detail]} (release {label})",
-        "current target": _describe(old, f.old_concept_id),
-        "proposed successor": (f"{first['concept_id']} {first['concept_name']} ({first['vocabulary_id']} "
+    details: dict[str, Any] = {
+        "reason": f.reason, "detail": f.detail, "release": label,
+        "summary": f"{f.reason}: {DETAIL_WORDS[f.detail]} (release {label})",
+        "current_target": _describe(old, f.old_concept_id), "old_concept_id": f.old_concept_id,
+        "proposed_successor": (f"{first['concept_id']} {first['concept_name']} ({first['vocabulary_id']} "
                                f"{first['concept_code']}) by {f.proposed_by}") if first else "none found",
-        "map decided by": f.decided_by,
+        "proposed_concept_ids": [e["concept_id"] for e in ranking if e["concept_id"] != f.old_concept_id],
+        "proposed_by": f.proposed_by, "map_decided_by": f.decided_by,
     }
-    return ranking, extra
+    return ranking, details
+
+
+def _set_statuses(conn: psycopg.Connection,
+                  items: list[tuple[recheck_store.Finding, list[RankingEntry], dict[str, Any]]], label: str
+                  ) -> dict[str, int]:
+    """INVALID_TARGET for a code with an invalid target, else FLAGGED; its targets stay (set_status keeps them)."""
+    by_code: dict[tuple[str, str], list[tuple[recheck_store.Finding, dict[str, Any]]]] = {}
+    for f, _, details in items:
+        by_code.setdefault((f.source_code, f.source_vocab), []).append((f, details))
+    out: Counter[str] = Counter()
+    for key, found in by_code.items():
+        status: MapStatus = "INVALID_TARGET" if any(f.reason == "invalid_target" for f, _ in found) else "FLAGGED"
+        note = "; ".join(f"{d['summary']}: target {d['current_target']}, proposed {d['proposed_successor']}"
+                         for _, d in found)
+        map_store.set_status(conn, key, status, actor="recheck", action="recheck", note=note)
+        out[status] += 1
+    return dict(out)
 
 
 def recheck(conn: psycopg.Connection, *, pipeline: Pipeline | None = None) -> RecheckReport:
@@ -138,6 +161,7 @@ def recheck(conn: psycopg.Connection, *, pipeline: Pipeline | None = None) -> Re
         items = [(f, *review_item(f, concepts, cur.label, retrieved.get((f.source_code, f.source_vocab))))
                  for f in new]
         report.reviews_opened = recheck_store.open_reviews(conn, items, f"recheck:{cur.label}")
+        report.statuses = _set_statuses(conn, items, cur.label)
         report.proposed_by = dict(Counter(f.proposed_by or "none" for f in new))
         release_store.mark_rechecked(conn, cur.id)
         report.by_reason = {f"{r}/{d}": n for (r, d), n in recheck_store.finding_counts(conn, cur.id).items()}

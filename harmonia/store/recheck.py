@@ -1,10 +1,12 @@
 """SQL for the re-check of every map after a release (migrations/110_release.sql; harmonia.pipeline.recheck).
 
-`affected` reads, in one statement, only the maps the release touched: a target that is no longer a valid standard
-concept, or a map whose source concept's 'Maps to' changed (vocab_prev against vocab) and no longer includes it,
-with everything a successor can come from. Findings are kept per (release, map, old target); a new finding opens
-the code's review item with the proposals as its candidates and writes a history row; the map itself is never
-changed here (a successor is a proposal, whoever decided the map).
+`affected` reads, in one statement, only the targets the release touched (harmonia.concept_map_target, every
+mapping type): a target that is no longer a valid standard concept, or a MAPS_TO target that the source concept's
+changed 'Maps to' (vocab_prev against vocab) no longer include, with everything a successor can come from.
+Findings are kept per (release, code, old target); a new finding opens the code's review item with the proposals
+as its candidates and the finding in its `proposal`. The map's status is set through harmonia.store.mapping
+(set_status: version and history); its targets are never changed here (a successor is a proposal, whoever decided
+the map).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ class AffectedMap:
     source_text: str | None
     decided_by: str
     target: int
+    mapping_type: str
+    status: str                     # the map's status before the re-check
     detail: str | None              # the target: deprecated | upgraded | non_standard | gone; None: still valid
     replaced_by: tuple[int, ...]    # the target's valid standard 'Concept replaced by' (or their 'Maps to')
     target_maps_to: tuple[int, ...]  # the target's valid standard 'Maps to'
@@ -43,9 +47,10 @@ def affected(conn: psycopg.Connection, release_id: int, *, with_previous: bool) 
                  GROUP BY 1""" if with_previous else "SELECT NULL::int AS s, NULL::int[] AS t WHERE false")
     q = f"""
         WITH m AS (
-            SELECT m.source_code, m.source_vocab, m.source_text, m.decided_by, m.omop_concept_id AS target
-            FROM harmonia.concept_map m
-            WHERE m.omop_concept_id <> 0  -- "No matching concept": a reviewer's no-match, not a target
+            SELECT m.source_code, m.source_vocab, m.source_text, m.decided_by, tg.concept_id AS target,
+                   tg.mapping_type, m.status
+            FROM harmonia.concept_map m JOIN harmonia.concept_map_target tg ON tg.map_id = m.id
+            WHERE m.status <> 'IGNORED'
         ), src AS (
             SELECT DISTINCT ON (m.source_code, m.source_vocab) m.source_code, m.source_vocab, s.concept_id AS sid
             FROM m JOIN vocab.concept s ON s.vocabulary_id = m.source_vocab AND s.concept_code = m.source_code
@@ -70,7 +75,7 @@ def affected(conn: psycopg.Connection, release_id: int, *, with_previous: bool) 
             LEFT JOIN new_mt nm ON nm.s = src.sid
             LEFT JOIN old_mt om ON om.s = src.sid
         )
-        SELECT a.source_code, a.source_vocab, a.source_text, a.decided_by, a.target,
+        SELECT a.source_code, a.source_vocab, a.source_text, a.decided_by, a.target, a.mapping_type, a.status,
                CASE WHEN a.kept THEN 'gone' WHEN a.invalid_reason = 'U' THEN 'upgraded'
                     WHEN a.invalid_reason IS NOT NULL THEN 'deprecated'
                     WHEN a.standard_concept IS DISTINCT FROM 'S' THEN 'non_standard' END AS detail,
@@ -93,11 +98,12 @@ def affected(conn: psycopg.Connection, release_id: int, *, with_previous: bool) 
                coalesce(a.new_valid, '{{}}'), a.changed
         FROM a
         WHERE a.invalid_reason IS NOT NULL OR a.standard_concept IS DISTINCT FROM 'S'
-           OR (a.changed AND cardinality(a.new_valid) > 0 AND a.target <> ALL (a.new_all))
-        ORDER BY a.source_vocab, a.source_code"""
+           OR (a.mapping_type = 'MAPS_TO' AND a.changed AND cardinality(a.new_valid) > 0
+               AND a.target <> ALL (a.new_all))
+        ORDER BY a.source_vocab, a.source_code, a.target"""
     rows = conn.execute(q, {"rel": release_id}).fetchall()
-    return [AffectedMap(r[0], r[1], r[2], r[3], r[4], r[5], tuple(r[6]), tuple(r[7]), tuple(r[8]), r[9])
-            for r in rows]
+    return [AffectedMap(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], tuple(r[8]), tuple(r[9]), tuple(r[10]),
+                        r[11]) for r in rows]
 
 
 @dataclass(frozen=True)
@@ -150,31 +156,24 @@ def set_proposals(conn: psycopg.Connection, release_id: int, findings: Sequence[
 def open_reviews(conn: psycopg.Connection, items: Sequence[tuple[Finding, list[RankingEntry], dict[str, Any]]],
                  model_version: str) -> int:
     """Open (or re-open) the review item of each finding's code with the proposals first and the current target
-    last, and note the finding in the map's history. A flagged item stays flagged; the map is not touched."""
+    last; the finding goes into the item's `proposal` (under "recheck"), the item's `extra` (the source's own
+    columns, copied into the map on a decision) is left as it was. A flagged item stays flagged."""
     if not items:
         return 0
     with conn.cursor() as cur:
         cur.executemany(
-            """INSERT INTO harmonia.review_queue (source_code, source_vocab, source_text, extra, candidates_json,
-                   confidence, model_version, reason, priority)
-               VALUES (%s, %s, %s, %s, %s, NULL, %s, %s, 1)
+            """INSERT INTO harmonia.review_queue (source_code, source_vocab, source_text, candidates_json,
+                   confidence, model_version, reason, priority, proposal)
+               VALUES (%s, %s, %s, %s, NULL, %s, %s, 1, %s)
                ON CONFLICT (source_code, source_vocab) DO UPDATE SET
                    source_text = coalesce(EXCLUDED.source_text, harmonia.review_queue.source_text),
-                   extra = harmonia.review_queue.extra || EXCLUDED.extra,
                    candidates_json = EXCLUDED.candidates_json, confidence = NULL,
                    model_version = EXCLUDED.model_version, reason = EXCLUDED.reason, error = NULL,
-                   resolved_by = NULL, resolved_at = NULL, updated_at = now(),
+                   proposal = EXCLUDED.proposal, resolved_by = NULL, resolved_at = NULL, updated_at = now(),
                    priority = greatest(harmonia.review_queue.priority, 1),
                    status = CASE WHEN harmonia.review_queue.status = 'flagged' THEN 'flagged' ELSE 'open' END""",
-            [(f.source_code, f.source_vocab, f.source_text, json.dumps(extra), json.dumps(ranking), model_version,
-              f.reason) for f, ranking, extra in items])
-        cur.executemany(
-            """INSERT INTO harmonia.concept_map_history (source_code, source_vocab, action, old_concept_id,
-                   new_concept_id, model_version, note) VALUES (%s, %s, 'recheck', %s, NULL, %s, %s)""",
-            [(f.source_code, f.source_vocab, f.old_concept_id, model_version,
-              f"{f.reason} ({f.detail}); proposed: "
-              + (", ".join(map(str, f.proposed)) + f" by {f.proposed_by}" if f.proposed else "nothing"))
-             for f, _, _ in items])
+            [(f.source_code, f.source_vocab, f.source_text, json.dumps(ranking), model_version, f.reason,
+              json.dumps({"recheck": details})) for f, ranking, details in items])
     return len(items)
 
 
@@ -197,8 +196,8 @@ def findings_of(conn: psycopg.Connection, release_id: int) -> list[Finding]:
 
 def map_maps_to(conn: psycopg.Connection, source_vocab: str, limit: int | None = None) -> int:
     """Approve the vocabulary's own 'Maps to' of a source vocabulary as maps (one target per source, the lowest
-    id; at most `limit` maps, lowest source ids first): a map table to re-check in tests and the release
-    benchmark, never in production."""
+    id; at most `limit` maps, lowest source ids first; the mapping tables' triggers add the target rows): a map
+    table to re-check in tests and the release benchmark, never in production."""
     cur = conn.execute(
         """INSERT INTO harmonia.concept_map (source_code, source_vocab, source_text, omop_concept_id, decided_by,
                model_version)
