@@ -184,6 +184,8 @@ class WorkerSettings:
 class ReviewSettings:
     host: str = setting("127.0.0.1", "Review service bind address.", key="serve_host")
     port: int = setting(8000, "Review service port.", key="serve_port")
+    claim_ttl_s: float = setting(900.0, "How long a reviewer's claim on queue items lasts (seconds) unless renewed; "
+                                        "others do not get claimed items until it expires.")
 
 
 @dataclass

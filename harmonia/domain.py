@@ -110,6 +110,9 @@ MappingType = Literal["MAPS_TO", "MAPS_TO_VALUE", "MAPS_TO_UNIT"]
 Equivalence = Literal["EQUAL", "EQUIVALENT", "WIDER", "NARROWER", "INEXACT", "UNMATCHED", "UNREVIEWED"]
 """Usagi's equivalence of a source and a target."""
 
+MapStatus = Literal["UNCHECKED", "APPROVED", "FLAGGED", "IGNORED", "INVALID_TARGET"]
+"""Usagi's status of a source code's map (INVALID_TARGET: a target is no longer a valid standard concept)."""
+
 # Reranker failures that say nothing about the code: the provider was down, slow or busy. A worker returns such a
 # code to the queue with a back-off instead of sending it to review; every other error kind is the code's own.
 RETRYABLE_ERROR_KINDS = frozenset({"rate_limited", "server_error", "timeout", "connection_error"})
@@ -198,6 +201,10 @@ class Decision:
     # How the confidence was calibrated and against what it was compared: kind, calibrator hash, threshold (None:
     # uncalibrated), the reranker's raw confidence, the evidence; empty for a decision made without the router.
     calibration: dict[str, Any] = field(default_factory=dict)
+    equivalence: Equivalence | None = None  # of the first choice, when the reranker says
+    # Further targets the reranker proposed (only candidates); no calibration covers them, so a decision that has
+    # any goes to review (reason additional_targets) and a reviewer accepts or drops each.
+    additional: list[AdditionalTarget] = field(default_factory=list)
 
     def ranking_json(self) -> RankingRecord:
         rec: RankingRecord = {"model_version": self.model_version, "confidence": self.confidence,

@@ -1,21 +1,27 @@
 """Athena vocabulary loader: CONCEPT.csv and friends (tab-separated, YYYYMMDD dates, plain or .gz) -> vocab.*.
 
 Rows are checked here (field count, integers, dates, required fields, UTF-8) so that a bad row stops the load with
-its file and line; good rows stream into PostgreSQL with COPY into staging tables, which replace the live tables
-in the same transaction (harmonia.store.vocab). A failed load leaves the old vocabulary as it was.
+its file and line; good rows stream into PostgreSQL with COPY into staging tables beside the live ones, which
+replace them in the same transaction (harmonia.store.vocab). A failed load leaves the old vocabulary as it was.
+
+Each load is a release: named by the VOCABULARY file's 'None' version (Athena's release name) when present, else
+by a hash of the loaded rows; the replaced release stays readable for `harmonia vocab diff` and the re-check.
 """
 
 from __future__ import annotations
 
+import csv
 import gzip
+import hashlib
 import io
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import psycopg
 
+from harmonia.store import release as release_store
 from harmonia.store import vocab as vocab_store
 
 log = logging.getLogger(__name__)
@@ -77,6 +83,10 @@ class LoadReport:
     files: dict[str, str] = field(default_factory=dict)
     missing: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    release_id: int | None = None
+    release_label: str = ""
+    previous_release_id: int | None = None
+    kept: int = 0  # concepts the files lack that maps still point at: kept, marked gone
 
     @property
     def total_rows(self) -> int:
@@ -173,6 +183,26 @@ def validated_chunks(path: Path, spec: TableSpec, on_bytes: Callable[[int], obje
             on_bytes(pos - last_pos)
 
 
+def _hashed(chunks: Iterator[tuple[list[str], bytes, int]], update: Callable[[bytes], object]
+            ) -> Iterator[tuple[list[str], bytes, int]]:
+    for header, chunk, rows in chunks:
+        update(chunk)
+        yield header, chunk, rows
+
+
+def release_identity(content_sha256: str, versions: dict[str, str]) -> vocab_store.ReleaseIdentity:
+    """Athena names a release in VOCABULARY's row for vocabulary_id 'None' (e.g. 'v5.0 30-AUG-24'); without it the
+    label is a hash: of the vocabularies' versions when the file is there, else of the content."""
+    if versions.get("None"):
+        label = versions["None"]
+    elif versions:
+        joined = ";".join(f"{k}={v}" for k, v in sorted(versions.items()))
+        label = "versions:" + hashlib.sha256(joined.encode()).hexdigest()[:12]
+    else:
+        label = "sha256:" + content_sha256[:12]
+    return vocab_store.ReleaseIdentity(label=label, content_sha256=content_sha256, versions=versions)
+
+
 def load_vocabulary(conn: psycopg.Connection, directory: Path, *, progress: bool = True) -> LoadReport:
     """Load every Athena file found in `directory`, replacing the live vocabulary atomically."""
     import time
@@ -193,6 +223,7 @@ def load_vocabulary(conn: psycopg.Connection, directory: Path, *, progress: bool
         plan.append((spec, path))
     total = sum(p.stat().st_size for _, p in plan if p)
     t0 = time.perf_counter()
+    content = hashlib.sha256()  # of the rows as loaded: the same release reads the same, plain or .gz
     with tqdm(total=total, unit="B", unit_scale=True, desc="vocab load", disable=not progress) as bar, \
             vocab_store.staged_replace(conn, [s.table for s in SPECS]) as stage:
         for spec, path in plan:
@@ -202,7 +233,8 @@ def load_vocabulary(conn: psycopg.Connection, directory: Path, *, progress: bool
             bar.set_postfix_str(path.name)
             report.files[spec.table] = path.name
             count = 0
-            chunks = validated_chunks(path, spec, bar.update)
+            content.update(f"\0{spec.table}\0".encode())
+            chunks = _hashed(validated_chunks(path, spec, bar.update), content.update)
             first = next(chunks, None)  # None: a header-only file (e.g. the sample's CONCEPT_SYNONYM)
             if first is not None:
                 try:
@@ -215,6 +247,78 @@ def load_vocabulary(conn: psycopg.Connection, directory: Path, *, progress: bool
                 except psycopg.Error as exc:
                     raise VocabLoadError(f"{path.name}: {vocab_store.describe_copy_error(exc)}") from exc
             report.rows[spec.table] = count
-        stage.finish(report.rows, str(directory))
+        identity = release_identity(content.hexdigest(), stage.versions())
+        swap = stage.finish(report.rows, str(directory.resolve()), identity)
+    report.release_id, report.previous_release_id, report.kept = swap.release_id, swap.previous_id, swap.kept
+    report.release_label = identity.label
     report.seconds = time.perf_counter() - t0
     return report
+
+
+# ------------------------------------------------------------------------------------------------- release diff
+
+
+class NoPreviousRelease(VocabLoadError):
+    """There is nothing to compare with: only one release was ever loaded here."""
+
+
+@dataclass
+class ReleaseDiff:
+    """What changed from the previous release to the current one (`harmonia vocab diff`)."""
+
+    previous: str
+    current: str
+    concepts: list[release_store.ConceptChange]
+    maps_to: list[release_store.EdgeChange]
+    seconds: float = 0.0
+
+    def concept_counts(self) -> dict[str, int]:
+        out = dict.fromkeys(release_store.CONCEPT_CHANGES, 0)
+        for c in self.concepts:
+            out[c.change] += 1
+        return out
+
+    def maps_to_counts(self) -> dict[str, dict[str, int]]:
+        """source vocabulary -> {'added': n, 'removed': n}"""
+        out: dict[str, dict[str, int]] = {}
+        for e in self.maps_to:
+            out.setdefault(e.source_vocabulary, {"added": 0, "removed": 0})[e.change] += 1
+        return dict(sorted(out.items()))
+
+    def to_json(self) -> dict[str, object]:
+        return {"previous": self.previous, "current": self.current,
+                "concept_counts": self.concept_counts(), "maps_to_counts": self.maps_to_counts(),
+                "concepts": [{**asdict(c), "successors": list(c.successors)} for c in self.concepts],
+                "maps_to": [asdict(e) for e in self.maps_to]}
+
+    def write_csv(self, path: Path) -> int:
+        """One row per change: concept changes, then 'Maps to' edges (kind maps_to_added / maps_to_removed)."""
+        cols = ["change", "concept_id", "vocabulary_id", "domain_id", "concept_name", "old_value", "new_value",
+                "successors", "target_concept_id"]
+        with open(path, "w", newline="", encoding="utf-8") as fh:
+            w = csv.writer(fh)
+            w.writerow(cols)
+            for c in self.concepts:
+                w.writerow([c.change, c.concept_id, c.vocabulary_id, c.domain_id, c.concept_name, c.old_value or "",
+                            c.new_value or "", ";".join(map(str, c.successors)), ""])
+            for e in self.maps_to:
+                w.writerow([f"maps_to_{e.change}", e.source_concept_id, e.source_vocabulary, "", e.source_code,
+                            "", "", "", e.target_concept_id])
+        return len(self.concepts) + len(self.maps_to)
+
+
+def diff_releases(conn: psycopg.Connection) -> ReleaseDiff:
+    """The current release against the one it replaced."""
+    import time
+
+    t0 = time.perf_counter()
+    cur = release_store.current(conn)
+    if cur is None or cur.previous_id is None or not release_store.has_previous(conn):
+        raise NoPreviousRelease("no previous release to compare with: the diff needs two loads "
+                                "(`harmonia vocab load` of the next release keeps the one it replaces)")
+    prev = release_store.get(conn, cur.previous_id)
+    with conn.transaction():  # one snapshot for both halves
+        concepts = release_store.concept_changes(conn, cur.id)
+        edges = release_store.maps_to_changes(conn)
+    return ReleaseDiff(previous=prev.label if prev else str(cur.previous_id), current=cur.label,
+                       concepts=concepts, maps_to=edges, seconds=time.perf_counter() - t0)

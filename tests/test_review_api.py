@@ -47,6 +47,11 @@ def seed_item(conn: psycopg.Connection, code: str, text: str, candidates: list[d
                         (code, vocab)).fetchone()[0]
 
 
+def version_of(client: TestClient, item_id: int, token: str) -> int:
+    """The version a reviewer sees on the item (0: the code has no map yet)."""
+    return client.get(f"/api/review/items/{item_id}", headers=auth(token)).json()["version"]
+
+
 def seed_users(conn: psycopg.Connection) -> dict[str, str]:
     """One user per role; returns role -> token."""
     return {role: user_store.add_user(conn, f"{role}-user", role)[1] for role in user_store.ROLES}
@@ -97,7 +102,7 @@ def test_auth_matrix(client: TestClient, conn: psycopg.Connection, tokens: dict[
                      diabetes: list[dict[str, Any]]) -> None:
     a = seed_item(conn, "E11.9", "Type 2 diabetes without complications", diabetes)
     b = seed_item(conn, "E10.9", "Type 1 diabetes without complications", diabetes)
-    approve = {"rank": 1}
+    approve = {"rank": 1, "version": 0}
     for headers in ({}, auth("not-a-token"), {"Authorization": "Basic Zm9vOmJhcg=="}):
         r = client.get("/api/review/items", headers=headers)
         assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", r.text
@@ -105,8 +110,8 @@ def test_auth_matrix(client: TestClient, conn: psycopg.Connection, tokens: dict[
     assert client.get("/api/review/items", headers=auth(tokens["reader"])).json()["total"] == 2
     r = client.post(f"/api/review/items/{a}/approve", json=approve, headers=auth(tokens["reader"]))
     assert r.status_code == 403 and "reader" in r.json()["detail"]
-    for path in (f"/api/review/items/{a}/no-match", f"/api/review/items/{a}/flag"):
-        assert client.post(path, headers=auth(tokens["reader"])).status_code == 403
+    for path in (f"/api/review/items/{a}/no-match", f"/api/review/items/{a}/flag", f"/api/review/items/{a}/ignore"):
+        assert client.post(path, json={"version": 0}, headers=auth(tokens["reader"])).status_code == 403
     assert map_rows(conn, "E11.9") == [] and history_rows(conn, "E11.9") == []
     assert client.post(f"/api/review/items/{a}/approve", json=approve, headers=auth(tokens["reviewer"])).is_success
     assert client.post(f"/api/review/items/{b}/approve", json=approve, headers=auth(tokens["admin"])).is_success
@@ -142,7 +147,7 @@ def test_list_filters_and_pagination(client: TestClient, conn: psycopg.Connectio
     assert codes(min_confidence=0.5, max_confidence=0.8) == ["GLU"]
     page = client.get("/api/review/items", params={"limit": 1, "offset": 1}, headers=h).json()
     assert page["total"] == 3 and [i["source_code"] for i in page["items"]] == ["GLU"]
-    client.post(f"/api/review/items/{c}/no-match", headers=auth(tokens["reviewer"]))
+    client.post(f"/api/review/items/{c}/no-match", json={"version": 0}, headers=auth(tokens["reviewer"]))
     assert codes() == ["E11.9", "GLU"]
     assert codes(status="resolved") == ["E10.9"]
     assert codes(status=["open", "resolved"]) == ["E11.9", "GLU", "E10.9"]
@@ -168,7 +173,7 @@ def test_show_item_has_top5_scores_rationales_and_source(client: TestClient, con
     # Ids beyond bigint are bad input too: 422, not a 500 from the database.
     huge = "/api/review/items/99999999999999999999999"
     assert client.get(huge, headers=auth(tokens["reader"])).status_code == 422
-    assert client.post(huge + "/flag", headers=auth(tokens["reviewer"])).status_code == 422
+    assert client.post(huge + "/flag", json={"version": 0}, headers=auth(tokens["reviewer"])).status_code == 422
 
 
 def test_approve_then_correct_updates_the_one_map_and_keeps_history(
@@ -176,17 +181,20 @@ def test_approve_then_correct_updates_the_one_map_and_keeps_history(
     a = seed_item(conn, "E11.9", "Type 2 diabetes", diabetes, confidence=0.61)
     h = auth(tokens["reviewer"])
     c1, c2 = diabetes[0]["concept_id"], diabetes[1]["concept_id"]
-    r = client.post(f"/api/review/items/{a}/approve", json={"rank": 1}, headers=h)
+    r = client.post(f"/api/review/items/{a}/approve", json={"rank": 1, "version": 0}, headers=h)
     assert r.status_code == 200, r.text
     assert r.json()["action"] == "approve" and r.json()["map"]["omop_concept_id"] == c1
+    assert r.json()["version"] == 1
     assert map_rows(conn, "E11.9") == [(c1, "reviewer", "reviewer-user", True, Decimal("0.6100"))]
     assert item_status(conn, a) == ("resolved", "reviewer-user")
     # A second decision on the same code updates the one row: a correction.
-    r = client.post(f"/api/review/items/{a}/approve", json={"concept_id": c2, "note": "more specific"}, headers=h)
+    r = client.post(f"/api/review/items/{a}/approve", json={"concept_id": c2, "note": "more specific", "version": 1},
+                    headers=h)
     assert r.status_code == 200 and r.json()["action"] == "correct"
     assert map_rows(conn, "E11.9") == [(c2, "reviewer", "reviewer-user", True, None)]
     outside = concepts_like(conn, "%portal hypertension%", 1)[0]["concept_id"]
-    r = client.post(f"/api/review/items/{a}/choose", json={"concept_id": outside}, headers=auth(tokens["admin"]))
+    r = client.post(f"/api/review/items/{a}/choose", json={"concept_id": outside, "version": 2},
+                    headers=auth(tokens["admin"]))
     assert r.status_code == 200 and r.json()["action"] == "correct"
     assert map_rows(conn, "E11.9") == [(outside, "reviewer", "admin-user", True, None)]
     assert history_rows(conn, "E11.9") == [
@@ -206,7 +214,8 @@ def test_reviewer_corrects_an_auto_approved_map(client: TestClient, conn: psycop
                     ranking=[], reason="approved")
     assert mapping.record_decision(conn, auto) == "approved"
     a = seed_item(conn, "E11.9", "Type 2 diabetes", diabetes)
-    r = client.post(f"/api/review/items/{a}/approve", json={"rank": 3}, headers=auth(tokens["reviewer"]))
+    assert version_of(client, a, tokens["reviewer"]) == 1
+    r = client.post(f"/api/review/items/{a}/approve", json={"rank": 3, "version": 1}, headers=auth(tokens["reviewer"]))
     assert r.status_code == 200 and r.json()["action"] == "correct"
     assert map_rows(conn, "E11.9") == [(c3, "reviewer", "reviewer-user", True, None)]
     assert [x[:3] for x in history_rows(conn, "E11.9")] == [("auto_approve", None, c1), ("correct", c1, c3)]
@@ -228,16 +237,23 @@ def test_unknown_or_unfit_concepts_get_422_and_write_nothing(
         ("approve", {"concept_id": 999_999_999}, "not one of"),
         ("approve", {"rank": 6}, "has 5 suggestion"),
         ("approve", {}, "needs rank or concept_id"),
+        # rank 1 with candidate 3's id: refused, never silently candidate 1
+        ("approve", {"rank": 1, "concept_id": diabetes[2]["concept_id"]}, "not"),
+        ("choose", {"concept_id": 0}, "no targets"),
     ]
     for action, body, reason in cases:
-        r = client.post(f"/api/review/items/{a}/{action}", json=body, headers=h)
+        r = client.post(f"/api/review/items/{a}/{action}", json={"version": 0, **body}, headers=h)
         assert r.status_code == 422, (action, body, r.text)
         assert reason in r.text, (reason, r.text)
     # The FK is the last line: with the pre-check bypassed, its violation is still a 422, not a 500.
-    monkeypatch.setattr(svc, "check_concept", lambda conn, concept_id: {})
-    r = client.post(f"/api/review/items/{a}/choose", json={"concept_id": 999_999_998}, headers=h)
+    monkeypatch.setattr(svc, "check_concept", lambda conn, concept_id, mapping_type="MAPS_TO": {})
+    r = client.post(f"/api/review/items/{a}/choose", json={"concept_id": 999_999_998, "version": 0}, headers=h)
     assert r.status_code == 422 and "foreign key" in r.json()["detail"]
-    assert client.post("/api/review/items/424242/choose", json={"concept_id": 0}, headers=h).status_code == 404
+    assert client.post("/api/review/items/424242/choose", json={"concept_id": 5, "version": 0},
+                       headers=h).status_code == 404
+    # Every decision carries the version it was made on.
+    r = client.post(f"/api/review/items/{a}/approve", json={"rank": 1}, headers=h)
+    assert r.status_code == 422 and "version" in r.text
     assert map_rows(conn, "E11.9") == [] and history_rows(conn, "E11.9") == []
     assert item_status(conn, a) == ("open", None)
 
@@ -247,27 +263,31 @@ def test_no_match_flag_and_revoke(client: TestClient, conn: psycopg.Connection, 
     a = seed_item(conn, "X1", "gibberish", diabetes)
     b = seed_item(conn, "X2", "unsure", diabetes)
     h = auth(tokens["reviewer"])
-    r = client.post(f"/api/review/items/{a}/no-match", json={"note": "not a clinical term"}, headers=h)
+    r = client.post(f"/api/review/items/{a}/no-match", json={"note": "not a clinical term", "version": 0}, headers=h)
     assert r.status_code == 200 and r.json()["action"] == "no_match"
+    # No match: no targets, equivalence UNMATCHED (omop_concept_id mirrors it as 0).
+    assert r.json()["map"]["targets"] == [] and r.json()["map"]["equivalence"] == "UNMATCHED"
     assert map_rows(conn, "X1") == [(0, "reviewer", "reviewer-user", True, None)]
     assert history_rows(conn, "X1") == [("no_match", None, 0, "reviewer-user", "not a clinical term")]
-    # No body at all is fine for no-match and flag.
-    r = client.post(f"/api/review/items/{b}/flag", headers=h)
+    # Flagging a code gives it the status FLAGGED (a map without targets when it had none).
+    r = client.post(f"/api/review/items/{b}/flag", json={"version": 0}, headers=h)
     assert r.status_code == 200 and item_status(conn, b) == ("flagged", None)
-    assert history_rows(conn, "X2") == [("flag", None, None, "reviewer-user", None)]
-    assert map_rows(conn, "X2") == []
+    assert r.json()["map"]["status"] == "FLAGGED"
+    assert history_rows(conn, "X2") == [("flag", None, 0, "reviewer-user", None)]
     flagged = client.get("/api/review/items", params={"status": "flagged"}, headers=h).json()
     assert [i["id"] for i in flagged["items"]] == [b]
     # Revoke: the map goes, the history says so, the item reopens.
     maps = client.get("/api/maps", headers=auth(tokens["reader"])).json()
     assert maps["total"] == 1 and maps["items"][0]["omop_concept_id"] == 0
     map_id = maps["items"][0]["id"]
-    assert client.post(f"/api/maps/{map_id}/revoke", headers=auth(tokens["reader"])).status_code == 403
-    r = client.post(f"/api/maps/{map_id}/revoke", json={"note": "wrong"}, headers=h)
+    assert client.post(f"/api/maps/{map_id}/revoke", json={"version": 1},
+                       headers=auth(tokens["reader"])).status_code == 403
+    assert client.post(f"/api/maps/{map_id}/revoke", json={"version": 7}, headers=h).status_code == 409
+    r = client.post(f"/api/maps/{map_id}/revoke", json={"note": "wrong", "version": 1}, headers=h)
     assert r.status_code == 200 and r.json()["reopened_item_id"] == a
     assert map_rows(conn, "X1") == [] and item_status(conn, a) == ("open", None)
     assert history_rows(conn, "X1")[-1] == ("revoke", 0, None, "reviewer-user", "wrong")
-    assert client.post(f"/api/maps/{map_id}/revoke", headers=h).status_code == 404
+    assert client.post(f"/api/maps/{map_id}/revoke", json={"version": 1}, headers=h).status_code == 404
     hist = client.get("/api/history", params={"source_code": "X1", "source_vocab": "ICD10"}, headers=h).json()
     assert [x["action"] for x in hist] == ["no_match", "revoke"]
 
@@ -278,17 +298,20 @@ def test_exports_hold_reviewer_maps(client: TestClient, conn: psycopg.Connection
     b = seed_item(conn, "K76.6", "Portal hypertension", diabetes)
     outside = concepts_like(conn, "portal hypertension", 1)[0]
     h = auth(tokens["reviewer"])
-    assert client.post(f"/api/review/items/{a}/approve", json={"rank": 1}, headers=h).is_success
-    assert client.post(f"/api/review/items/{b}/choose", json={"concept_id": outside["concept_id"]},
+    assert client.post(f"/api/review/items/{a}/approve", json={"rank": 1, "version": 0,
+                                                               "comment": "=HYPERLINK(\"x\")"}, headers=h).is_success
+    assert client.post(f"/api/review/items/{b}/choose", json={"concept_id": outside["concept_id"], "version": 0},
                        headers=h).is_success
     r = client.get("/api/export/usagi", headers=auth(tokens["reader"]))
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/csv")
     assert "usagi.csv" in r.headers["content-disposition"]
     rows = {x["sourceCode"]: x for x in csv.DictReader(io.StringIO(r.text))}
     assert rows["E11.9"]["conceptId"] == str(diabetes[0]["concept_id"])
-    assert rows["E11.9"]["statusSetBy"] == "reviewer-user" and rows["E11.9"]["matchScore"] == "0.5000"
+    assert rows["E11.9"]["statusSetBy"] == "reviewer-user" and float(rows["E11.9"]["matchScore"]) == 0.5
     assert rows["E11.9"]["sourceAutoAssignedConceptIds"] == ";".join(str(c["concept_id"]) for c in diabetes)
-    assert rows["E11.9"]["sourceFrequency"] == "12" and MODEL_VERSION in rows["E11.9"]["comment"]
+    assert rows["E11.9"]["sourceFrequency"] == "12" and rows["E11.9"]["ADD_INFO:site"] == "lab-a"
+    # The reviewer's comment is kept, and a cell a spreadsheet would evaluate is defused.
+    assert rows["E11.9"]["comment"] == "'=HYPERLINK(\"x\")" and rows["E11.9"]["equivalence"] == "EQUAL"
     assert rows["K76.6"]["conceptId"] == str(outside["concept_id"]) and rows["K76.6"]["mappingStatus"] == "APPROVED"
     r = client.get("/api/export/stcm", params={"source_vocab": "ICD10"}, headers=h)
     stcm = {x["source_code"]: x for x in csv.DictReader(io.StringIO(r.text))}

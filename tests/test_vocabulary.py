@@ -81,24 +81,70 @@ def test_missing_concept_file_and_unknown_column(vconn, tmp_path: Path) -> None:
         load_vocabulary(vconn, d, progress=False)
 
 
-def test_reload_keeps_foreign_keys_and_refuses_to_orphan_maps(vconn, tmp_path: Path) -> None:
+def test_reload_keeps_foreign_keys_and_keeps_concepts_that_maps_reference(vconn, tmp_path: Path) -> None:
     load_vocabulary(vconn, write_vocab(tmp_path / "a", [concept_row(1, "Asthma"), concept_row(2, "Cough")]),
                     progress=False)
     vconn.execute("INSERT INTO harmonia.concept_map (source_code, source_vocab, omop_concept_id) "
                   "VALUES ('J45', 'ICD10', 1)")
-    # A vocabulary without concept 1 would orphan the approved map: refused, nothing changed.
-    with pytest.raises(RuntimeError, match="J45/ICD10 -> 1"):
-        load_vocabulary(vconn, write_vocab(tmp_path / "b", [concept_row(2, "Cough")]), progress=False)
+    # A release without concept 1, which a map points at: loaded, concept 1 kept and marked gone (the key holds).
+    r = load_vocabulary(vconn, write_vocab(tmp_path / "b", [concept_row(2, "Cough")]), progress=False)
+    assert r.kept == 1
     assert _names(vconn) == {1: "Asthma", 2: "Cough"}
-    # A compatible reload swaps the tables and the concept map's foreign key points at the new table.
+    assert vconn.execute("SELECT invalid_reason FROM vocab.concept WHERE concept_id = 1").fetchone()[0] == "D"
+    assert vconn.execute("SELECT concept_id FROM vocab.concept_kept WHERE release_id = %s",
+                         (r.release_id,)).fetchall() == [(1,)]
+    # A concept nothing references is not kept.
     load_vocabulary(vconn, write_vocab(tmp_path / "c", [concept_row(1, "Asthma (disorder)")]), progress=False)
     assert _names(vconn) == {1: "Asthma (disorder)"}
+    # The concept map's foreign key points at the new table.
     with pytest.raises(psycopg.errors.ForeignKeyViolation):
         vconn.execute("INSERT INTO harmonia.concept_map (source_code, source_vocab, omop_concept_id) "
                       "VALUES ('R05', 'ICD10', 2)")
     idx = {r[0] for r in vconn.execute("SELECT indexname FROM pg_indexes WHERE schemaname = 'vocab' "
                                        "AND tablename = 'concept'")}
-    assert {"concept_pkey", "concept_vocab_code_idx", "concept_standard_idx"} <= idx
+    assert {"concept_pkey", "concept_vocab_code_idx", "concept_standard_idx", "concept_name_trgm_idx"} <= idx
+    # The replaced release stays readable beside the current one.
+    assert dict(vconn.execute("SELECT concept_id, concept_name FROM vocab_prev.concept").fetchall()) == {
+        1: "Asthma", 2: "Cough"}
+
+
+def test_release_identity_and_what_records_it(vconn, tmp_path: Path) -> None:
+    vocabulary = ("vocabulary_id\tvocabulary_name\tvocabulary_reference\tvocabulary_version\tvocabulary_concept_id\n"
+                  "None\tOMOP Standardized Vocabularies\t\tv5.0 30-AUG-24\t44819096\n"
+                  "SNOMED\tSNOMED CT\t\t2024-03-01\t44819097\n")
+    a = load_vocabulary(vconn, write_vocab(tmp_path / "a", [concept_row(1, "Asthma")],
+                                           extra={"VOCABULARY": vocabulary}), progress=False)
+    assert a.release_label == "v5.0 30-AUG-24" and a.previous_release_id is None
+    vconn.execute("INSERT INTO harmonia.concept_map (source_code, source_vocab, omop_concept_id) "
+                  "VALUES ('J45', 'ICD10', 1)")
+    # Without VOCABULARY the label is a hash of the rows: the same rows, plain or gzip, read the same.
+    b = load_vocabulary(vconn, write_vocab(tmp_path / "b", [concept_row(1, "Asthma"), concept_row(2, "Cough")]),
+                        progress=False)
+    c = load_vocabulary(vconn, write_vocab(tmp_path / "c", [concept_row(1, "Asthma"), concept_row(2, "Cough")],
+                                           gz=True), progress=False)
+    assert b.release_label.startswith("sha256:") and b.release_label == c.release_label
+    assert b.previous_release_id == a.release_id and c.previous_release_id == b.release_id
+    current = vconn.execute("SELECT id, versions FROM vocab.release WHERE is_current").fetchall()
+    assert current == [(c.release_id, {})]
+    assert vconn.execute("SELECT versions ->> 'SNOMED' FROM vocab.release WHERE id = %s",
+                         (a.release_id,)).fetchone()[0] == "2024-03-01"
+    # The map records the release it was made against; changing its target records the current one.
+    assert vconn.execute("SELECT vocab_release_id FROM harmonia.concept_map").fetchone()[0] == a.release_id
+    vconn.execute("UPDATE harmonia.concept_map SET omop_concept_id = 2")
+    assert vconn.execute("SELECT vocab_release_id FROM harmonia.concept_map").fetchone()[0] == c.release_id
+    vconn.execute("INSERT INTO harmonia.concept_map_history (source_code, source_vocab, action) "
+                  "VALUES ('J45', 'ICD10', 'correct')")
+    assert vconn.execute("SELECT vocab_release_id FROM harmonia.concept_map_history").fetchone()[0] == c.release_id
+
+
+def test_failed_load_keeps_the_current_release(vconn, tmp_path: Path) -> None:
+    good = load_vocabulary(vconn, write_vocab(tmp_path / "a", [concept_row(1, "Asthma")]), progress=False)
+    bad = write_vocab(tmp_path / "bad", [concept_row(2, "Cough")], ["2\t1\tMaps to\t19700101\tnot a date\t"])
+    with pytest.raises(VocabLoadError, match="CONCEPT_RELATIONSHIP.csv line 2"):
+        load_vocabulary(vconn, bad, progress=False)
+    assert _names(vconn) == {1: "Asthma"}
+    assert vconn.execute("SELECT id FROM vocab.release WHERE is_current").fetchall() == [(good.release_id,)]
+    assert vconn.execute("SELECT count(*) FROM vocab.release").fetchone()[0] == 1
 
 
 def test_bundled_sample_loads(vconn) -> None:

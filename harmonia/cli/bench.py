@@ -138,6 +138,9 @@ def run(set_path: Path = typer.Argument(..., help="A set CSV written by `bench c
         with pipe:
             result = run_set(pipe, rows, s, batch_size=batch_size or max(32, 4 * s.llm.concurrency),
                              progress=progress, set_path=str(set_path))
+        from harmonia.evaluation.curate import release_of
+
+        result["vocab_release"] = release_of(conn)  # compare with the set's summary: curated from which release
     result["exclude_same_name"] = exclude_same_name
     stem = set_path.name.removesuffix(".gz").removesuffix(".csv") + f".{s.rerank.kind}"
     json_path, md_path = write_result(result, out if out is not None else _bench_dir(s, None) / "runs", stem)

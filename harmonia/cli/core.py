@@ -1,4 +1,4 @@
-"""Foundation commands: db, vocab, embed, search, map, export, config, quickstart."""
+"""Foundation commands: db, embed, search, map, export, config, quickstart (vocab: harmonia.cli.vocab)."""
 
 from __future__ import annotations
 
@@ -14,18 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from harmonia import db
-from harmonia.cli.app import (
-    app,
-    config_app,
-    connect,
-    db_app,
-    declare_kinds,
-    embed_app,
-    fail,
-    read_sources,
-    settings,
-    vocab_app,
-)
+from harmonia.cli.app import app, config_app, connect, db_app, declare_kinds, embed_app, fail, read_sources, settings
 from harmonia.config import Settings, docs_markdown, setting_specs
 from harmonia.domain import SourceTargets
 from harmonia.pipeline.run import MapSummary, Pipeline
@@ -79,38 +68,6 @@ def db_stop() -> None:
         fail("database_url is set: Harmonia does not manage that server")
     stopped = db.stop_embedded(s.data_path / "pgdata")
     console.print("stopped" if stopped else "not running")
-
-
-# --------------------------------------------------------------------------------------------------- vocab
-
-
-@vocab_app.command("load")
-def vocab_load(directory: Path = typer.Argument(..., help="Folder of an Athena download (plain or .gz)."),
-               progress: bool = typer.Option(True, help="Show a progress bar.")) -> None:
-    """Load an Athena vocabulary, replacing the current one atomically."""
-    from harmonia.vocabulary import VocabLoadError, load_vocabulary
-
-    s = settings()
-    with connect(s) as conn:
-        try:
-            report = load_vocabulary(conn, directory, progress=progress)
-        except (VocabLoadError, RuntimeError) as exc:
-            fail(f"{exc}\nnothing was changed: the previous vocabulary is intact")
-    rate = report.total_rows / report.seconds if report.seconds else 0
-    console.print(f"loaded {report.total_rows:,} rows in {report.seconds:.1f}s ({rate:,.0f} rows/s): "
-                  + ", ".join(f"{t}={n:,}" for t, n in report.rows.items() if n))
-    if report.missing:
-        console.print(f"optional files not present: {', '.join(report.missing)}")
-
-
-@vocab_app.command("status")
-def vocab_status() -> None:
-    """Row counts of the loaded vocabulary."""
-    from harmonia.store import vocab as vocab_store
-
-    with connect() as conn:
-        for k, v in vocab_store.counts(conn).items():
-            console.print(f"{k:>22}: {v:,}")
 
 
 # --------------------------------------------------------------------------------------------------- embed

@@ -1,11 +1,15 @@
 """`harmonia embed`: every valid standard concept of the configured vocabularies into pgvector, in batches
-(resumable: a re-run embeds only what is missing or renamed), then the model's HNSW index."""
+(resumable: a re-run embeds only what is missing or renamed), then the model's HNSW index.
+
+After a new vocabulary release this is incremental: only concepts that are new or whose embedded text changed are
+encoded (`new`, `changed`); concepts deprecated, made non-standard or gone leave the index (`deleted`); the HNSW
+index is kept and follows the inserts and deletes."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import psycopg
 
@@ -25,6 +29,9 @@ class EmbedReport:
     seconds: float
     total: int
     index_seconds: float = 0.0  # of `seconds`: building the HNSW index when it did not exist yet
+    new: int = 0                # of `todo`: concepts without an embedding
+    changed: int = 0            # of `todo`: concepts whose embedded text changed (renamed)
+    embedded_ids: list[int] = field(default_factory=list)
 
     @property
     def rate(self) -> float:
@@ -60,6 +67,8 @@ def embed_concepts(conn: psycopg.Connection, embedder: Embedder, *, vocabularies
     emb_store.ensure_index(conn, embedder.key, embedder.dim, m=s.hnsw_m, ef_construction=s.hnsw_ef_construction,
                            maintenance_work_mem=s.maintenance_work_mem)
     t_end = time.perf_counter()
+    changed = sum(1 for r in todo if r[2])
     return EmbedReport(model=embedder.key, dim=embedder.dim, todo=len(todo), written=written, batches=batches,
                        deleted=deleted, seconds=t_end - t0, index_seconds=t_end - t_index,
-                       total=emb_store.count(conn, embedder.key))
+                       total=emb_store.count(conn, embedder.key), new=len(todo) - changed, changed=changed,
+                       embedded_ids=[r[0] for r in todo])

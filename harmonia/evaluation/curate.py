@@ -27,6 +27,7 @@ from harmonia.groundtruth import (
     usagi_set_name,
 )
 from harmonia.store import concepts as concept_store
+from harmonia.store import release as release_store
 from harmonia.store import vocab as vocab_store
 
 if TYPE_CHECKING:
@@ -117,8 +118,16 @@ def curate_maps_to_from_db(conn: psycopg.Connection, *, seed: int, per_vocab: in
         only = f" of {', '.join(vocabularies)}" if vocabularies else ""
         raise GroundTruthError(f"no 'Maps to' rows from non-standard sources{only} in the loaded vocabulary")
     targets = concept_store.get_concepts(conn, {e.target_concept_id for e in edges})
-    return curate_maps_to(edges, {i: c.concept_name for i, c in targets.items()}, seed=seed,
-                          per_vocab=per_vocab, name=name)
+    cs = curate_maps_to(edges, {i: c.concept_name for i, c in targets.items()}, seed=seed,
+                        per_vocab=per_vocab, name=name)
+    cs.summary["vocab_release"] = release_of(conn)
+    return cs
+
+
+def release_of(conn: psycopg.Connection) -> dict[str, Any] | None:
+    """The release a set was curated from (its summary keeps it: a set is ground truth of that release)."""
+    cur = release_store.current(conn)
+    return None if cur is None else {"id": cur.id, "label": cur.label, "content_sha256": cur.content_sha256}
 
 
 def curate_usagi_from_db(conn: psycopg.Connection, path: Path, *, seed: int) -> CuratedSet:
@@ -127,4 +136,6 @@ def curate_usagi_from_db(conn: psycopg.Connection, path: Path, *, seed: int) -> 
         raise GroundTruthError(f"{path}: no such file")
     found = concept_store.get_concepts(conn, {t for r in read_usagi_truth(path) for t in r.targets})
     valid = {i: c.concept_name for i, c in found.items() if c.is_valid_standard}
-    return curate_usagi(path, valid, seed=seed, per_vocab=None)
+    cs = curate_usagi(path, valid, seed=seed, per_vocab=None)
+    cs.summary["vocab_release"] = release_of(conn)
+    return cs

@@ -35,6 +35,9 @@ def route(term: SourceTerm, candidates: Sequence[Candidate], result: RerankResul
         ranking.append(entry)
     confidence = max(0.0, min(1.0, float(result.confidence if confidence is None else confidence)))
     top = ranked[0].concept_id if ranked else None
+    # Further targets: only candidates, never the first choice again as a MAPS_TO (the FK is the last line).
+    additional = [a for a in result.additional if a.concept_id in by_id
+                  and not (a.concept_id == top and a.mapping_type == "MAPS_TO")]
     if result.error:
         reason = result.error_kind or "error"
     elif not candidates:
@@ -46,11 +49,12 @@ def route(term: SourceTerm, candidates: Sequence[Candidate], result: RerankResul
     elif threshold is None:
         reason = "uncalibrated"
     elif confidence >= threshold and result.ranked[0].concept_id in by_id:  # a dropped top-1's confidence is void
-        reason = "approved"
+        # The calibration vouches for the first choice alone: further targets it never saw go to a reviewer.
+        reason = "additional_targets" if additional else "approved"
     else:
         reason = "low_confidence"
     action: Action = "approve" if reason == "approved" else "review"
     return Decision(term=term, action=action, concept_id=top, confidence=confidence,
                     model_version=model_version or result.model_version, ranking=ranking, reason=reason,
                     error=result.error, usage=result.usage, candidates=list(candidates),
-                    calibration=dict(calibration or {}))
+                    calibration=dict(calibration or {}), equivalence=result.equivalence, additional=additional)

@@ -1,5 +1,6 @@
-"""What a reviewer can do, independent of HTTP: each decision runs in one transaction that locks the review item,
-writes the concept map (same FK and uniqueness as auto-approval), appends to its history and resolves the item."""
+"""What a reviewer can do, independent of HTTP: each decision runs in one transaction that locks the review item
+and the code's map, checks the version the reviewer decided on, writes the map's status and targets (same FK and
+checks as auto-approval), appends to its history and resolves (or flags) the item."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any, Literal
 
 import psycopg
@@ -15,15 +17,19 @@ from psycopg_pool import ConnectionPool
 
 from harmonia import db
 from harmonia.config import DatabaseSettings, Settings
-from harmonia.domain import Concept, RankingRecord
+from harmonia.domain import Concept, Equivalence, MapStatus, RankingRecord
+from harmonia.pipeline.confidence import kind_of
 from harmonia.retrieval.base import Retriever
 from harmonia.store import concepts as concept_store
+from harmonia.store import mapping as map_store
 from harmonia.store import review as store
+from harmonia.store import users as user_store
+from harmonia.store.common import scalar
 from harmonia.store.review import ReviewItem
 
 log = logging.getLogger(__name__)
 
-NO_MATCH_CONCEPT_ID = 0  # OMOP's "No matching concept"
+DecisionKind = Literal["approve", "choose", "no_match", "ignore", "flag", "targets"]
 
 
 class ReviewError(Exception):
@@ -32,6 +38,9 @@ class ReviewError(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+    def body(self) -> dict[str, Any]:
+        return {"detail": self.message}
 
 
 class NotFound(ReviewError):
@@ -42,13 +51,32 @@ class Invalid(ReviewError):
     status = 422
 
 
-def check_concept(conn: psycopg.Connection, concept_id: int) -> Concept:
-    """The concept, or Invalid naming why it cannot be a target (checked before the insert; the FK backs it)."""
+class Conflict(ReviewError):
+    """409: the decision cannot be made as sent. `reason`: stale (the code changed since the reviewer looked; the
+    current state comes with it), domain_conflict (send again with confirm to go ahead), nothing_to_undo, changed
+    (undo: someone changed the code since)."""
+
+    status = 409
+
+    def __init__(self, message: str, reason: str, current: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.current = current
+
+    def body(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"detail": self.message, "reason": self.reason}
+        if self.current is not None:
+            out["current"] = self.current
+        return out
+
+
+def check_concept(conn: psycopg.Connection, concept_id: int, mapping_type: str = "MAPS_TO") -> Concept:
+    """The concept, or Invalid naming why it cannot be a target of this mapping type (checked before the write;
+    the FK backs it)."""
     c = concept_store.get_concepts(conn, [concept_id]).get(concept_id)
-    if c is None:
-        raise Invalid(f"concept_id {concept_id} does not exist in vocab.concept")
-    if concept_id != NO_MATCH_CONCEPT_ID and (c.standard_concept != "S" or c.invalid_reason):
-        raise Invalid(f"concept_id {concept_id} ({c.concept_name}) is not a valid standard concept")
+    problem = map_store.target_problem(c, concept_id, mapping_type)
+    if problem or c is None:
+        raise Invalid(problem or f"concept_id {concept_id} does not exist")
     return c
 
 
@@ -59,83 +87,18 @@ def _ranking(item: ReviewItem) -> RankingRecord:
             "review_item_id": item["id"]}
 
 
-def decide(conn: psycopg.Connection, item_id: int, reviewer_id: int, kind: Literal["approve", "choose", "no_match"],
-           *, concept_id: int | None = None, rank: int | None = None, note: str | None = None) -> dict[str, Any]:
-    """Approve a suggestion (by rank 1..N or its concept id), choose another concept, or mark no match."""
-    with conn.transaction():
-        item = store.get_item(conn, item_id, lock=True)
-        if item is None:
-            raise NotFound(f"review item {item_id} not found")
-        suggested = [c.get("concept_id") for c in item["candidates"]]
-        if kind == "approve":
-            if rank is not None:
-                if not 1 <= rank <= len(suggested):
-                    raise Invalid(f"rank {rank}: review item {item_id} has {len(suggested)} suggestion(s)")
-                concept_id = suggested[rank - 1]
-            elif concept_id is None:
-                raise Invalid("approve needs rank or concept_id")
-            elif concept_id not in suggested:
-                raise Invalid(f"concept_id {concept_id} is not one of review item {item_id}'s suggestions; "
-                              "use choose for another concept")
-        elif kind == "no_match":
-            concept_id = NO_MATCH_CONCEPT_ID
-        elif concept_id is None:
-            raise Invalid("choose needs concept_id")
-        assert concept_id is not None
-        check_concept(conn, concept_id)
-        key = (item["source_code"], item["source_vocab"])
-        old = store.get_map(conn, key=key, lock=True)
-        old_id = old["omop_concept_id"] if old else None
-        if concept_id == NO_MATCH_CONCEPT_ID:
-            action = "no_match"
-        elif concept_id in suggested and old_id in (None, concept_id):
-            action = "approve"
-        else:
-            action = "correct"  # another concept than the model's, or a change to an existing map
-        # The model's confidence belongs to its top-1; a reviewer's other choice carries none.
-        confidence = item["confidence"] if suggested and concept_id == suggested[0] else None
-        try:
-            map_id = store.upsert_reviewed_map(
-                conn, source_code=key[0], source_vocab=key[1], source_text=item["source_text"],
-                concept_id=concept_id, confidence=confidence, model_version=item["model_version"],
-                ranking=_ranking(item), reviewer_id=reviewer_id)
-        except pg_errors.ForeignKeyViolation as exc:  # a concept deleted between the check and the insert
-            raise Invalid(f"concept_id {concept_id} violates the concept map's foreign key: "
-                          f"{exc.diag.message_detail or exc}") from exc
-        store.add_history(conn, source_code=key[0], source_vocab=key[1], action=action, old_concept_id=old_id,
-                          new_concept_id=concept_id, confidence=confidence, model_version=item["model_version"],
-                          reviewer_id=reviewer_id, note=note)
-        store.resolve_item(conn, item_id, reviewer_id)
-        return {"action": action, "item": store.get_item(conn, item_id), "map": store.get_map(conn, map_id)}
+def expected_domains(item: ReviewItem) -> tuple[str, ...]:
+    """The domains a target of this source should be in: its kind's (ICD10: Condition, Observation), else the
+    model's first suggestion's (a lab name the model put in Measurement); none known: anything goes."""
+    _, domains = kind_of(item["source_vocab"])
+    if domains:
+        return domains
+    return (item["top_domain"],) if item["top_domain"] else ()
 
 
-def flag(conn: psycopg.Connection, item_id: int, reviewer_id: int, note: str | None = None) -> dict[str, Any]:
-    """Set an item aside for a second look; the map (if any) is untouched."""
-    with conn.transaction():
-        item = store.get_item(conn, item_id, lock=True)
-        if item is None:
-            raise NotFound(f"review item {item_id} not found")
-        current = store.get_map(conn, key=(item["source_code"], item["source_vocab"]))
-        cid = current["omop_concept_id"] if current else None
-        store.flag_item(conn, item_id)
-        store.add_history(conn, source_code=item["source_code"], source_vocab=item["source_vocab"], action="flag",
-                          old_concept_id=cid, new_concept_id=cid, confidence=item["confidence"],
-                          model_version=item["model_version"], reviewer_id=reviewer_id, note=note)
-        return {"action": "flag", "item": store.get_item(conn, item_id)}
-
-
-def revoke(conn: psycopg.Connection, map_id: int, reviewer_id: int, note: str | None = None) -> dict[str, Any]:
-    """Remove an approved map; its review item (if any) opens again so the code gets a new decision."""
-    with conn.transaction():
-        m = store.get_map(conn, map_id, lock=True)
-        if m is None:
-            raise NotFound(f"concept map {map_id} not found")
-        store.delete_map(conn, map_id)
-        store.add_history(conn, source_code=m["source_code"], source_vocab=m["source_vocab"], action="revoke",
-                          old_concept_id=m["omop_concept_id"], new_concept_id=None, confidence=m["confidence"],
-                          model_version=m["model_version"], reviewer_id=reviewer_id, note=note)
-        reopened = store.reopen_item(conn, m["source_code"], m["source_vocab"])
-        return {"action": "revoke", "map": m, "reopened_item_id": reopened}
+def _user_name(conn: psycopg.Connection, user_id: int) -> str:
+    u = user_store.get_user(conn, user_id)
+    return u["name"] if u else f"user {user_id}"
 
 
 def item_detail(conn: psycopg.Connection, item_id: int) -> dict[str, Any]:
@@ -143,7 +106,212 @@ def item_detail(conn: psycopg.Connection, item_id: int) -> dict[str, Any]:
     if item is None:
         raise NotFound(f"review item {item_id} not found")
     key = (item["source_code"], item["source_vocab"])
-    return {**item, "map": store.get_map(conn, key=key), "history": store.history(conn, *key)}
+    state = map_store.get_state(conn, key)
+    return {**item, "map": state.to_dict() if state else None, "version": state.version if state else 0,
+            "expected_domains": list(expected_domains(item)), "history": map_store.history(conn, *key)}
+
+
+def _same_outcome(a: map_store.MapState, b: map_store.MapState) -> bool:
+    return (a.status == b.status and a.comment == b.comment and len(a.targets) == len(b.targets)
+            and all(x.same(y) for x, y in zip(a.targets, b.targets, strict=True))
+            and (a.targets or a.code_equivalence == b.code_equivalence))
+
+
+def decide(conn: psycopg.Connection, item_id: int, reviewer_id: int, kind: DecisionKind, *,
+           concept_id: int | None = None, rank: int | None = None, note: str | None = None,
+           version: int | None = None, targets: Sequence[map_store.Target] | None = None,
+           equivalence: Equivalence | None = None, comment: str | None = None, confirm: bool = False,
+           request_id: str | None = None) -> dict[str, Any]:
+    """One reviewer decision on a review item, in one transaction that locks the item and the code's map:
+    approve a suggestion (by rank 1..N and/or its concept id, which must agree), choose another concept, give the
+    code several targets (`targets`), mark no match (no targets, UNMATCHED), ignore or flag it.
+
+    `version`: the map's version the reviewer saw (0: no map yet); a different current one is a Conflict (stale)
+    with the current state, unless the code is already exactly as this decision would leave it by this reviewer (a
+    repeated request: nothing is written). `request_id`: a request seen before from this reviewer is a no-op.
+    A first MAPS_TO target outside the source's expected domains needs `confirm`."""
+    with conn.transaction():
+        item = store.get_item(conn, item_id, lock=True)
+        if item is None:
+            raise NotFound(f"review item {item_id} not found")
+        key = (item["source_code"], item["source_vocab"])
+        if request_id and map_store.request_seen(conn, reviewer_id, request_id):
+            return {"action": "unchanged", "repeated": True, **item_detail(conn, item_id)}
+        cur = map_store.get_state(conn, key, lock=True)
+        suggested = [c.get("concept_id") for c in item["candidates"]]
+        new_targets, status, action = _targets_for(conn, item, cur, kind, suggested, concept_id=concept_id,
+                                                   rank=rank, targets=targets, equivalence=equivalence)
+        name = _user_name(conn, reviewer_id)
+        base = cur or map_store.MapState(source_code=key[0], source_vocab=key[1], created_by=name)
+        primary = next((t.concept_id for t in new_targets if t.mapping_type == "MAPS_TO"), 0)
+        # The model's confidence belongs to its top-1; a reviewer's other choice carries none.
+        confidence = item["confidence"] if suggested and primary == suggested[0] else None
+        new = replace(base, source_text=item["source_text"] or base.source_text, status=status,
+                      targets=new_targets, equivalence="UNMATCHED" if kind == "no_match" else base.equivalence,
+                      comment=comment if comment is not None else base.comment, status_set_by=name,
+                      status_set_at=None, decided_by="reviewer", reviewer_id=reviewer_id, reviewed_at=_now(conn),
+                      confidence=confidence, match_score=None if cur is None else base.match_score,
+                      model_version=item["model_version"], source_frequency=item["source_frequency"],
+                      auto_concept_ids=[int(c) for c in suggested if c is not None] or base.auto_concept_ids,
+                      extra=item["extra"] or base.extra, ranking=dict(_ranking(item)))
+        current_version = cur.version if cur else 0
+        if version is not None and version != current_version:
+            if cur is not None and cur.reviewer_id == reviewer_id and _same_outcome(cur, new):
+                return {"action": "unchanged", "repeated": True, **item_detail(conn, item_id)}
+            raise Conflict(f"{key[1]}/{key[0]} changed while you looked (you decided on version {version}, it is "
+                           f"at version {current_version}{f', set by {cur.status_set_by}' if cur else ''})",
+                           "stale", item_detail(conn, item_id))
+        if kind in ("approve", "choose", "targets") and not confirm:
+            _check_domain(conn, item, new_targets)
+        if kind == "approve" and cur is not None and cur.primary not in (0, primary):
+            action = "correct"
+        try:
+            stored = map_store.write_map(conn, new, expected_version=current_version, action=action,
+                                         reviewer_id=reviewer_id, note=note, request_id=request_id,
+                                         history_confidence=confidence)
+        except map_store.StaleVersion as exc:
+            raise Conflict(str(exc), "stale", item_detail(conn, item_id)) from exc
+        except pg_errors.ForeignKeyViolation as exc:  # a concept deleted between the check and the insert
+            raise Invalid(f"a target violates the concept map's foreign key: "
+                          f"{exc.diag.message_detail or exc}") from exc
+        if status == "FLAGGED":
+            store.flag_item(conn, item_id)
+        else:
+            store.resolve_item(conn, item_id, reviewer_id)
+        return {"action": action, "item": store.get_item(conn, item_id), "map": stored.to_dict(),
+                "version": stored.version}
+
+
+def _now(conn: psycopg.Connection) -> Any:
+    return scalar(conn.execute("SELECT now()"))
+
+
+def _targets_for(conn: psycopg.Connection, item: ReviewItem, cur: map_store.MapState | None, kind: DecisionKind,
+                 suggested: list[Any], *, concept_id: int | None, rank: int | None,
+                 targets: Sequence[map_store.Target] | None, equivalence: Equivalence | None
+                 ) -> tuple[list[map_store.Target], MapStatus, str]:
+    """The targets, status and history action of a decision; Invalid for a bad request."""
+    item_id = item["id"]
+    eq: Equivalence = equivalence or "EQUAL"
+    if kind == "approve":
+        if rank is not None:
+            if not 1 <= rank <= len(suggested):
+                raise Invalid(f"rank {rank}: review item {item_id} has {len(suggested)} suggestion(s)")
+            by_rank = suggested[rank - 1]
+            if concept_id is not None and concept_id != by_rank:
+                raise Invalid(f"rank {rank} is concept_id {by_rank}, not {concept_id}: send one, or both agreeing")
+            concept_id = by_rank
+        elif concept_id is None:
+            raise Invalid("approve needs rank or concept_id")
+        elif concept_id not in suggested:
+            raise Invalid(f"concept_id {concept_id} is not one of review item {item_id}'s suggestions; "
+                          "use choose for another concept")
+        assert concept_id is not None
+        check_concept(conn, concept_id)
+        return [map_store.Target(concept_id, "MAPS_TO", eq)], "APPROVED", "approve"
+    if kind == "choose":
+        if concept_id is None:
+            raise Invalid("choose needs concept_id")
+        check_concept(conn, concept_id)
+        action = "approve" if concept_id in suggested and (cur is None or cur.primary in (0, concept_id)) \
+            else "correct"
+        return [map_store.Target(concept_id, "MAPS_TO", eq)], "APPROVED", action
+    if kind == "targets":
+        if not targets:
+            raise Invalid("targets needs at least one target (no match: use no-match)")
+        seen: set[tuple[int, str]] = set()
+        for i, t in enumerate(targets, 1):
+            problem = map_store.target_problem(concept_store.get_concepts(conn, [t.concept_id]).get(t.concept_id),
+                                               t.concept_id, t.mapping_type)
+            if problem:
+                raise Invalid(f"target {i}: {problem}")
+            if (t.concept_id, t.mapping_type) in seen:
+                raise Invalid(f"target {i}: concept_id {t.concept_id} is already a {t.mapping_type} target")
+            seen.add((t.concept_id, t.mapping_type))
+        if not any(t.mapping_type == "MAPS_TO" for t in targets):
+            raise Invalid("targets need at least one MAPS_TO target (a value or unit belongs to one)")
+        old = cur.targets if cur else []
+        kept = [next((o for o in old if o.same(t)), None) for t in targets]  # keep who created what, and when
+        out = [k or replace(t, created_by="", created_at=None) for k, t in zip(kept, targets, strict=True)]
+        first = next(t.concept_id for t in targets if t.mapping_type == "MAPS_TO")
+        action = "approve" if first in suggested and (cur is None or cur.primary in (0, first)) else "correct"
+        return out, "APPROVED", action
+    if kind == "no_match":
+        return [], "APPROVED", "no_match"
+    keep = list(cur.targets) if cur else []
+    if kind == "ignore":
+        return keep, "IGNORED", "ignore"
+    return keep, "FLAGGED", "flag"
+
+
+def _check_domain(conn: psycopg.Connection, item: ReviewItem, targets: Sequence[map_store.Target]) -> None:
+    expected = expected_domains(item)
+    if not expected:
+        return
+    for t in targets:
+        if t.mapping_type != "MAPS_TO":
+            continue
+        c = concept_store.get_concepts(conn, [t.concept_id]).get(t.concept_id)
+        if c is not None and c.domain_id not in expected:
+            raise Conflict(f"concept_id {t.concept_id} ({c.concept_name}) is in domain {c.domain_id}; "
+                           f"{item['source_vocab']}/{item['source_code']} is expected in "
+                           f"{' or '.join(expected)}. Confirm to map it anyway.", "domain_conflict")
+
+
+def flag(conn: psycopg.Connection, item_id: int, reviewer_id: int, note: str | None = None, *,
+         version: int | None = None, request_id: str | None = None) -> dict[str, Any]:
+    """Set a code aside for a second look: status FLAGGED (out of the approved set and the exports), targets kept."""
+    return decide(conn, item_id, reviewer_id, "flag", note=note, version=version, request_id=request_id)
+
+
+def revoke(conn: psycopg.Connection, map_id: int, reviewer_id: int, note: str | None = None, *,
+           version: int | None = None) -> dict[str, Any]:
+    """Remove a map; its review item (if any) opens again so the code gets a new decision."""
+    with conn.transaction():
+        m = map_store.get_state(conn, map_id=map_id, lock=True)
+        if m is None:
+            raise NotFound(f"concept map {map_id} not found")
+        if version is not None and version != m.version:
+            raise Conflict(f"{m.source_vocab}/{m.source_code} changed (you saw version {version}, it is at "
+                           f"{m.version})", "stale", m.to_dict())
+        map_store.delete_map(conn, m.key, expected_version=m.version, action="revoke", reviewer_id=reviewer_id,
+                             note=note)
+        reopened = store.reopen_item(conn, m.source_code, m.source_vocab)
+        return {"action": "revoke", "map": m.to_dict(), "reopened_item_id": reopened}
+
+
+_ITEM_STATUS_OF = {"APPROVED": "resolved", "IGNORED": "resolved", "FLAGGED": "flagged"}
+
+
+def undo(conn: psycopg.Connection, reviewer_id: int) -> dict[str, Any]:
+    """Take back the reviewer's last change that is still the code's latest: the map returns to the state before
+    it (no map, if there was none) and its review item to the matching state. A history row records the undo."""
+    with conn.transaction():
+        last = map_store.last_change_by(conn, reviewer_id)
+        if last is None:
+            raise Conflict("nothing to undo", "nothing_to_undo")
+        key = (last["source_code"], last["source_vocab"])
+        cur = map_store.get_state(conn, key, lock=True)
+        if (cur.version if cur else None) != last["version"] or map_store.last_history_id(conn, key) != last["id"]:
+            raise Conflict(f"{key[1]}/{key[0]} was changed after your decision; undo would overwrite that",
+                           "changed")
+        before = last["old_state"]
+        if before is None:
+            map_store.delete_map(conn, key, expected_version=None, action="undo", reviewer_id=reviewer_id,
+                                 note=f"undo of history {last['id']}")
+            item_status = "open"
+        else:
+            assert cur is not None
+            map_store.write_map(conn, cur.restored(before), expected_version=cur.version, action="undo",
+                                reviewer_id=reviewer_id, note=f"undo of history {last['id']}")
+            item_status = _ITEM_STATUS_OF.get(str(before.get("status")), "open")
+        map_store.mark_undone(conn, last["id"], map_store.last_history_id(conn, key))
+        item = store.item_by_key(conn, key, lock=True)
+        if item is not None:
+            store.set_item_status(conn, item["id"], item_status, reviewer_id if item_status == "resolved" else None)
+        return {"action": "undo", "undone": last["action"], "source_code": key[0], "source_vocab": key[1],
+                "item_id": item["id"] if item else None,
+                "item": item_detail(conn, item["id"]) if item else None}
 
 
 RetrieverFactory = Callable[[psycopg.Connection], Retriever]

@@ -38,9 +38,10 @@ def model_dim(conn: psycopg.Connection, model_key: str) -> int | None:
 
 
 def concepts_to_embed(conn: psycopg.Connection, model_key: str, vocabularies: Sequence[str] | None
-                      ) -> list[tuple[int, str]]:
-    """Valid standard concepts of the vocabularies (None: all) lacking a current embedding for this model."""
-    q = """SELECT c.concept_id, c.concept_name FROM vocab.concept c
+                      ) -> list[tuple[int, str, bool]]:
+    """Valid standard concepts of the vocabularies (None: all) lacking a current embedding for this model, as
+    (concept_id, name, whether it has one of an older text): new concepts and renamed ones, nothing else."""
+    q = """SELECT c.concept_id, c.concept_name, e.concept_id IS NOT NULL FROM vocab.concept c
            LEFT JOIN vocab.concept_embedding e ON e.concept_id = c.concept_id AND e.model = %s
            WHERE c.standard_concept = 'S' AND c.invalid_reason IS NULL
              AND (e.concept_id IS NULL OR e.text_md5 <> md5(c.concept_name))"""

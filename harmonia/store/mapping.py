@@ -1,21 +1,381 @@
-"""SQL for the concept map (approved maps), its history and the review queue."""
+"""SQL for the mapping system of record: one row per source code (harmonia.concept_map) with its status, comment,
+assigned reviewer, who set the status and when, and a version; zero or more targets (harmonia.concept_map_target),
+each with a mapping type and an equivalence; and the history of every change with the state before and after.
+
+Every write goes through `write_map` / `delete_map`: they check the version the change was made on (StaleVersion
+otherwise), bump it, replace the targets and append a history row. The caller owns the transaction.
+
+`concept_map.omop_concept_id` mirrors the first MAPS_TO target (0: none), kept in step by triggers (migration 100),
+for readers that know one target per code.
+"""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from decimal import Decimal
-from typing import Any, TypedDict
+from typing import Any, TypedDict, get_args
 
 import psycopg
 
-from harmonia.domain import Decision, RankingEntry, SourceKey
-from harmonia.store.common import scalar
+from harmonia.domain import (
+    Concept,
+    Decision,
+    Equivalence,
+    MappingType,
+    MapStatus,
+    RankingEntry,
+    SourceKey,
+)
+from harmonia.store.common import one, scalar
+
+STATUSES: tuple[MapStatus, ...] = get_args(MapStatus)
+MAPPING_TYPES: tuple[MappingType, ...] = get_args(MappingType)
+EQUIVALENCES: tuple[Equivalence, ...] = get_args(Equivalence)
+NO_MATCH_CONCEPT_ID = 0  # OMOP's "No matching concept": the mirror of a code without a MAPS_TO target
+
+# Domains that are never the target of a map: the vocabulary's own bookkeeping (a Type Concept such as "Case Report
+# Form" says where a record came from, not what it is).
+NEVER_TARGET_DOMAINS = frozenset({"Type Concept", "Metadata", "Relationship", "Vocabulary", "Domain",
+                                  "Concept Class", "Cost", "Currency"})
+VALUE_DOMAINS = frozenset({"Meas Value", "Meas Value Operator"})
+UNIT_DOMAIN = "Unit"
+
+
+def target_problem(concept: Concept | None, concept_id: int, mapping_type: str) -> str | None:
+    """Why a concept cannot be a target of this mapping type (None: it can): it must exist, be a valid standard
+    concept, and its domain must suit the mapping type (a unit for MAPS_TO_UNIT; never a unit or a bare value for
+    MAPS_TO; never the vocabulary's bookkeeping domains)."""
+    if mapping_type not in MAPPING_TYPES:
+        return f"mapping type {mapping_type!r} is not one of {', '.join(MAPPING_TYPES)}"
+    if concept is None:
+        return f"concept_id {concept_id} does not exist in vocab.concept"
+    if concept_id == NO_MATCH_CONCEPT_ID:
+        return "concept 0 (no matching concept) is not a target: a code without a match has no targets"
+    if not concept.is_valid_standard:
+        return f"concept_id {concept_id} ({concept.concept_name}) is not a valid standard concept"
+    d = concept.domain_id
+    if mapping_type == "MAPS_TO_UNIT":
+        return None if d == UNIT_DOMAIN else \
+            f"concept_id {concept_id} ({concept.concept_name}) is in domain {d}; MAPS_TO_UNIT needs a Unit"
+    if d in NEVER_TARGET_DOMAINS or d == UNIT_DOMAIN or (mapping_type == "MAPS_TO" and d in VALUE_DOMAINS):
+        return f"concept_id {concept_id} ({concept.concept_name}) is in domain {d}, not a {mapping_type} target"
+    return None
+
+
+@dataclass
+class Target:
+    """One target of a source code. The concept's name, domain and vocabulary are read with it (not stored)."""
+
+    concept_id: int
+    mapping_type: MappingType = "MAPS_TO"
+    equivalence: Equivalence = "UNREVIEWED"
+    created_by: str = "harmonia"
+    created_at: datetime | None = None
+    concept_name: str = ""
+    domain_id: str = ""
+    vocabulary_id: str = ""
+    valid_standard: bool = True  # the concept is (still) a valid standard concept
+
+    def stored(self) -> dict[str, Any]:
+        """What the history keeps of it (and undo restores)."""
+        return {"concept_id": self.concept_id, "mapping_type": self.mapping_type, "equivalence": self.equivalence,
+                "created_by": self.created_by,
+                "created_at": self.created_at.isoformat() if self.created_at else None}
+
+    @classmethod
+    def from_stored(cls, d: dict[str, Any]) -> Target:
+        at = d.get("created_at")
+        return cls(concept_id=int(d["concept_id"]), mapping_type=d.get("mapping_type", "MAPS_TO"),
+                   equivalence=d.get("equivalence", "UNREVIEWED"), created_by=d.get("created_by") or "harmonia",
+                   created_at=datetime.fromisoformat(at) if at else None)
+
+    def same(self, other: Target) -> bool:
+        return (self.concept_id, self.mapping_type, self.equivalence) == \
+            (other.concept_id, other.mapping_type, other.equivalence)
+
+
+# The fields of a code's state that the history snapshots and undo restores.
+_STATE_FIELDS = ("status", "equivalence", "comment", "assigned_reviewer", "status_set_by", "status_set_at",
+                 "decided_by", "reviewer_id", "reviewed_at", "confidence", "model_version")
+
+
+@dataclass
+class MapState:
+    """A source code's map: its status and targets, and what Usagi keeps about it. `version` 0 = not stored."""
+
+    source_code: str
+    source_vocab: str
+    source_text: str | None = None
+    status: MapStatus = "UNCHECKED"
+    targets: list[Target] = field(default_factory=list)
+    equivalence: Equivalence = "UNREVIEWED"  # of a code without targets (UNMATCHED: no match); else the first's
+    comment: str | None = None
+    assigned_reviewer: str | None = None
+    status_set_by: str | None = None
+    status_set_at: datetime | None = None
+    decided_by: str = "auto"          # auto | reviewer | import
+    reviewer_id: int | None = None
+    reviewer: str | None = None       # the reviewer's name (read only)
+    reviewed_at: datetime | None = None
+    confidence: float | None = None
+    match_score: float | None = None  # Usagi's matchScore (None: the confidence)
+    model_version: str | None = None
+    source_frequency: int | None = None
+    auto_concept_ids: list[int] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    ranking: dict[str, Any] | None = None  # candidate_ranking_json
+    created_by: str = "harmonia"
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+    version: int = 0
+    id: int | None = None
+
+    @property
+    def key(self) -> SourceKey:
+        return (self.source_code, self.source_vocab)
+
+    @property
+    def primary(self) -> int:
+        """The first MAPS_TO target's concept id (0: none), what omop_concept_id mirrors."""
+        return next((t.concept_id for t in self.targets if t.mapping_type == "MAPS_TO"), NO_MATCH_CONCEPT_ID)
+
+    @property
+    def code_equivalence(self) -> Equivalence:
+        return self.targets[0].equivalence if self.targets else self.equivalence
+
+    def snapshot(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in _STATE_FIELDS:
+            v = getattr(self, f)
+            out[f] = v.isoformat() if isinstance(v, datetime) else v
+        out["equivalence"] = self.code_equivalence
+        out["targets"] = [t.stored() for t in self.targets]
+        return out
+
+    def restored(self, snap: dict[str, Any]) -> MapState:
+        """This state with a snapshot's fields put back (undo)."""
+        vals: dict[str, Any] = {}
+        for f in _STATE_FIELDS:
+            v = snap.get(f)
+            if f in ("status_set_at", "reviewed_at") and isinstance(v, str):
+                v = datetime.fromisoformat(v)
+            vals[f] = v
+        return replace(self, **vals, targets=[Target.from_stored(t) for t in snap.get("targets", [])])
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("ranking", None)
+        d["omop_concept_id"] = self.primary
+        return d
+
+
+class StaleVersion(Exception):
+    """A change made on a version that is no longer current; `current` is the state now (None: no map)."""
+
+    def __init__(self, expected: int, current: MapState | None) -> None:
+        super().__init__(f"the map changed: the change was made on version {expected}, it is now at version "
+                         f"{current.version if current else 0}")
+        self.expected = expected
+        self.current = current
+
+
+def _num(v: Decimal | float | None) -> float | None:
+    return float(v) if isinstance(v, Decimal) else v
+
+
+_COLS = """m.id, m.source_code, m.source_vocab, m.source_text, m.status, m.equivalence, m.comment,
+    m.assigned_reviewer, m.status_set_by, m.status_set_at, m.decided_by, m.reviewer_id, u.name, m.reviewed_at,
+    m.confidence, m.match_score, m.model_version, m.source_frequency, m.auto_concept_ids, m.extra,
+    m.candidate_ranking_json, m.created_by, m.created_at, m.updated_at, m.version"""
+_FROM = "harmonia.concept_map m LEFT JOIN harmonia.users u ON u.id = m.reviewer_id"
+
+
+def _state(r: Sequence[Any]) -> MapState:
+    return MapState(id=r[0], source_code=r[1], source_vocab=r[2], source_text=r[3], status=r[4], equivalence=r[5],
+                    comment=r[6], assigned_reviewer=r[7], status_set_by=r[8], status_set_at=r[9], decided_by=r[10],
+                    reviewer_id=r[11], reviewer=r[12], reviewed_at=r[13], confidence=_num(r[14]),
+                    match_score=r[15], model_version=r[16], source_frequency=r[17],
+                    auto_concept_ids=list(r[18]) if r[18] is not None else None, extra=r[19] or {}, ranking=r[20],
+                    created_by=r[21], created_at=r[22], updated_at=r[23], version=r[24])
+
+
+def targets_of(conn: psycopg.Connection, map_ids: Iterable[int]) -> dict[int, list[Target]]:
+    """The targets of these maps, in order, with their concepts' names, domains and vocabularies."""
+    ids = sorted(set(map_ids))
+    out: dict[int, list[Target]] = {i: [] for i in ids}
+    if not ids:
+        return out
+    rows = conn.execute(
+        """SELECT t.map_id, t.concept_id, t.mapping_type, t.equivalence, t.created_by, t.created_at,
+                  c.concept_name, c.domain_id, c.vocabulary_id,
+                  c.standard_concept = 'S' AND c.invalid_reason IS NULL
+           FROM harmonia.concept_map_target t JOIN vocab.concept c ON c.concept_id = t.concept_id
+           WHERE t.map_id = ANY(%s) ORDER BY t.map_id, t.position""", (ids,)).fetchall()
+    for r in rows:
+        out[r[0]].append(Target(concept_id=r[1], mapping_type=r[2], equivalence=r[3], created_by=r[4],
+                                created_at=r[5], concept_name=r[6], domain_id=r[7], vocabulary_id=r[8],
+                                valid_standard=bool(r[9])))
+    return out
+
+
+def _with_targets(conn: psycopg.Connection, states: list[MapState]) -> list[MapState]:
+    tg = targets_of(conn, [s.id for s in states if s.id is not None])
+    for s in states:
+        s.targets = tg.get(s.id or -1, [])
+    return states
+
+
+def get_state(conn: psycopg.Connection, key: SourceKey | None = None, *, map_id: int | None = None,
+              lock: bool = False) -> MapState | None:
+    """A code's map with its targets (None: the code has none); `lock` holds the row until the transaction ends."""
+    cond, params = ("m.id = %s", (map_id,)) if map_id is not None else \
+        ("m.source_code = %s AND m.source_vocab = %s", key)
+    row = conn.execute(f"SELECT {_COLS} FROM {_FROM} WHERE {cond} {'FOR UPDATE OF m' if lock else ''}",
+                       params).fetchone()
+    return _with_targets(conn, [_state(row)])[0] if row else None
+
+
+def list_states(conn: psycopg.Connection, *, source_vocab: str | None = None,
+                statuses: Sequence[str] | None = None) -> list[MapState]:
+    """Every map (of a source set, of these statuses) with its targets, by source set and code."""
+    where, params = ["TRUE"], []  # type: tuple[list[str], list[Any]]
+    if source_vocab:
+        where.append("m.source_vocab = %s")
+        params.append(source_vocab)
+    if statuses:
+        where.append("m.status = ANY(%s)")
+        params.append(list(statuses))
+    rows = conn.execute(f"SELECT {_COLS} FROM {_FROM} WHERE {' AND '.join(where)} "
+                        "ORDER BY m.source_vocab COLLATE \"C\", m.source_code COLLATE \"C\"", params).fetchall()
+    return _with_targets(conn, [_state(r) for r in rows])
+
+
+def _history(conn: psycopg.Connection, key: SourceKey, action: str, old: MapState | None, new: MapState | None, *,
+             actor: str | None, reviewer_id: int | None, note: str | None, request_id: str | None,
+             confidence: float | None = None, model_version: str | None = None) -> None:
+    ref = new or old
+    conn.execute(
+        """INSERT INTO harmonia.concept_map_history (source_code, source_vocab, action, old_concept_id,
+               new_concept_id, confidence, model_version, reviewer_id, note, old_status, new_status, version,
+               old_state, new_state, actor, request_id)
+           VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)""",
+        (key[0], key[1], action, old.primary if old else None, new.primary if new else None,
+         None if confidence is None else round(confidence, 4),
+         model_version if model_version is not None else (ref.model_version if ref else None), reviewer_id, note,
+         old.status if old else None, new.status if new else None, new.version if new else None,
+         json.dumps(old.snapshot()) if old else None, json.dumps(new.snapshot()) if new else None, actor,
+         request_id))
+
+
+def write_map(conn: psycopg.Connection, new: MapState, *, expected_version: int | None, action: str,
+              actor: str | None = None, reviewer_id: int | None = None, note: str | None = None,
+              request_id: str | None = None, history_confidence: float | None = None, stamp: bool = True
+              ) -> MapState:
+    """Store a code's whole state (fields and targets) and append a history row; returns the stored state.
+
+    `expected_version`: the version the change was made on (0: made when the code had no map); another one raises
+    StaleVersion with the current state. None skips the check (the caller holds the row locked and decided on it).
+    `stamp`: an empty status_set_at becomes now (an import keeps it empty). Targets are validated by the caller
+    (`target_problem`); the foreign key is the last line."""
+    key = new.key
+    old = get_state(conn, key, lock=True)
+    current = old.version if old else 0
+    if expected_version is not None and expected_version != current:
+        raise StaleVersion(expected_version, old)
+    eq = new.targets[0].equivalence if new.targets else new.equivalence
+    set_at = new.status_set_at if new.status_set_at is not None or not stamp else scalar(conn.execute("SELECT now()"))
+    vals = (new.source_text, new.status, eq, new.comment, new.assigned_reviewer, new.status_set_by,
+            set_at, new.decided_by, new.reviewer_id, new.reviewed_at,
+            None if new.confidence is None else round(new.confidence, 4), new.match_score, new.model_version,
+            new.source_frequency, new.auto_concept_ids, json.dumps(new.extra),
+            None if new.ranking is None else json.dumps(new.ranking))
+    if old is None:
+        row = conn.execute(
+            """INSERT INTO harmonia.concept_map (source_code, source_vocab, omop_concept_id, source_text, status,
+                   equivalence, comment, assigned_reviewer, status_set_by, status_set_at, decided_by, reviewer_id,
+                   reviewed_at, confidence, match_score, model_version, source_frequency, auto_concept_ids, extra,
+                   candidate_ranking_json, created_by, created_at)
+               VALUES (%s, %s, 0, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s,
+                       %s, %s, coalesce(%s, now()))
+               ON CONFLICT (source_code, source_vocab) DO NOTHING RETURNING id""",
+            (key[0], key[1], *vals, new.created_by, new.created_at)).fetchone()
+        if row is None:  # created by another transaction since we looked: this change was made on nothing
+            raise StaleVersion(0, get_state(conn, key))
+        map_id = int(row[0])
+    else:
+        assert old.id is not None
+        map_id = old.id
+        conn.execute(
+            """UPDATE harmonia.concept_map SET source_text = %s, status = %s, equivalence = %s, comment = %s,
+                   assigned_reviewer = %s, status_set_by = %s, status_set_at = %s, decided_by = %s,
+                   reviewer_id = %s, reviewed_at = %s, confidence = %s, match_score = %s, model_version = %s,
+                   source_frequency = %s, auto_concept_ids = %s, extra = %s,
+                   candidate_ranking_json = coalesce(%s, candidate_ranking_json), version = version + 1,
+                   updated_at = now()
+               WHERE id = %s""", (*vals, map_id))
+    if old is None or [t.stored() for t in old.targets] != [t.stored() for t in new.targets] or \
+            any(a.created_at is None for a in new.targets):
+        conn.execute("DELETE FROM harmonia.concept_map_target WHERE map_id = %s", (map_id,))
+        with conn.cursor() as cur:
+            cur.executemany(
+                """INSERT INTO harmonia.concept_map_target (map_id, position, concept_id, mapping_type, equivalence,
+                       created_by, created_at) VALUES (%s, %s, %s, %s, %s, %s, coalesce(%s, now()))""",
+                [(map_id, i, t.concept_id, t.mapping_type, t.equivalence, t.created_by, t.created_at)
+                 for i, t in enumerate(new.targets)])
+    stored = get_state(conn, map_id=map_id)
+    assert stored is not None
+    _history(conn, key, action, old, stored, actor=actor, reviewer_id=reviewer_id, note=note,
+             request_id=request_id, confidence=history_confidence)
+    return stored
+
+
+def delete_map(conn: psycopg.Connection, key: SourceKey, *, expected_version: int | None, action: str,
+               actor: str | None = None, reviewer_id: int | None = None, note: str | None = None,
+               request_id: str | None = None) -> MapState | None:
+    """Remove a code's map (revoke; undo of its first decision), with a history row; returns what was removed."""
+    old = get_state(conn, key, lock=True)
+    if expected_version is not None and expected_version != (old.version if old else 0):
+        raise StaleVersion(expected_version, old)
+    if old is None:
+        return None
+    conn.execute("DELETE FROM harmonia.concept_map WHERE id = %s", (old.id,))
+    _history(conn, key, action, old, None, actor=actor, reviewer_id=reviewer_id, note=note, request_id=request_id,
+             confidence=old.confidence)
+    return old
+
+
+def set_status(conn: psycopg.Connection, key: SourceKey, status: MapStatus, *, actor: str, action: str | None = None,
+               note: str | None = None, reviewer_id: int | None = None, expected_version: int | None = None
+               ) -> MapState:
+    """Set a stored map's status (e.g. INVALID_TARGET or FLAGGED after a vocabulary re-check), keeping its targets;
+    the history says who (`actor`) and why (`note`). KeyError when the code has no map."""
+    cur = get_state(conn, key, lock=True)
+    if cur is None:
+        raise KeyError(f"{key[1]}/{key[0]} has no map")
+    new = replace(cur, status=status, status_set_by=actor, status_set_at=None)
+    return write_map(conn, new, expected_version=expected_version, action=action or f"status_{status.lower()}",
+                     actor=actor, reviewer_id=reviewer_id, note=note)
+
+
+def set_targets(conn: psycopg.Connection, key: SourceKey, targets: Sequence[Target], *, actor: str,
+                action: str = "retarget", status: MapStatus | None = None, note: str | None = None,
+                reviewer_id: int | None = None, expected_version: int | None = None) -> MapState:
+    """Replace a stored map's targets (and optionally its status), with a history row. KeyError: no map."""
+    cur = get_state(conn, key, lock=True)
+    if cur is None:
+        raise KeyError(f"{key[1]}/{key[0]} has no map")
+    new = replace(cur, targets=list(targets), status=status or cur.status,
+                  status_set_by=actor if status else cur.status_set_by, status_set_at=None if status else
+                  cur.status_set_at)
+    return write_map(conn, new, expected_version=expected_version, action=action, actor=actor,
+                     reviewer_id=reviewer_id, note=note)
 
 
 def existing_maps(conn: psycopg.Connection, keys: Iterable[SourceKey]) -> set[SourceKey]:
+    """The codes that have a map (whatever its status): a re-run never routes them again."""
     keys = list(keys)
     if not keys:
         return set()
@@ -27,101 +387,85 @@ def existing_maps(conn: psycopg.Connection, keys: Iterable[SourceKey]) -> set[So
     return {(r[0], r[1]) for r in rows}
 
 
+def _proposal(d: Decision) -> dict[str, Any]:
+    by_id = {c.concept_id: c for c in d.candidates}
+    extra = []
+    for a in d.additional:
+        c = by_id.get(a.concept_id)
+        extra.append({"concept_id": a.concept_id, "mapping_type": a.mapping_type, "equivalence": a.equivalence,
+                      "rationale": a.rationale, "concept_name": c.concept_name if c else "",
+                      "domain_id": c.domain_id if c else "", "vocabulary_id": c.vocabulary_id if c else ""})
+    out: dict[str, Any] = {}
+    if d.equivalence:
+        out["equivalence"] = d.equivalence
+    if extra:
+        out["additional"] = extra
+    return out
+
+
 def record_decision(conn: psycopg.Connection, d: Decision) -> str:
     """Persist one routing decision; the caller owns the transaction. Returns 'approved', 'review' or
     'already_mapped' (a map for this code exists: a re-run never overwrites it, least of all a reviewer's)."""
     t = d.term
     if d.action == "approve":
         assert d.concept_id is not None
-        row = conn.execute(
-            """INSERT INTO harmonia.concept_map (source_code, source_vocab, source_text, omop_concept_id,
-                   confidence, decided_by, model_version, candidate_ranking_json)
-               VALUES (%s, %s, %s, %s, %s, 'auto', %s, %s)
-               ON CONFLICT (source_code, source_vocab) DO NOTHING RETURNING id""",
-            (t.source_code, t.source_vocab, t.source_text, d.concept_id, round(d.confidence, 4),
-             d.model_version, json.dumps(d.ranking_json()))).fetchone()
-        if row is None:
+        if get_state(conn, t.key) is not None:
             return "already_mapped"
-        conn.execute(
-            """INSERT INTO harmonia.concept_map_history (source_code, source_vocab, action, new_concept_id,
-                   confidence, model_version) VALUES (%s, %s, 'auto_approve', %s, %s, %s)""",
-            (t.source_code, t.source_vocab, d.concept_id, round(d.confidence, 4), d.model_version))
+        # A calibrated approval vouches the first choice is the map (EQUAL unless the reranker says otherwise)
+        targets = [Target(d.concept_id, "MAPS_TO", d.equivalence or "EQUAL")]
+        targets += [Target(a.concept_id, a.mapping_type, a.equivalence) for a in d.additional
+                    if a.concept_id != d.concept_id]
+        new = MapState(source_code=t.source_code, source_vocab=t.source_vocab, source_text=t.source_text,
+                       status="APPROVED", targets=targets, status_set_by="harmonia", decided_by="auto",
+                       comment=f"model_version={d.model_version}",  # what approved it, in Usagi's comment
+                       confidence=d.confidence, model_version=d.model_version, source_frequency=t.source_frequency,
+                       auto_concept_ids=[r["concept_id"] for r in d.ranking], extra=dict(t.extra),
+                       ranking=dict(d.ranking_json()))
+        try:
+            with conn.transaction():  # a savepoint: a concurrent insert of the same code is not an error here
+                write_map(conn, new, expected_version=0, action="auto_approve", actor="harmonia",
+                          history_confidence=d.confidence)
+        except StaleVersion:
+            return "already_mapped"
         conn.execute(
             """UPDATE harmonia.review_queue SET status = 'resolved', resolved_at = now(), updated_at = now()
                WHERE source_code = %s AND source_vocab = %s AND status <> 'resolved'""",
             (t.source_code, t.source_vocab))
         return "approved"
-    mapped = conn.execute("SELECT 1 FROM harmonia.concept_map WHERE source_code = %s AND source_vocab = %s",
-                          (t.source_code, t.source_vocab)).fetchone()
-    if mapped:
+    if get_state(conn, t.key) is not None:
         return "already_mapped"
     enqueue_review(conn, t.source_code, t.source_vocab, t.source_text, t.source_frequency, t.extra,
-                   d.ranking, d.confidence, d.model_version, d.reason, d.error)
+                   d.ranking, d.confidence, d.model_version, d.reason, d.error, proposal=_proposal(d))
     return "review"
 
 
 def enqueue_review(conn: psycopg.Connection, source_code: str, source_vocab: str, source_text: str | None,
                    source_frequency: int | None, extra: dict[str, Any], ranking: Sequence[RankingEntry],
-                   confidence: float | None, model_version: str | None, reason: str, error: str | None) -> None:
-    """Open (or refresh) the review item for a code; a flagged item stays flagged."""
-    conn.execute(
+                   confidence: float | None, model_version: str | None, reason: str, error: str | None,
+                   proposal: dict[str, Any] | None = None) -> int:
+    """Open (or refresh) the review item for a code; a flagged item stays flagged. Returns its id."""
+    row = one(conn.execute(
         """INSERT INTO harmonia.review_queue (source_code, source_vocab, source_text, source_frequency, extra,
-               candidates_json, confidence, model_version, reason, error)
-           VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+               candidates_json, confidence, model_version, reason, error, proposal)
+           VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
            ON CONFLICT (source_code, source_vocab) DO UPDATE SET
                source_text = EXCLUDED.source_text, source_frequency = EXCLUDED.source_frequency,
                extra = EXCLUDED.extra, candidates_json = EXCLUDED.candidates_json,
                confidence = EXCLUDED.confidence, model_version = EXCLUDED.model_version,
-               reason = EXCLUDED.reason, error = EXCLUDED.error, updated_at = now(),
-               status = CASE WHEN harmonia.review_queue.status = 'flagged' THEN 'flagged' ELSE 'open' END""",
+               reason = EXCLUDED.reason, error = EXCLUDED.error, proposal = EXCLUDED.proposal, updated_at = now(),
+               status = CASE WHEN harmonia.review_queue.status = 'flagged' THEN 'flagged' ELSE 'open' END
+           RETURNING id""",
         (source_code, source_vocab, source_text, source_frequency, json.dumps(extra), json.dumps(list(ranking)),
-         None if confidence is None else round(confidence, 4), model_version, reason, error))
-
-
-class ApprovedMap(TypedDict):
-    """An approved map with what the exports write (harmonia.export)."""
-
-    source_code: str
-    source_vocab: str
-    source_text: str | None
-    omop_concept_id: int
-    concept_name: str
-    domain_id: str
-    vocabulary_id: str
-    confidence: Decimal | None
-    equivalence: str | None
-    decided_by: str
-    reviewer: str | None
-    reviewed_at: datetime | None
-    model_version: str | None
-    created_at: datetime
-    source_frequency: str | None       # as text, from the ranking record
-    candidate_ids: str | None          # the ranked concept ids, ';'-separated
-
-
-def approved_maps(conn: psycopg.Connection, source_vocab: str | None = None) -> list[ApprovedMap]:
-    q = """SELECT m.source_code, m.source_vocab, m.source_text, m.omop_concept_id, c.concept_name, c.domain_id,
-                  c.vocabulary_id, m.confidence, m.equivalence, m.decided_by, u.name, m.reviewed_at,
-                  m.model_version, m.created_at,
-                  m.candidate_ranking_json ->> 'source_frequency',
-                  (SELECT string_agg(x ->> 'concept_id', ';')
-                     FROM jsonb_array_elements(coalesce(m.candidate_ranking_json -> 'ranked', '[]'::jsonb)) x)
-           FROM harmonia.concept_map m JOIN vocab.concept c ON c.concept_id = m.omop_concept_id
-           LEFT JOIN harmonia.users u ON u.id = m.reviewer_id"""
-    params: tuple = ()
-    if source_vocab:
-        q += " WHERE m.source_vocab = %s"
-        params = (source_vocab,)
-    q += " ORDER BY m.source_vocab, m.source_code"
-    return [ApprovedMap(source_code=r[0], source_vocab=r[1], source_text=r[2], omop_concept_id=r[3],
-                        concept_name=r[4], domain_id=r[5], vocabulary_id=r[6], confidence=r[7], equivalence=r[8],
-                        decided_by=r[9], reviewer=r[10], reviewed_at=r[11], model_version=r[12], created_at=r[13],
-                        source_frequency=r[14], candidate_ids=r[15]) for r in conn.execute(q, params).fetchall()]
+         None if confidence is None else round(confidence, 4), model_version, reason, error,
+         json.dumps(proposal or {}))))
+    return int(row[0])
 
 
 def summary_counts(conn: psycopg.Connection) -> dict[str, int]:
+    by_status = dict(conn.execute("SELECT status, count(*) FROM harmonia.concept_map GROUP BY 1").fetchall())
     return {
-        "concept_map": scalar(conn.execute("SELECT count(*) FROM harmonia.concept_map")),
+        "concept_map": sum(by_status.values()),
+        **{f"maps_{s.lower()}": int(by_status.get(s, 0)) for s in STATUSES},
         "review_open": scalar(conn.execute(
             "SELECT count(*) FROM harmonia.review_queue WHERE status <> 'resolved'")),
     }
@@ -152,10 +496,11 @@ class ReviewerCorrection:
 
 
 def reviewer_approvals(conn: psycopg.Connection) -> list[ReviewerApproval]:
-    """Maps a reviewer decided, by source vocabulary and code (known mappings, training positives)."""
+    """Approved maps a reviewer decided, one per code with its first MAPS_TO target (known mappings, training
+    positives); a flagged, ignored or invalid map is not known to be right."""
     rows = conn.execute(
         """SELECT source_code, source_vocab, source_text, omop_concept_id FROM harmonia.concept_map
-           WHERE decided_by = 'reviewer' AND source_text IS NOT NULL AND source_text <> ''
+           WHERE decided_by = 'reviewer' AND status = 'APPROVED' AND source_text IS NOT NULL AND source_text <> ''
            ORDER BY source_vocab, source_code""").fetchall()
     return [ReviewerApproval(*r) for r in rows]
 
@@ -169,7 +514,95 @@ def reviewer_corrections(conn: psycopg.Connection) -> list[ReviewerCorrection]:
            FROM harmonia.concept_map_history h
            LEFT JOIN harmonia.concept_map m ON m.source_code = h.source_code AND m.source_vocab = h.source_vocab
            LEFT JOIN harmonia.review_queue q ON q.source_code = h.source_code AND q.source_vocab = h.source_vocab
-           WHERE h.action = 'correct' AND h.old_concept_id IS NOT NULL
+           WHERE h.action = 'correct' AND h.old_concept_id IS NOT NULL AND h.old_concept_id <> 0
              AND h.old_concept_id IS DISTINCT FROM h.new_concept_id
            ORDER BY h.id""").fetchall()
     return [ReviewerCorrection(*r) for r in rows if r[2]]
+
+
+class HistoryEntry(TypedDict):
+    """A concept_map_history row."""
+
+    id: int
+    source_code: str
+    source_vocab: str
+    action: str
+    old_concept_id: int | None
+    new_concept_id: int | None
+    old_status: str | None
+    new_status: str | None
+    version: int | None
+    confidence: float | None
+    model_version: str | None
+    reviewer: str | None
+    actor: str | None
+    note: str | None
+    at: datetime
+    old_state: dict[str, Any] | None
+    new_state: dict[str, Any] | None
+
+
+_HISTORY = """SELECT h.id, h.source_code, h.source_vocab, h.action, h.old_concept_id, h.new_concept_id,
+        h.old_status, h.new_status, h.version, h.confidence, h.model_version, u.name, h.actor, h.note, h.at,
+        h.old_state, h.new_state
+    FROM harmonia.concept_map_history h LEFT JOIN harmonia.users u ON u.id = h.reviewer_id"""
+
+
+def _entry(r: Sequence[Any]) -> HistoryEntry:
+    return HistoryEntry(id=r[0], source_code=r[1], source_vocab=r[2], action=r[3], old_concept_id=r[4],
+                        new_concept_id=r[5], old_status=r[6], new_status=r[7], version=r[8], confidence=_num(r[9]),
+                        model_version=r[10], reviewer=r[11], actor=r[12], note=r[13], at=r[14], old_state=r[15],
+                        new_state=r[16])
+
+
+def history(conn: psycopg.Connection, source_code: str, source_vocab: str) -> list[HistoryEntry]:
+    rows = conn.execute(f"{_HISTORY} WHERE h.source_code = %s AND h.source_vocab = %s ORDER BY h.id",
+                        (source_code, source_vocab)).fetchall()
+    return [_entry(r) for r in rows]
+
+
+def add_history(conn: psycopg.Connection, *, source_code: str, source_vocab: str, action: str,
+                old_concept_id: int | None, new_concept_id: int | None, confidence: float | None,
+                model_version: str | None, reviewer_id: int | None, note: str | None,
+                status: str | None = None) -> None:
+    """A history row for something that changed no map (a review item flagged before any map existed)."""
+    conn.execute(
+        """INSERT INTO harmonia.concept_map_history (source_code, source_vocab, action, old_concept_id,
+               new_concept_id, confidence, model_version, reviewer_id, note, old_status, new_status)
+           VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)""",
+        (source_code, source_vocab, action, old_concept_id, new_concept_id,
+         None if confidence is None else round(confidence, 4), model_version, reviewer_id, note, status, status))
+
+
+def request_seen(conn: psycopg.Connection, reviewer_id: int, request_id: str) -> bool:
+    """This reviewer already made a change with this request id (a repeated request: do nothing again)."""
+    return conn.execute("SELECT 1 FROM harmonia.concept_map_history WHERE reviewer_id = %s AND request_id = %s",
+                        (reviewer_id, request_id)).fetchone() is not None
+
+
+def last_change_by(conn: psycopg.Connection, reviewer_id: int) -> HistoryEntry | None:
+    """The reviewer's most recent change to a map that has not been undone (undo takes it back)."""
+    row = conn.execute(
+        f"""{_HISTORY} WHERE h.reviewer_id = %s AND h.action <> 'undo' AND h.undone_by IS NULL
+              AND (h.old_state IS NOT NULL OR h.new_state IS NOT NULL)
+            ORDER BY h.id DESC LIMIT 1""", (reviewer_id,)).fetchone()
+    return _entry(row) if row else None
+
+
+def mark_undone(conn: psycopg.Connection, history_id: int, undo_history_id: int) -> None:
+    conn.execute("UPDATE harmonia.concept_map_history SET undone_by = %s WHERE id = %s",
+                 (undo_history_id, history_id))
+
+
+def last_history_id(conn: psycopg.Connection, key: SourceKey) -> int:
+    return int(scalar(conn.execute(
+        "SELECT max(id) FROM harmonia.concept_map_history WHERE source_code = %s AND source_vocab = %s", key)))
+
+
+def states_by_ids(conn: psycopg.Connection, map_ids: Sequence[int]) -> list[MapState]:
+    """These maps with their targets, in the order of the ids given."""
+    if not map_ids:
+        return []
+    rows = conn.execute(f"SELECT {_COLS} FROM {_FROM} WHERE m.id = ANY(%s)", (list(map_ids),)).fetchall()
+    by_id = {s.id: s for s in _with_targets(conn, [_state(r) for r in rows])}
+    return [by_id[i] for i in map_ids if i in by_id]

@@ -1,9 +1,9 @@
-"""SQL for the review service: the review queue as reviewers see it, their writes to the concept map, and its
-history. The caller owns the transaction (harmonia.review.service runs each decision in one)."""
+"""SQL for the review queue as reviewers see it: items in frequency order, claims that expire, assignments and
+progress per source set. The maps themselves are written by harmonia.store.mapping. The caller owns the
+transaction (harmonia.review.service runs each decision in one)."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from datetime import datetime
 from decimal import Decimal
@@ -11,8 +11,8 @@ from typing import Any, TypedDict
 
 import psycopg
 
-from harmonia.domain import RankingEntry, RankingRecord, SourceKey
-from harmonia.store.common import one, scalar
+from harmonia.domain import RankingEntry, SourceKey
+from harmonia.store.common import scalar
 
 STATUSES = ("open", "flagged", "resolved")
 
@@ -37,47 +37,23 @@ class ReviewItem(TypedDict):
     created_at: datetime
     updated_at: datetime
     top_domain: str | None             # the domain of the model's top candidate
+    proposal: dict[str, Any]           # the reranker's equivalence and additional targets
+    assigned_to: str | None            # the reviewer it is assigned to (name)
+    claimed_by: str | None             # who holds a live claim on it (name), until claim_expires_at
+    claim_expires_at: datetime | None
 
-
-class MapRow(TypedDict):
-    """A concept_map row with its concept and reviewer, as the API serves it."""
-
-    id: int
-    source_code: str
-    source_vocab: str
-    source_text: str | None
-    omop_concept_id: int
-    concept_name: str
-    domain_id: str
-    vocabulary_id: str
-    confidence: float | None
-    equivalence: str | None
-    decided_by: str
-    reviewer: str | None
-    reviewed_at: datetime | None
-    model_version: str | None
-    created_at: datetime
-    updated_at: datetime
-
-
-class HistoryEntry(TypedDict):
-    """A concept_map_history row."""
-
-    id: int
-    source_code: str
-    source_vocab: str
-    action: str
-    old_concept_id: int | None
-    new_concept_id: int | None
-    confidence: float | None
-    model_version: str | None
-    reviewer: str | None
-    note: str | None
-    at: datetime
 
 _ITEM_COLS = """q.id, q.source_code, q.source_vocab, q.source_text, q.source_frequency, q.extra, q.candidates_json,
     q.confidence, q.model_version, q.reason, q.error, q.status, u.name, q.resolved_at, q.created_at, q.updated_at,
-    q.candidates_json -> 0 ->> 'domain_id'"""
+    q.candidates_json -> 0 ->> 'domain_id', q.proposal, ua.name,
+    CASE WHEN q.claim_expires_at > now() THEN uc.name END,
+    CASE WHEN q.claim_expires_at > now() THEN q.claim_expires_at END"""
+_ITEM_FROM = """harmonia.review_queue q LEFT JOIN harmonia.users u ON u.id = q.resolved_by
+    LEFT JOIN harmonia.users ua ON ua.id = q.assigned_to LEFT JOIN harmonia.users uc ON uc.id = q.claimed_by"""
+# The queue's orders; a calibration sample (priority) always comes first.
+ORDERS = {"frequency": "q.priority DESC, q.source_frequency DESC NULLS LAST, q.id",
+          "oldest": "q.priority DESC, q.id",
+          "confidence": "q.priority DESC, q.confidence DESC NULLS LAST, q.id"}
 
 
 def _num(v: Decimal | float | None) -> float | None:
@@ -88,14 +64,19 @@ def _item(r: Sequence[Any]) -> ReviewItem:
     return ReviewItem(id=r[0], source_code=r[1], source_vocab=r[2], source_text=r[3], source_frequency=r[4],
                       extra=r[5], candidates=r[6], confidence=_num(r[7]), model_version=r[8], reason=r[9],
                       error=r[10], status=r[11], resolved_by=r[12], resolved_at=r[13], created_at=r[14],
-                      updated_at=r[15], top_domain=r[16])
+                      updated_at=r[15], top_domain=r[16], proposal=r[17] or {}, assigned_to=r[18],
+                      claimed_by=r[19], claim_expires_at=r[20])
 
 
 def list_items(conn: psycopg.Connection, *, statuses: Sequence[str] = ("open", "flagged"),
                source_vocab: str | None = None, domain: str | None = None, min_confidence: float | None = None,
-               max_confidence: float | None = None, limit: int = 50, offset: int = 0
+               max_confidence: float | None = None, limit: int = 50, offset: int = 0, order: str = "frequency",
+               viewer_id: int | None = None, others_claims: bool = True, mine: bool = False
                ) -> tuple[int, list[ReviewItem]]:
-    """One page of review items (a calibration sample first, then oldest first) and the total matching."""
+    """One page of review items (a calibration sample first, then the most frequent codes) and the total matching.
+
+    With `viewer_id`: `others_claims=False` leaves out what another reviewer holds a live claim on or was assigned;
+    `mine` keeps only the viewer's live claims and assignments."""
     where: list[str] = ["q.status = ANY(%s)"]
     params: list[Any] = [list(statuses)]
     if source_vocab:
@@ -110,18 +91,30 @@ def list_items(conn: psycopg.Connection, *, statuses: Sequence[str] = ("open", "
     if max_confidence is not None:
         where.append("q.confidence <= %s")
         params.append(max_confidence)
+    if viewer_id is not None and not others_claims:
+        where.append("""(q.assigned_to IS NULL OR q.assigned_to = %s)
+                        AND (q.claimed_by IS NULL OR q.claimed_by = %s OR q.claim_expires_at <= now())""")
+        params += [viewer_id, viewer_id]
+    if viewer_id is not None and mine:
+        where.append("(q.assigned_to = %s OR (q.claimed_by = %s AND q.claim_expires_at > now()))")
+        params += [viewer_id, viewer_id]
     cond = " AND ".join(where)
     total = scalar(conn.execute(f"SELECT count(*) FROM harmonia.review_queue q WHERE {cond}", params))
     rows = conn.execute(
-        f"""SELECT {_ITEM_COLS} FROM harmonia.review_queue q LEFT JOIN harmonia.users u ON u.id = q.resolved_by
-            WHERE {cond} ORDER BY q.priority DESC, q.id LIMIT %s OFFSET %s""", [*params, limit, offset]).fetchall()
+        f"""SELECT {_ITEM_COLS} FROM {_ITEM_FROM}
+            WHERE {cond} ORDER BY {ORDERS[order]} LIMIT %s OFFSET %s""", [*params, limit, offset]).fetchall()
     return total, [_item(r) for r in rows]
 
 
 def get_item(conn: psycopg.Connection, item_id: int, *, lock: bool = False) -> ReviewItem | None:
-    row = conn.execute(
-        f"""SELECT {_ITEM_COLS} FROM harmonia.review_queue q LEFT JOIN harmonia.users u ON u.id = q.resolved_by
-            WHERE q.id = %s {'FOR UPDATE OF q' if lock else ''}""", (item_id,)).fetchone()
+    row = conn.execute(f"SELECT {_ITEM_COLS} FROM {_ITEM_FROM} WHERE q.id = %s {'FOR UPDATE OF q' if lock else ''}",
+                       (item_id,)).fetchone()
+    return _item(row) if row else None
+
+
+def item_by_key(conn: psycopg.Connection, key: SourceKey, *, lock: bool = False) -> ReviewItem | None:
+    row = conn.execute(f"""SELECT {_ITEM_COLS} FROM {_ITEM_FROM} WHERE q.source_code = %s AND q.source_vocab = %s
+                           {'FOR UPDATE OF q' if lock else ''}""", key).fetchone()
     return _item(row) if row else None
 
 
@@ -135,14 +128,30 @@ def item_facets(conn: psycopg.Connection) -> dict[str, list[str]]:
     return {"source_vocab": vocabs, "domain": domains}
 
 
-def resolve_item(conn: psycopg.Connection, item_id: int, reviewer_id: int) -> None:
+def resolve_item(conn: psycopg.Connection, item_id: int, reviewer_id: int | None) -> None:
     conn.execute("""UPDATE harmonia.review_queue SET status = 'resolved', resolved_by = %s, resolved_at = now(),
-                        updated_at = now() WHERE id = %s""", (reviewer_id, item_id))
+                        claimed_by = NULL, claim_expires_at = NULL, updated_at = now() WHERE id = %s""",
+                 (reviewer_id, item_id))
 
 
 def flag_item(conn: psycopg.Connection, item_id: int) -> None:
     conn.execute("""UPDATE harmonia.review_queue SET status = 'flagged', resolved_by = NULL, resolved_at = NULL,
+                        claimed_by = NULL, claim_expires_at = NULL, updated_at = now() WHERE id = %s""", (item_id,))
+
+
+def open_item(conn: psycopg.Connection, item_id: int) -> None:
+    conn.execute("""UPDATE harmonia.review_queue SET status = 'open', resolved_by = NULL, resolved_at = NULL,
                         updated_at = now() WHERE id = %s""", (item_id,))
+
+
+def set_item_status(conn: psycopg.Connection, item_id: int, status: str, reviewer_id: int | None) -> None:
+    """Put an item in a given state (undo puts back the one before)."""
+    if status == "resolved":
+        resolve_item(conn, item_id, reviewer_id)
+    elif status == "flagged":
+        flag_item(conn, item_id)
+    else:
+        open_item(conn, item_id)
 
 
 def reopen_item(conn: psycopg.Connection, source_code: str, source_vocab: str) -> int | None:
@@ -152,33 +161,77 @@ def reopen_item(conn: psycopg.Connection, source_code: str, source_vocab: str) -
     return row[0] if row else None
 
 
-# ------------------------------------------------------------------------------------------------ the map
+def claim(conn: psycopg.Connection, reviewer_id: int, n: int, ttl_s: float, *, source_vocab: str | None = None,
+          order: str = "frequency") -> list[int]:
+    """Claim the next `n` open items nobody else holds (unclaimed, expired, or assigned to this reviewer), in queue
+    order, for `ttl_s` seconds; the reviewer's own live claims come first and are renewed. Two reviewers claiming
+    at once never get the same item (SKIP LOCKED). Returns the claimed ids in queue order."""
+    cond = ["q.status = 'open'", "(q.assigned_to IS NULL OR q.assigned_to = %(me)s)",
+            "(q.claimed_by IS NULL OR q.claimed_by = %(me)s OR q.claim_expires_at <= now())"]
+    params: dict[str, Any] = {"me": reviewer_id, "n": n, "ttl": ttl_s}
+    if source_vocab:
+        cond.append("q.source_vocab = %(vocab)s")
+        params["vocab"] = source_vocab
+    order_by = ORDERS[order]
+    rows = conn.execute(
+        f"""WITH next AS (
+                SELECT q.id, row_number() OVER (ORDER BY (q.claimed_by = %(me)s AND q.claim_expires_at > now())
+                                                         DESC NULLS LAST, {order_by}) AS n
+                FROM harmonia.review_queue q WHERE {' AND '.join(cond)}
+                ORDER BY (q.claimed_by = %(me)s AND q.claim_expires_at > now()) DESC NULLS LAST, {order_by}
+                LIMIT %(n)s FOR UPDATE OF q SKIP LOCKED)
+            UPDATE harmonia.review_queue q SET claimed_by = %(me)s,
+                   claim_expires_at = now() + make_interval(secs => %(ttl)s)
+            FROM next WHERE q.id = next.id RETURNING q.id, next.n""", params).fetchall()
+    return [r[0] for r in sorted(rows, key=lambda r: r[1])]
 
-_MAP_COLS = """m.id, m.source_code, m.source_vocab, m.source_text, m.omop_concept_id, c.concept_name, c.domain_id,
-    c.vocabulary_id, m.confidence, m.equivalence, m.decided_by, u.name, m.reviewed_at, m.model_version,
-    m.created_at, m.updated_at"""
-_MAP_FROM = """harmonia.concept_map m JOIN vocab.concept c ON c.concept_id = m.omop_concept_id
-    LEFT JOIN harmonia.users u ON u.id = m.reviewer_id"""
+
+def release_claims(conn: psycopg.Connection, reviewer_id: int, item_ids: Sequence[int] | None = None) -> int:
+    """Give back the reviewer's claims (all, or on these items)."""
+    q = "UPDATE harmonia.review_queue SET claimed_by = NULL, claim_expires_at = NULL WHERE claimed_by = %s"
+    params: list[Any] = [reviewer_id]
+    if item_ids is not None:
+        q += " AND id = ANY(%s)"
+        params.append(list(item_ids))
+    return conn.execute(q, params).rowcount
 
 
-def _map(r: Sequence[Any]) -> MapRow:
-    return MapRow(id=r[0], source_code=r[1], source_vocab=r[2], source_text=r[3], omop_concept_id=r[4],
-                  concept_name=r[5], domain_id=r[6], vocabulary_id=r[7], confidence=_num(r[8]), equivalence=r[9],
-                  decided_by=r[10], reviewer=r[11], reviewed_at=r[12], model_version=r[13], created_at=r[14],
-                  updated_at=r[15])
+def assign(conn: psycopg.Connection, item_ids: Sequence[int], user_id: int | None) -> int:
+    """Assign items to a reviewer (None: to nobody)."""
+    return conn.execute("UPDATE harmonia.review_queue SET assigned_to = %s, updated_at = now() WHERE id = ANY(%s)",
+                        (user_id, list(item_ids))).rowcount
 
 
-def get_map(conn: psycopg.Connection, map_id: int | None = None, *, key: SourceKey | None = None,
-            lock: bool = False) -> MapRow | None:
-    cond, params = ("m.id = %s", (map_id,)) if map_id is not None else \
-        ("m.source_code = %s AND m.source_vocab = %s", key)
-    row = conn.execute(f"SELECT {_MAP_COLS} FROM {_MAP_FROM} WHERE {cond} {'FOR UPDATE OF m' if lock else ''}",
-                       params).fetchone()
-    return _map(row) if row else None
+class Progress(TypedDict):
+    source_vocab: str
+    total: int       # review items of the set
+    decided: int     # resolved
+    open: int
+    flagged: int
+
+
+def progress(conn: psycopg.Connection) -> list[Progress]:
+    """Decided / total review items per source set."""
+    rows = conn.execute(
+        """SELECT source_vocab, count(*), count(*) FILTER (WHERE status = 'resolved'),
+                  count(*) FILTER (WHERE status = 'open'), count(*) FILTER (WHERE status = 'flagged')
+           FROM harmonia.review_queue GROUP BY 1 ORDER BY 1""").fetchall()
+    return [Progress(source_vocab=r[0], total=r[1], decided=r[2], open=r[3], flagged=r[4]) for r in rows]
+
+
+# ------------------------------------------------------------------------------------------------ the maps
+
+
+def like_escape(text: str) -> str:
+    """A LIKE pattern that matches `text` literally (backslash is PostgreSQL's default LIKE escape)."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
 def list_maps(conn: psycopg.Connection, *, source_vocab: str | None = None, decided_by: str | None = None,
-              search: str | None = None, limit: int = 50, offset: int = 0) -> tuple[int, list[MapRow]]:
+              statuses: Sequence[str] | None = ("APPROVED",), search: str | None = None, limit: int = 50,
+              offset: int = 0) -> tuple[int, list[int]]:
+    """One page of map ids (by source set and code) and the total; `search` is a plain substring of the code, the
+    source text or a target's name (LIKE's wildcards in it match themselves)."""
     where: list[str] = ["TRUE"]
     params: list[Any] = []
     if source_vocab:
@@ -187,58 +240,19 @@ def list_maps(conn: psycopg.Connection, *, source_vocab: str | None = None, deci
     if decided_by:
         where.append("m.decided_by = %s")
         params.append(decided_by)
+    if statuses:
+        where.append("m.status = ANY(%s)")
+        params.append(list(statuses))
     if search:
-        where.append("(m.source_code ILIKE %s OR m.source_text ILIKE %s OR c.concept_name ILIKE %s)")
-        params += [f"%{search}%"] * 3
+        pat = "%" + like_escape(search) + "%"
+        where.append("""(m.source_code ILIKE %s OR m.source_text ILIKE %s OR EXISTS (
+                            SELECT 1 FROM harmonia.concept_map_target t
+                            JOIN vocab.concept c ON c.concept_id = t.concept_id
+                            WHERE t.map_id = m.id AND c.concept_name ILIKE %s))""")
+        params += [pat] * 3
     cond = " AND ".join(where)
-    total = scalar(conn.execute(f"SELECT count(*) FROM {_MAP_FROM} WHERE {cond}", params))
-    rows = conn.execute(f"""SELECT {_MAP_COLS} FROM {_MAP_FROM} WHERE {cond}
+    total = scalar(conn.execute(f"SELECT count(*) FROM harmonia.concept_map m WHERE {cond}", params))
+    rows = conn.execute(f"""SELECT m.id FROM harmonia.concept_map m WHERE {cond}
                             ORDER BY m.source_vocab, m.source_code LIMIT %s OFFSET %s""",
                         [*params, limit, offset]).fetchall()
-    return total, [_map(r) for r in rows]
-
-
-def upsert_reviewed_map(conn: psycopg.Connection, *, source_code: str, source_vocab: str, source_text: str | None,
-                        concept_id: int, confidence: float | None, model_version: str | None,
-                        ranking: RankingRecord, reviewer_id: int) -> int:
-    """Insert the reviewer's map, or update the existing one for this code (one row per code)."""
-    row = one(conn.execute(
-        """INSERT INTO harmonia.concept_map (source_code, source_vocab, source_text, omop_concept_id, confidence,
-               decided_by, reviewer_id, reviewed_at, model_version, candidate_ranking_json)
-           VALUES (%s, %s, %s, %s, %s, 'reviewer', %s, now(), %s, %s)
-           ON CONFLICT (source_code, source_vocab) DO UPDATE SET
-               source_text = coalesce(EXCLUDED.source_text, harmonia.concept_map.source_text),
-               omop_concept_id = EXCLUDED.omop_concept_id, confidence = EXCLUDED.confidence,
-               decided_by = 'reviewer', reviewer_id = EXCLUDED.reviewer_id, reviewed_at = EXCLUDED.reviewed_at,
-               model_version = EXCLUDED.model_version, candidate_ranking_json = EXCLUDED.candidate_ranking_json,
-               updated_at = now()
-           RETURNING id""",
-        (source_code, source_vocab, source_text, concept_id, None if confidence is None else round(confidence, 4),
-         reviewer_id, model_version, json.dumps(ranking))))
-    return int(row[0])
-
-
-def delete_map(conn: psycopg.Connection, map_id: int) -> None:
-    conn.execute("DELETE FROM harmonia.concept_map WHERE id = %s", (map_id,))
-
-
-def add_history(conn: psycopg.Connection, *, source_code: str, source_vocab: str, action: str,
-                old_concept_id: int | None, new_concept_id: int | None, confidence: float | None,
-                model_version: str | None, reviewer_id: int, note: str | None) -> None:
-    conn.execute(
-        """INSERT INTO harmonia.concept_map_history (source_code, source_vocab, action, old_concept_id,
-               new_concept_id, confidence, model_version, reviewer_id, note)
-           VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)""",
-        (source_code, source_vocab, action, old_concept_id, new_concept_id,
-         None if confidence is None else round(confidence, 4), model_version, reviewer_id, note))
-
-
-def history(conn: psycopg.Connection, source_code: str, source_vocab: str) -> list[HistoryEntry]:
-    rows = conn.execute(
-        """SELECT h.id, h.source_code, h.source_vocab, h.action, h.old_concept_id, h.new_concept_id, h.confidence,
-                  h.model_version, u.name, h.note, h.at
-           FROM harmonia.concept_map_history h LEFT JOIN harmonia.users u ON u.id = h.reviewer_id
-           WHERE h.source_code = %s AND h.source_vocab = %s ORDER BY h.id""", (source_code, source_vocab)).fetchall()
-    return [HistoryEntry(id=r[0], source_code=r[1], source_vocab=r[2], action=r[3], old_concept_id=r[4],
-                         new_concept_id=r[5], confidence=_num(r[6]), model_version=r[7], reviewer=r[8], note=r[9],
-                         at=r[10]) for r in rows]
+    return total, [r[0] for r in rows]

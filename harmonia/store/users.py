@@ -78,3 +78,13 @@ def disable_user(conn: psycopg.Connection, name: str) -> bool:
     row = conn.execute("UPDATE harmonia.users SET disabled_at = now() WHERE name = %s AND disabled_at IS NULL "
                        "RETURNING id", (name,)).fetchone()
     return row is not None
+
+
+def get_user(conn: psycopg.Connection, user_id: int) -> User | None:
+    row = conn.execute(f"SELECT {_COLS} FROM harmonia.users WHERE id = %s", (user_id,)).fetchone()
+    return _row(row) if row else None
+
+
+def user_by_name(conn: psycopg.Connection, name: str) -> User | None:
+    row = conn.execute(f"SELECT {_COLS} FROM harmonia.users WHERE name = %s", (name,)).fetchone()
+    return _row(row) if row else None
