@@ -96,7 +96,10 @@ def route_calibrated(term: SourceTerm, cands: Sequence[Candidate], result: Reran
                      floor: float, top_n: int = 5) -> Decision:
     """Calibrate a reranker's answer and route it against the certified threshold of the term's kind or set (none:
     review, `uncalibrated`); `floor` (the auto_approve_threshold setting) is a floor under every threshold."""
-    cal.refresh_if_due()
+    try:
+        cal.refresh_if_due()
+    except psycopg.OperationalError as exc:  # the database is away: the thresholds loaded last stay in force
+        log.warning("calibration refresh failed, keeping the loaded thresholds: %s", exc)
     kind, domains = conf_mod.kind_of(term.source_vocab)
     ev = conf_mod.evidence(term, cands, result, domains)
     record: dict[str, object] = {"kind": kind, "raw_confidence": round(float(result.confidence), 4)}
