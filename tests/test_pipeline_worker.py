@@ -463,10 +463,11 @@ def llm_worker_settings(fresh_db: str, tmp_path: Path, conn: psycopg.Connection,
     from harmonia.rerank.llm.prompt import Prompt
 
     calibrate_as_is(conn, tmp_path, "llm", f"llm:openai/stub-model:prompt=v1-{Prompt.load('v1').hash}")
-    return make_settings(fresh_db, tmp_path, reranker="llm", llm_provider="openai", llm_model="stub-model",
-                         llm_base_url=base_url, llm_concurrency=4, llm_max_retries=1, llm_retry_max_wait_s=0.05,
-                         llm_timeout_s=1.0, worker_poll_s=0.05, worker_retry_base_s=0.1, worker_retry_max_s=0.4,
-                         **overrides)
+    options: dict[str, object] = {
+        "reranker": "llm", "llm_provider": "openai", "llm_model": "stub-model", "llm_base_url": base_url,
+        "llm_concurrency": 4, "llm_max_retries": 1, "llm_retry_max_wait_s": 0.05, "llm_timeout_s": 1.0,
+        "worker_poll_s": 0.05, "worker_retry_base_s": 0.1, "worker_retry_max_s": 0.4}
+    return make_settings(fresh_db, tmp_path, **{**options, **overrides})
 
 
 def test_provider_outage_defers_codes_and_pauses_claiming(fresh_db: str, tmp_path: Path, conn: psycopg.Connection,
@@ -606,6 +607,15 @@ def test_a_code_that_kills_its_worker_alone_is_poison(fresh_db: str, tmp_path: P
     assert reason == "max_attempts" and "died 3 times" in error
 
 
+def _enqueue_into(dsn: str, terms: list[SourceTerm], go: threading.Barrier, results: list[object], i: int) -> None:
+    with psycopg.connect(dsn, autocommit=True) as c:
+        go.wait()
+        try:
+            results[i] = enqueue(c, terms)
+        except Exception as exc:  # noqa: BLE001 - the test reports it
+            results[i] = exc
+
+
 def test_concurrent_enqueues_in_opposite_orders_never_deadlock(conn: psycopg.Connection) -> None:
     base = sample_terms(conn, 3000)
     for run in range(3):
@@ -614,16 +624,8 @@ def test_concurrent_enqueues_in_opposite_orders_never_deadlock(conn: psycopg.Con
         orders = [terms, list(reversed(terms))]
         results: list[object] = [None, None]
         go = threading.Barrier(2)
-
-        def push(i: int) -> None:
-            with psycopg.connect(conn.info.dsn, autocommit=True) as c:
-                go.wait()
-                try:
-                    results[i] = enqueue(c, orders[i])
-                except Exception as exc:  # noqa: BLE001 - the test reports it
-                    results[i] = exc
-
-        threads = [threading.Thread(target=push, args=(i,)) for i in range(2)]
+        threads = [threading.Thread(target=_enqueue_into, args=(conn.info.dsn, orders[i], go, results, i))
+                   for i in range(2)]
         for th in threads:
             th.start()
         for th in threads:
@@ -736,3 +738,113 @@ def test_status_lists_a_running_worker(fresh_db: str, tmp_path: Path, conn: psyc
         w.close()
     assert [x["owner"] for x in live] == [w.owner] and live[0]["state"] == "idle"
     assert qstore.live_workers(conn) == []
+
+
+def restart_server(pgdata: Path, down_s: float) -> None:
+    """Stop the embedded server (fast shutdown: every session gets AdminShutdown), keep it down `down_s`, start it
+    again from a fresh process (this one caches the old server's handle)."""
+    from harmonia import db
+
+    db.stop_embedded(pgdata)
+    time.sleep(down_s)
+    subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; from harmonia import db; "
+                    "db.start_embedded(Path(sys.argv[1]))", str(pgdata)], check=True, cwd=REPO, timeout=60)
+
+
+@pytest.mark.slow
+def test_worker_rides_out_database_restarts(pg_server, fresh_db: str, tmp_path: Path, conn: psycopg.Connection,
+                                            embedder, monkeypatch) -> None:
+    """The server restarts while a batch is at the LLM (its answers must still be persisted, once) and again while
+    the worker waits idle; the worker reconnects, its call log writes again; a longer outage than
+    worker_db_patience_s ends the worker with DatabaseUnavailable."""
+    from benchmark.stub_llm_server import serve
+    from harmonia.pipeline.worker import DatabaseUnavailable
+    from harmonia.rerank.llm.prompt import Prompt
+    from harmonia.rerank.llm.reranker import LLMReranker
+    from harmonia.retrieval import make_retriever
+
+    server, stub = serve(0, delay=1.5, confidence=0.95)
+    monkeypatch.setenv("OPENAI_API_KEY", "stub-key")
+    s = llm_worker_settings(fresh_db, tmp_path, conn, f"http://127.0.0.1:{server.server_address[1]}/v1",
+                            llm_timeout_s=10.0, worker_db_patience_s=60, worker_lease_s=30)
+    version = f"llm:openai/stub-model:prompt=v1-{Prompt.load('v1').hash}"
+    built: list[Pipeline] = []
+
+    def make_pipeline(c: psycopg.Connection) -> Pipeline:
+        p = Pipeline(make_retriever(c, embedder, s), LLMReranker.from_settings(s, c), s.router, s.rerank,
+                     Calibration.load(c, s.data_path, "llm", version))
+        built.append(p)
+        return p
+
+    terms = sample_terms(conn, 12)
+    enqueue(conn, terms[:8])
+    w = Worker(s.worker, s.database, make_pipeline, batch_size=8, max_items=12)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            w.run()
+        except BaseException as exc:  # noqa: BLE001 - the test reports it
+            errors.append(exc)
+
+    th = threading.Thread(target=run)
+    th.start()
+    try:
+        deadline = time.monotonic() + 30
+        while stub.requests < 8 and time.monotonic() < deadline:  # the batch is at the LLM
+            time.sleep(0.05)
+        restart_server(pg_server.pgdata, down_s=2.0)  # answers come back while the server is down
+        deadline = time.monotonic() + 60
+        while w.stats.finished < 8 and time.monotonic() < deadline and th.is_alive():
+            time.sleep(0.1)
+        assert w.stats.finished == 8, (w.stats, errors)
+        time.sleep(0.5)  # idle, LISTENing
+        restart_server(pg_server.pgdata, down_s=1.0)
+        with psycopg.connect(fresh_db, autocommit=True) as c2:
+            enqueue(c2, terms[8:])
+        th.join(timeout=60)
+    finally:
+        if th.is_alive():
+            w.stop()
+            th.join(timeout=30)
+    assert not errors and not th.is_alive()
+    st = w.stats
+    assert st.approved == 12 and st.db_outages >= 2 and st.reconnects >= 2 and st.lost_lease == 0
+    assert stub.requests == 12  # no LLM answer thrown away and asked again
+    with psycopg.connect(fresh_db, autocommit=True) as c:
+        assert {r[0] for r in c.execute("SELECT state FROM harmonia.source_queue")} == {"approved"}
+        assert_mapped_once(c)
+        logged = c.execute("SELECT count(*) FROM harmonia.llm_call WHERE source_code = ANY(%s)",
+                           ([t.source_code for t in terms[8:]],)).fetchone()[0]
+    assert logged == 4  # the call log writes again on its new connection
+    assert len(built) >= 3  # the pipeline was rebuilt on each fresh connection
+
+    # An outage longer than worker_db_patience_s: the worker gives up (the CLI exits 1).
+    w2 = Worker(s.worker, s.database, make_pipeline, batch_size=8)
+    w2.db_patience_s = 2.0
+    outcome: list[BaseException | None] = []
+    th2 = threading.Thread(target=lambda: outcome.append(_run_catching(w2)))
+    th2.start()
+    time.sleep(0.5)
+    from harmonia import db
+
+    db.stop_embedded(pg_server.pgdata)
+    try:
+        th2.join(timeout=30)
+    finally:
+        subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; from harmonia import db; "
+                        "db.start_embedded(Path(sys.argv[1]))", str(pg_server.pgdata)], check=True, cwd=REPO,
+                       timeout=60)
+        w2.close()
+        w.close()
+        server.shutdown()
+    assert not th2.is_alive() and isinstance(outcome[0], DatabaseUnavailable), outcome
+    assert "unreachable" in str(outcome[0])
+
+
+def _run_catching(w: Worker) -> BaseException | None:
+    try:
+        w.run()
+    except BaseException as exc:  # noqa: BLE001 - the test inspects it
+        return exc
+    return None
