@@ -364,7 +364,7 @@ class Worker:
         retriever, calibration and LLM call log held the old one)."""
         if not self.conn.closed and not self.conn.broken:
             try:
-                self.conn.execute("SELECT 1")
+                qstore.ping(self.conn)
                 return  # the connection is fine: the error was the statement's (the caller retries it)
             except psycopg.OperationalError:
                 pass

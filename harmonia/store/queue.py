@@ -84,9 +84,21 @@ def enqueue(conn: psycopg.Connection, terms: Sequence[SourceTerm]) -> EnqueueCou
     return out
 
 
+def ping(conn: psycopg.Connection) -> None:
+    """Raise (psycopg.OperationalError) unless the connection still reaches the server."""
+    conn.execute("SELECT 1")
+
+
 def listen(conn: psycopg.Connection) -> None:
     """Subscribe `conn` (autocommit) to the queue's notifications: the insert trigger NOTIFYs on CHANNEL."""
     conn.execute(f"LISTEN {CHANNEL}")
+
+
+def _claims_need_no_flush(conn: psycopg.Connection) -> None:
+    """A claim's commit does not wait for its WAL flush (this transaction only). A claim lost in a server crash
+    leaves the item as it was: its worker's outcome then finds the lease not its own and rolls back, so the cost is
+    one decide repeated by another worker, never a code mapped twice, and every claim saves a disk flush."""
+    conn.execute("SET LOCAL synchronous_commit = off")
 
 
 def claim(conn: psycopg.Connection, owner: str, limit: int, lease_s: float) -> list[QueueItem]:
@@ -101,6 +113,7 @@ def claim_taken_over(conn: psycopg.Connection, owner: str, lease_s: float) -> Qu
     """Lease one in-progress item whose lease expired, counting the death (and a solo death when its dead worker
     held it alone). A range scan of the lease index: only in-progress rows are read."""
     with conn.transaction():
+        _claims_need_no_flush(conn)
         row = conn.execute(
             f"""WITH c AS (
                    SELECT id FROM harmonia.source_queue
@@ -121,6 +134,7 @@ def claim_pending(conn: psycopg.Connection, owner: str, limit: int, lease_s: flo
     source_queue_ready_idx (migration 090): the plan reads only ready pending rows, however many are finished or
     waiting out a back-off."""
     with conn.transaction():
+        _claims_need_no_flush(conn)
         rows = conn.execute(
             f"""WITH c AS (
                    SELECT id FROM harmonia.source_queue
@@ -392,6 +406,18 @@ def insert_finished(conn: psycopg.Connection, source_vocab: str, n: int, *, days
         (source_vocab, n, days_ago * 86400)).rowcount
 
 
+def defer_pending(conn: psycopg.Connection, source_vocab: str, seconds: float) -> int:
+    """Put a source set's pending items into a back-off of `seconds` (benchmarks: a queue with nothing ready)."""
+    return conn.execute(
+        """UPDATE harmonia.source_queue SET retry_at = now() + make_interval(secs => %s)
+           WHERE source_vocab = %s AND state = 'pending'""", (seconds, source_vocab)).rowcount
+
+
+def drop_items(conn: psycopg.Connection, source_vocab: str) -> int:
+    """Delete a source set's queue rows, whatever their state (benchmarks: clean up what no worker is to see)."""
+    return conn.execute("DELETE FROM harmonia.source_queue WHERE source_vocab = %s", (source_vocab,)).rowcount
+
+
 def analyze(conn: psycopg.Connection) -> None:
     """Refresh the planner's statistics of the queue (after a bulk insert)."""
     conn.execute("ANALYZE harmonia.source_queue")
@@ -427,10 +453,15 @@ def audit(conn: psycopg.Connection, source_vocab: str) -> dict[str, Any]:
              (SELECT max(attempts) FROM harmonia.source_queue WHERE source_vocab = %(v)s),
              (SELECT coalesce(sum(deaths), 0) FROM harmonia.source_queue WHERE source_vocab = %(v)s),
              (SELECT coalesce(sum(provider_failures), 0) FROM harmonia.source_queue WHERE source_vocab = %(v)s),
-             (SELECT count(*) FROM harmonia.review_queue WHERE source_vocab = %(v)s)"""
+             (SELECT count(*) FROM harmonia.review_queue WHERE source_vocab = %(v)s),
+             (SELECT count(*) FROM harmonia.source_queue WHERE source_vocab = %(v)s AND deaths > 0),
+             (SELECT coalesce(max(solo_deaths), 0) FROM harmonia.source_queue WHERE source_vocab = %(v)s)"""
     r = one(conn.execute(q, {"v": source_vocab}))
     return {"states": by_state, "items": r[0], "codes_mapped_twice": r[1], "concept_map_rows": r[2],
             "approved_without_map": r[3], "map_without_approved_item": r[4], "codes_with_two_auto_approvals": r[5],
             "auto_approve_history_rows": r[6], "review_states_without_review_item": r[7], "attempts_total": r[8],
             "items_attempted_more_than_once": r[9], "max_attempts": r[10], "deaths": r[11],
-            "provider_failures": r[12], "review_items": r[13]}
+            "provider_failures": r[12], "review_items": r[13], "items_with_deaths": r[14],
+            "max_solo_deaths": r[15], "review_reasons": dict(conn.execute(
+                "SELECT reason, count(*) FROM harmonia.review_queue WHERE source_vocab = %s GROUP BY reason",
+                (source_vocab,)).fetchall())}
