@@ -164,7 +164,9 @@ class RouterSettings:
 class WorkerSettings:
     batch_size: int = setting(16, "Queue items claimed per batch.")
     lease_s: float = setting(120.0, "Lease length; renewed while working, reclaimed after expiry.")
-    max_attempts: int = setting(3, "Failed attempts before an item goes to review.")
+    max_attempts: int = setting(3, "Failed attempts (decide raised) before an item goes to review; also the "
+                                   "least provider failures before one can, and the deaths of a worker holding "
+                                   "it alone that make it poison.")
     poll_s: float = setting(2.0, "Poll interval when LISTEN/NOTIFY brings nothing.")
     retry_base_s: float = setting(2.0, "First back-off of an item after a failed attempt or a provider failure; "
                                        "doubles with each one, jittered (half to all of it).")

@@ -472,14 +472,15 @@ def llm_worker_settings(fresh_db: str, tmp_path: Path, conn: psycopg.Connection,
 
 def test_provider_outage_defers_codes_and_pauses_claiming(fresh_db: str, tmp_path: Path, conn: psycopg.Connection,
                                                           monkeypatch) -> None:
-    """The provider answers 500 for its first 1.5 s, then times out for 1 s, then answers: every code ends
+    """The provider answers 500 for 1.5 s from its first call, then times out for 1 s, then answers: every code ends
     approved, none in review, although the codes it failed reached worker_max_attempts (1) long before."""
     from tests.llm_stubs import OpenAIStub, good_input, user_payload
 
-    t0 = time.monotonic()
+    first: list[float] = []
 
     def step(request: dict) -> tuple:
-        up = time.monotonic() - t0
+        first.append(time.monotonic())  # the outage starts with the first call (the worker loads a model first)
+        up = time.monotonic() - first[0]
         if up < 1.5:
             return ("status", 500)
         if up < 2.5:
