@@ -645,11 +645,13 @@ def test_claim_reads_only_ready_pending_rows_however_many_are_finished(conn: psy
     qstore.analyze(conn)
     plan = qstore.explain_claim(conn, 16)
     scans = plan["scans"]
-    # one scan of an index over pending rows only (which one the planner takes depends on how many are pending):
-    # the 100,000 finished rows are never read
-    assert len(scans) == 1 and scans[0]["index"] in ("source_queue_ready_idx", "source_queue_pending_idx"), scans
-    assert scans[0]["rows"] + scans[0]["removed_by_filter"] <= 40
-    assert plan["shared_buffers"] < 100
+    # index scans only: the expired leases, the ready pending rows (which pending index the planner takes depends
+    # on how many are pending), and the claimed rows by id: the 100,000 finished rows are never read
+    assert all(x["node"] in ("Index Scan", "Index Only Scan") for x in scans), scans
+    assert {x["index"] for x in scans} & {"source_queue_ready_idx", "source_queue_pending_idx"}
+    assert "source_queue_lease_idx" in {x["index"] for x in scans}
+    assert sum(x["rows"] + x["removed_by_filter"] for x in scans) <= 40 + 16
+    assert plan["shared_buffers"] < 600  # the 16 updates included; a scan of the finished rows alone is ~1,500
     items = qstore.claim(conn, "w", 100, 10)
     assert len(items) == 20 and {i.term.source_vocab for i in items} == {"ICD10"}
 
@@ -849,3 +851,23 @@ def _run_catching(w: Worker) -> BaseException | None:
     except BaseException as exc:  # noqa: BLE001 - the test inspects it
         return exc
     return None
+
+
+def test_an_idle_worker_survives_losing_its_listen_connection(fresh_db: str, tmp_path: Path,
+                                                              conn: psycopg.Connection, embedder) -> None:
+    w = make_worker(fresh_db, tmp_path, conn, embedder, TopReranker(), max_items=3, worker_poll_s=0.2)
+    errors: list[BaseException | None] = []
+    th = threading.Thread(target=lambda: errors.append(_run_catching(w)))
+    th.start()
+    try:
+        time.sleep(0.5)  # idle, listening
+        conn.execute("SELECT pg_terminate_backend(%s)", (w._listen.info.backend_pid,))
+        time.sleep(0.6)
+        enqueue(conn, sample_terms(conn, 3))
+        th.join(timeout=30)
+    finally:
+        if th.is_alive():
+            w.stop()
+            th.join(timeout=10)
+        w.close()
+    assert errors == [None] and w.stats.approved == 3 and w.stats.reconnects >= 1 and w.stats.db_outages >= 1

@@ -250,6 +250,17 @@ def _close_quietly(conn: psycopg.Connection | None) -> None:
             conn.close()
 
 
+def _usable(conn: psycopg.Connection) -> bool:
+    """The connection still reaches the server."""
+    if conn.closed or conn.broken:
+        return False
+    try:
+        qstore.ping(conn)
+    except psycopg.OperationalError:
+        return False
+    return True
+
+
 class Worker:
     """One worker process's loop. `make_pipeline` builds its pipeline on the worker's connection (`from_settings`:
     the configured one, or an injected one for tests and custom rerankers); it is called again on the fresh
@@ -362,12 +373,14 @@ class Worker:
     def _reconnect(self) -> None:
         """Fresh connections for the loop, the LISTEN and the pipeline (rebuilt on the new connection: its
         retriever, calibration and LLM call log held the old one)."""
-        if not self.conn.closed and not self.conn.broken:
-            try:
-                qstore.ping(self.conn)
-                return  # the connection is fine: the error was the statement's (the caller retries it)
-            except psycopg.OperationalError:
-                pass
+        if _usable(self.conn):
+            if not _usable(self._listen):  # only the LISTEN connection went (e.g. its backend was terminated)
+                listen = psycopg.connect(self.url, autocommit=True, connect_timeout=5)
+                qstore.listen(listen)
+                _close_quietly(self._listen)
+                self._listen = listen
+                self.stats.reconnects += 1
+            return  # the worker's connection is fine: the error was the statement's (the caller retries it)
         conn = psycopg.connect(self.url, autocommit=True, connect_timeout=5)
         try:
             listen = psycopg.connect(self.url, autocommit=True, connect_timeout=5)

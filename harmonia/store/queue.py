@@ -94,6 +94,35 @@ def listen(conn: psycopg.Connection) -> None:
     conn.execute(f"LISTEN {CHANNEL}")
 
 
+# The claim (see claim()): an expired lease taken over alone, else up to %(limit)s ready pending items.
+_CLAIM = f"""WITH t AS (
+        SELECT id FROM harmonia.source_queue
+        WHERE state = 'in_progress' AND lease_expires_at < now()
+        ORDER BY lease_expires_at LIMIT 1 FOR UPDATE SKIP LOCKED),
+    taken AS (
+        UPDATE harmonia.source_queue q
+        SET lease_owner = %(owner)s, lease_expires_at = now() + make_interval(secs => %(lease)s),
+            attempts = q.attempts + 1, deaths = q.deaths + 1,
+            solo_deaths = q.solo_deaths + q.leased_alone::int, leased_alone = true, updated_at = now()
+        FROM t WHERE q.id = t.id
+        RETURNING {_ITEM_COLUMNS}, true),
+    p AS (
+        SELECT id FROM harmonia.source_queue
+        WHERE state = 'pending' AND coalesce(retry_at, enqueued_at) <= now()
+        ORDER BY coalesce(retry_at, enqueued_at), id
+        LIMIT (SELECT CASE WHEN EXISTS (SELECT 1 FROM t) THEN 0 ELSE %(limit)s END)
+        FOR UPDATE SKIP LOCKED),
+    n AS (SELECT count(*) AS n FROM p),
+    pending AS (
+        UPDATE harmonia.source_queue q
+        SET state = 'in_progress', lease_owner = %(owner)s,
+            lease_expires_at = now() + make_interval(secs => %(lease)s), attempts = q.attempts + 1,
+            retry_at = NULL, leased_alone = (n.n = 1), updated_at = now()
+        FROM p, n WHERE q.id = p.id
+        RETURNING {_ITEM_COLUMNS}, false)
+    SELECT * FROM taken UNION ALL SELECT * FROM pending"""
+
+
 def _claims_need_no_flush(conn: psycopg.Connection) -> None:
     """A claim's commit does not wait for its WAL flush (this transaction only). A claim lost in a server crash
     leaves the item as it was: its worker's outcome then finds the lease not its own and rolls back, so the cost is
@@ -103,64 +132,24 @@ def _claims_need_no_flush(conn: psycopg.Connection) -> None:
 
 def claim(conn: psycopg.Connection, owner: str, limit: int, lease_s: float) -> list[QueueItem]:
     """Lease items: one taken over from an expired lease (its worker died) if there is one, held alone so that a
-    code that kills its worker cannot take a batch of healthy codes down with it; else up to `limit` pending items
-    whose back-off is over. Commits before returning, so the lease is visible to all."""
-    taken = claim_taken_over(conn, owner, lease_s)
-    return [taken] if taken is not None else claim_pending(conn, owner, limit, lease_s)
-
-
-def claim_taken_over(conn: psycopg.Connection, owner: str, lease_s: float) -> QueueItem | None:
-    """Lease one in-progress item whose lease expired, counting the death (and a solo death when its dead worker
-    held it alone). A range scan of the lease index: only in-progress rows are read."""
-    with conn.transaction():
+    code that kills its worker cannot take a batch of healthy codes down with it (the death is counted, and a solo
+    death when its dead worker held it alone); else up to `limit` pending items whose back-off is over, oldest
+    ready first. One statement whose two scans are range scans of partial indexes (the lease index, and
+    source_queue_ready_idx of migration 090): the plan reads neither finished rows nor items waiting out a
+    back-off. Commits before returning (pipelined: one round trip), so the lease is visible to all."""
+    with conn.pipeline(), conn.transaction():
         _claims_need_no_flush(conn)
-        row = conn.execute(
-            f"""WITH c AS (
-                   SELECT id FROM harmonia.source_queue
-                   WHERE state = 'in_progress' AND lease_expires_at < now()
-                   ORDER BY lease_expires_at LIMIT 1 FOR UPDATE SKIP LOCKED)
-               UPDATE harmonia.source_queue q
-               SET lease_owner = %s, lease_expires_at = now() + make_interval(secs => %s),
-                   attempts = q.attempts + 1, deaths = q.deaths + 1,
-                   solo_deaths = q.solo_deaths + q.leased_alone::int, leased_alone = true, updated_at = now()
-               FROM c WHERE q.id = c.id
-               RETURNING {_ITEM_COLUMNS}""",
-            (owner, lease_s)).fetchone()
-    return None if row is None else _item(row, taken_over=True)
-
-
-def claim_pending(conn: psycopg.Connection, owner: str, limit: int, lease_s: float) -> list[QueueItem]:
-    """Lease up to `limit` pending items, oldest ready first (enqueued, or back-off over). A range scan of
-    source_queue_ready_idx (migration 090): the plan reads only ready pending rows, however many are finished or
-    waiting out a back-off."""
-    with conn.transaction():
-        _claims_need_no_flush(conn)
-        rows = conn.execute(
-            f"""WITH c AS (
-                   SELECT id FROM harmonia.source_queue
-                   WHERE state = 'pending' AND coalesce(retry_at, enqueued_at) <= now()
-                   ORDER BY coalesce(retry_at, enqueued_at), id LIMIT %s FOR UPDATE SKIP LOCKED),
-               n AS (SELECT count(*) AS n FROM c)
-               UPDATE harmonia.source_queue q
-               SET state = 'in_progress', lease_owner = %s, lease_expires_at = now() + make_interval(secs => %s),
-                   attempts = q.attempts + 1, retry_at = NULL, leased_alone = (n.n = 1), updated_at = now()
-               FROM c, n WHERE q.id = c.id
-               RETURNING {_ITEM_COLUMNS}""",
-            (limit, owner, lease_s)).fetchall()
-    return sorted((_item(r) for r in rows), key=lambda i: i.id)
-
-
-CLAIM_PENDING_SELECT = """SELECT id FROM harmonia.source_queue
-    WHERE state = 'pending' AND coalesce(retry_at, enqueued_at) <= now()
-    ORDER BY coalesce(retry_at, enqueued_at), id LIMIT %s FOR UPDATE SKIP LOCKED"""
+        cur = conn.execute(_CLAIM, {"owner": owner, "lease": lease_s, "limit": limit})
+    rows = cur.fetchall()
+    return sorted((_item(r, taken_over=r[13]) for r in rows), key=lambda i: i.id)
 
 
 def explain_claim(conn: psycopg.Connection, limit: int = 16) -> dict[str, Any]:
-    """EXPLAIN (ANALYZE, BUFFERS) of the pending claim's row selection, in a transaction rolled back afterwards
-    (benchmark/worker_faults.py, the tests): the plan's top node, rows read, buffers, time."""
-    with conn.transaction(force_rollback=True):  # FOR UPDATE locks the rows it reads: let them go
-        plan = one(conn.execute(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {CLAIM_PENDING_SELECT}",
-                                (limit,)))[0][0]
+    """EXPLAIN (ANALYZE, BUFFERS) of the claim statement, run in a transaction rolled back afterwards (nothing is
+    claimed; benchmark/worker_faults.py, the tests): every scan with the rows it read, buffers, time."""
+    with conn.transaction(force_rollback=True):
+        plan = one(conn.execute(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {_CLAIM}",
+                                {"owner": "explain", "lease": 60, "limit": limit}))[0][0]
     nodes: list[dict[str, Any]] = []
 
     def walk(n: dict[str, Any]) -> None:
@@ -169,9 +158,11 @@ def explain_claim(conn: psycopg.Connection, limit: int = 16) -> dict[str, Any]:
             walk(c)
 
     walk(plan["Plan"])
-    scans = [n for n in nodes if "Scan" in n["Node Type"]]
-    return {"scans": [{"node": n["Node Type"], "index": n.get("Index Name"), "rows": n.get("Actual Rows"),
-                       "removed_by_filter": n.get("Rows Removed by Filter", 0)} for n in scans],
+    scans = [n for n in nodes if n.get("Relation Name") and "Scan" in n["Node Type"]]  # of a table, not a CTE
+    return {"scans": [{"node": n["Node Type"], "index": n.get("Index Name"),
+                       "rows": n.get("Actual Rows", 0) * n.get("Actual Loops", 1),  # per loop in EXPLAIN
+                       "removed_by_filter": n.get("Rows Removed by Filter", 0) * n.get("Actual Loops", 1)}
+                      for n in scans],
             "shared_buffers": plan["Plan"].get("Shared Hit Blocks", 0) + plan["Plan"].get("Shared Read Blocks", 0),
             "execution_ms": plan.get("Execution Time"), "plan": plan}
 
