@@ -42,6 +42,7 @@ from harmonia.evaluation.calibrate import plot, precision_coverage, reliability
 from harmonia.evaluation.curate import curate_maps_to_from_db, curate_usagi_from_db
 from harmonia.evaluation.run import run_set, write_result
 from harmonia.groundtruth import known_mappings
+from harmonia.kinds import KindRegistry
 from harmonia.paths import sample_dir
 from harmonia.pipeline import confidence
 from harmonia.pipeline.run import Pipeline
@@ -52,32 +53,29 @@ from harmonia.store import migrations
 from harmonia.store import vocab as vocab_store
 from harmonia.vocabulary import load_vocabulary
 
-# kind -> expected target domains (the domain-fit evidence is recomputed with them)
-KIND_DOMAINS: dict[str, tuple[str, ...]] = {
-    "diagnosis": ("Condition", "Observation", "Procedure"),
-    "admission": ("Condition", "Procedure", "Observation"),
-    "labs": ("Measurement",),
-    "drugs": ("Drug",),
-    "microbiology": ("Observation",),
-    "units": ("Unit",),
-    "procedures": ("Procedure", "Observation", "Measurement"),
-    "routes": ("Route",),
-}
+# Each set's kind (harmonia.kinds): declared in the bench database before the runs, so retrieval searches the kind's
+# domains, the guards know what a first choice may be, and the calibration is per kind.
 SET_KINDS: dict[str, str] = {
-    "ICD10": "diagnosis", "ICD10CM": "diagnosis", "ICD9CM": "diagnosis",
+    "ICD10": "diagnosis", "ICD10_dev": "diagnosis", "ICD10CM": "diagnosis", "ICD9CM": "diagnosis",
     "finomop_lab": "labs", "amstel_lab": "labs", "mimiciv_meas_lab_loinc": "labs", "mimiciv_meas_chart": "labs",
     "amstel_drug": "drugs", "mimiciv_drug_ndc": "drugs", "amstel_admission": "admission",
     "mimiciv_micro_organism": "microbiology", "UCUM": "units", "mimiciv_meas_unit": "units",
-    "mimiciv_proc_datetimeevents": "procedures", "mimiciv_proc_itemid": "procedures", "mimiciv_drug_route": "routes",
+    "mimiciv_proc_datetimeevents": "procedure", "mimiciv_proc_itemid": "procedure", "mimiciv_drug_route": "routes",
 }
+CALIBRATION_ONLY = ("ICD10_dev",)  # development rows: calibrate with them, never measure on them
 USAGI = ("finomop_lab.usagi.csv.gz", "amstel_lab.dev.usagi.csv.gz", "amstel_drug.dev.usagi.csv.gz",
          "amstel_admission.dev.usagi.csv.gz")
 
 
-def prepare_sets(conn: Any, seed: int, min_rows: int, max_rows: int) -> dict[str, list[SourceTargets]]:
-    """name -> rows (shuffled by the curation, at most max_rows)."""
+def prepare_sets(conn: Any, seed: int, min_rows: int, max_rows: int, icd10_dev: int = 0
+                 ) -> dict[str, list[SourceTargets]]:
+    """name -> rows (shuffled by the curation, at most max_rows); with `icd10_dev`, also that many ICD10
+    development-part sources as the set `ICD10_dev` (calibration rows only, never held out: what `bench calibrate`
+    fits on before mapping ICD10)."""
     out: dict[str, list[SourceTargets]] = {}
     cs = curate_maps_to_from_db(conn, seed=seed, per_vocab=None)
+    if icd10_dev:
+        out["ICD10_dev"] = [r for r in cs.parts["dev"] if r.source_vocab == "ICD10"][:icd10_dev]
     by_vocab: dict[str, list[SourceTargets]] = {}
     # ICD10: its test part only (the classifier trained on its development part). The other vocabularies: both
     # parts (too few sources otherwise); the memory never answers a source with itself, and their development
@@ -110,7 +108,11 @@ def run_all(a: argparse.Namespace) -> dict[tuple[str, str], dict[str, Any]]:
                        batch_size=base.embedding.batch_size, progress=False, retrieval=base.retrieval)
         if not mem_store.count(conn, embedder.key):
             build_memory(conn, embedder, base, known_mappings(conn, base.embedding.vocabularies), progress=False)
-        sets = prepare_sets(conn, a.seed, a.min_rows, a.max_rows)
+        sets = prepare_sets(conn, a.seed, a.min_rows, a.max_rows, a.icd10_dev)
+        reg = KindRegistry.from_settings(base, conn)
+        for name, rows in sets.items():
+            for vocab in {r.source_vocab for r in rows}:
+                reg.declare(conn, vocab, SET_KINDS[name], declared_by="calibration_loso")
         print("sets:", ", ".join(f"{k} ({SET_KINDS[k]}, {len(v)})" for k, v in sets.items()), flush=True)
         for reranker in a.reranker or ["none"]:
             overrides: dict[str, Any] = {"data_dir": a.data_dir, "reranker": reranker, "retrieval_mode": "hybrid"}
@@ -142,8 +144,9 @@ def rows_of(name: str, result: dict[str, Any]) -> list[dict[str, Any]]:
         approvable = r.get("reason") in ("approved", "low_confidence", "uncalibrated") and bool(r.get("top5"))
         if approvable and isinstance(ev, dict):
             ev = dict(ev)
-            if cal.get("domain"):
-                ev["domain_fit"] = float(cal["domain"] in KIND_DOMAINS[kind])
+            domains = KindRegistry().kind_named(kind).domains
+            if cal.get("domain") and domains:
+                ev["domain_fit"] = float(cal["domain"] in domains)
         else:
             ev = None
         out.append({"set": name, "kind": kind, "key": f"{r['source_vocab']}:{r['source_code']}",
@@ -156,6 +159,8 @@ def loso(results: dict[tuple[str, str], dict[str, Any]], reranker: str, sample: 
     sets = {name: rows_of(name, res) for (name, rr), res in results.items() if rr == reranker}
     lines = []
     for held in sets:
+        if held in CALIBRATION_ONLY:
+            continue
         per_seed = []
         probs_all: list[float] = []
         ok_all: list[bool] = []
@@ -235,6 +240,8 @@ def main() -> None:
     ap.add_argument("--min-rows", type=int, default=50, help="fewest sources for a 'Maps to' set")
     ap.add_argument("--max-rows", type=int, default=600, help="most rows per set")
     ap.add_argument("--target", type=float, default=0.98)
+    ap.add_argument("--icd10-dev", type=int, default=0, help="also calibrate on this many ICD10 development-part "
+                                                              "sources (the ICD10 test part stays held out)")
     ap.add_argument("--out", help="default: <data-dir>/loso")
     a = ap.parse_args()
     a.out = a.out or str(Path(a.data_dir) / "loso")

@@ -49,6 +49,7 @@ from stub_llm_server import StubState, serve  # sibling module: python puts the 
 from harmonia import db
 from harmonia.config import Settings, load_settings
 from harmonia.domain import RETRYABLE_ERROR_KINDS, Candidate, SourceKey, SourceTerm
+from harmonia.kinds import builtin_kind_of
 from harmonia.paths import sample_dir
 from harmonia.pipeline import confidence
 from harmonia.pipeline.worker import EnqueueCounts, enqueue
@@ -106,7 +107,7 @@ def calibrate_stub(conn: psycopg.Connection, data_path: Path, reranker_version: 
     cal = confidence.Calibrator(reranker="llm", features=["raw_logit"], mean=[0.0], scale=[1.0], coef=[1.0],
                                 kinds=[], kind_coef=[], intercept=0.0)
     confidence.save(cal, data_path)
-    kind, _ = confidence.kind_of(source_vocab)
+    kind = builtin_kind_of(source_vocab).name
     with conn.transaction():
         cal_store.save_threshold(conn, cal_store.StoredThreshold(
             reranker_version=reranker_version, calibrator_hash=cal.hash, kind=kind, source_vocab=source_vocab,

@@ -108,7 +108,10 @@ class RetrievalSettings:
     parallel: bool = setting(True, "Hybrid: run the lexical query on a second connection while the vector and "
                                    "memory searches run on the first.")
     memory_k: int = setting(20, "Remembered sources whose targets join the hybrid pool (0: memory off).")
-    domains: list[str] = setting([], "Only retrieve concepts of these domain_id values (empty: all).")
+    domains: list[str] = setting([], "Only retrieve concepts of these domain_id values (empty: all; a source "
+                                     "kind's own domains take precedence when retrieval_kind_filter is on).")
+    kind_filter: bool = setting(True, "Retrieve only the domains and target vocabularies that the source's kind "
+                                      "expects (harmonia.kinds); off: every domain.")
 
 
 @dataclass
@@ -158,6 +161,15 @@ class RouterSettings:
                                                  "by itself: only a threshold certified for the source's kind or "
                                                  "set (`harmonia bench calibrate`, `harmonia calibrate fit`) does.",
                                             key="auto_approve_threshold")
+    max_text_len: int = setting(255, "Guard: a source text longer than this (or than twice the longest text its "
+                                     "kind was calibrated on, where that is known) is never auto-approved "
+                                     "(reason text_too_long).")
+    max_retrieval_rank: int = setting(10, "Guard: an LLM's first choice that retrieval ranked below this place is "
+                                          "never auto-approved (reason low_retrieval_rank; 0: off).")
+    approve_requires: list[str] = setting([], "Guard: what must agree with the first choice before it is "
+                                              "auto-approved, any of vector, lexical, memory (retrieval's own "
+                                              "first choices), classifier, llm (a second reranker asked only "
+                                              "about would-be approvals); else reason disagreement.")
 
 
 @dataclass
@@ -218,6 +230,10 @@ class Settings:
     worker: WorkerSettings = field(default_factory=WorkerSettings)
     review: ReviewSettings = field(default_factory=ReviewSettings)
     benchmark: BenchmarkSettings = field(default_factory=BenchmarkSettings)
+    # Source sets and kinds from the TOML file's tables of tables ([sources.ICD9CM] kind = "diagnosis";
+    # [kinds.pathology] domains = [...]); harmonia.kinds reads and checks them. Not flat settings.
+    source_sets: dict[str, dict[str, Any]] = field(default_factory=dict)
+    kind_defs: dict[str, dict[str, Any]] = field(default_factory=dict)
     # Where each value came from (flat key -> "default" | file path | env var | "override"); not settings.
     sources: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
     config_file: str = field(default="", repr=False, compare=False)
@@ -278,8 +294,12 @@ class SettingSpec:
         return value
 
 
+NOT_SECTIONS = ("source_sets", "kind_defs", "sources", "config_file")
+# TOML tables of tables that are not settings: [sources.X] (a source set's kind) and [kinds.NAME] (a kind).
+TABLES_OF_TABLES = {"sources": "source_sets", "kinds": "kind_defs"}
+
 SECTIONS: dict[str, type] = {f.name: typing.get_type_hints(Settings)[f.name] for f in dataclasses.fields(Settings)
-                             if f.name not in ("sources", "config_file")}
+                             if f.name not in NOT_SECTIONS}
 
 
 def _specs() -> list[SettingSpec]:
@@ -323,6 +343,8 @@ def _table_spec(table: str, name: str) -> SettingSpec | None:
 def _read_toml(doc: dict[str, Any], path: Path) -> dict[SettingSpec, Any]:
     out: dict[SettingSpec, Any] = {}
     for key, value in doc.items():
+        if key in TABLES_OF_TABLES:
+            continue  # read by _read_tables
         if isinstance(value, dict):
             for sub, v in value.items():
                 spec = _table_spec(key, sub)
@@ -333,6 +355,17 @@ def _read_toml(doc: dict[str, Any], path: Path) -> dict[SettingSpec, Any]:
             if key not in _BY_KEY:
                 raise ConfigError(f"{path}: unknown setting {key!r}")
             out[_BY_KEY[key]] = value
+    return out
+
+
+def _read_tables(doc: dict[str, Any], path: Path) -> dict[str, dict[str, dict[str, Any]]]:
+    """[sources.X] and [kinds.NAME]: attribute name -> {X: {key: value}}."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for key, attr in TABLES_OF_TABLES.items():
+        tables = doc.get(key, {})
+        if not isinstance(tables, dict) or not all(isinstance(v, dict) for v in tables.values()):
+            raise ConfigError(f"{path}: [{key}] must hold tables, e.g. [{key}.NAME]")
+        out[attr] = {str(k): dict(v) for k, v in tables.items()}
     return out
 
 
@@ -379,6 +412,8 @@ def load_settings(overrides: dict[str, Any] | None = None, env: dict[str, str] |
             raise ConfigError(f"{path}: {exc}") from exc
         for spec, value in _read_toml(doc, path).items():
             s._set(spec, value, str(path))
+        for attr, tables in _read_tables(doc, path).items():
+            setattr(s, attr, tables)
     for spec in SPECS:
         if spec.env in env:
             s._set(spec, env[spec.env], spec.env)
@@ -410,9 +445,13 @@ def write_settings(updates: dict[str, Any], path: Path | None = None) -> Path:
     for name, value in updates.items():
         spec = spec_for(name)
         flat[spec.key] = spec.coerce(value, "write_settings")
+    out: dict[str, Any] = dict(sorted(flat.items()))
+    for key in TABLES_OF_TABLES:  # [sources.X], [kinds.NAME]: kept as they are
+        if doc.get(key):
+            out[key] = doc[key]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".toml.tmp")
-    tmp.write_text(tomli_w.dumps(dict(sorted(flat.items()))))
+    tmp.write_text(tomli_w.dumps(out))
     tmp.replace(path)
     return path
 

@@ -14,6 +14,23 @@ SourceKey = tuple[str, str]
 """(source_code, source_vocab): what identifies a source code everywhere (queue, map, review, memory)."""
 
 
+@dataclass(frozen=True)
+class SourceKind:
+    """What a source set is (diagnoses, lab names, drug strings, ...): which domains its first choices may have,
+    which domains and target vocabularies retrieval searches, and the kind the calibration is fitted per.
+    harmonia.kinds says which kind each source vocabulary has."""
+
+    name: str
+    domains: tuple[str, ...] = ()           # a first choice outside these is never auto-approved (empty: any)
+    retrieve_domains: tuple[str, ...] = ()  # retrieval searches only these domains (empty: all)
+    vocabularies: tuple[str, ...] = ()      # ... and only these target vocabularies (empty: all configured)
+
+    @property
+    def calibratable(self) -> bool:
+        """The kind 'unknown' (a set nobody declared) is never calibrated as a kind."""
+        return self.name != "unknown"
+
+
 @dataclass
 class SourceTerm:
     """A source code to map, as read from a file, the queue or the API."""

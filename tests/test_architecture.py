@@ -22,7 +22,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("harmonia", "harmonia.domain", "harmonia.config", "harmonia.paths", "harmonia.metrics"),  # shared types, settings
     ("harmonia.store",),                                   # all SQL outside migrations/
     ("harmonia.db",),                                      # connections, the embedded server
-    ("harmonia.groundtruth", "harmonia.vocabulary", "harmonia.sources", "harmonia.export"),  # data in and out
+    ("harmonia.groundtruth", "harmonia.vocabulary", "harmonia.sources", "harmonia.export",  # data in and out
+     "harmonia.kinds"),                                    # what each source set is (config + declarations)
     ("harmonia.embedding",),
     ("harmonia.retrieval",),
     ("harmonia.rerank",),

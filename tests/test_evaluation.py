@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import math
 from pathlib import Path
 
 import pytest
@@ -180,7 +181,8 @@ def _run(n: int, vocab: str, kind: str, seed: int, version: str = "none") -> dic
         sem = float(rng.uniform(0.5, 1.0))
         exact = float(rng.random() < 0.3)
         right = bool(exact or rng.random() < (sem - 0.5) * 1.6)
-        ev = {"sem1": sem, "sem_margin": 0.05, "exact_name": exact, "agree_vec": 1.0, "domain_fit": 1.0}
+        ev = {"sem1": sem, "sem_margin": 0.05, "exact_name": exact, "agree_vec": 1.0, "domain_fit": 1.0,
+              "log_len": math.log1p(10 + i % 30)}
         rows.append({"source_code": f"{vocab}{i}", "source_vocab": vocab, "hit1": right, "top5": [1],
                      "reason": "uncalibrated", "confidence": sem,
                      "calibration": {"kind": kind, "evidence": ev, "raw_confidence": sem}})
@@ -195,6 +197,8 @@ def test_calibrate_runs_per_kind_and_never_the_unknown_kind() -> None:
     assert cal.reranker_version == "none" and set(cal.kinds) == {"diagnosis"} and "unknown" in cal.skipped
     d = cal.kinds["diagnosis"]
     assert d.rows == 3001 and d.approvable == 3000  # the fault counts in the coverage, never as approvable
+    # the longest text of each kind, the text_too_long guard's yardstick
+    assert cal.calibrator.fitted_on["text_len"] == {"diagnosis": 39, "unknown": 39}
     c = d.choice
     assert c.threshold is not None and c.bound >= 0.98 and c.rows >= 149
     stored = {t.kind: t for t in cal.stored()}

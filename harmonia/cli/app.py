@@ -12,6 +12,8 @@ import typer
 from harmonia.config import ConfigError, Settings, load_settings
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     import psycopg
 
     from harmonia.sources import SourceFile
@@ -31,9 +33,11 @@ user_app = typer.Typer(help="Reviewers and their API tokens.", no_args_is_help=T
 config_app = typer.Typer(help="Show and set the configuration.", no_args_is_help=True)
 calibrate_app = typer.Typer(help="Calibrate a source set from reviewers' verdicts: sample, fit, status.",
                             no_args_is_help=True)
+kinds_app = typer.Typer(help="Source kinds: what each source set is (its expected domains and vocabularies).",
+                        no_args_is_help=True)
 for name, sub in (("db", db_app), ("vocab", vocab_app), ("embed", embed_app), ("retrieve", retrieve_app),
                   ("memory", memory_app), ("reranker", reranker_app), ("bench", bench_app), ("user", user_app),
-                  ("config", config_app), ("calibrate", calibrate_app)):
+                  ("config", config_app), ("calibrate", calibrate_app), ("kinds", kinds_app)):
     app.add_typer(sub, name=name)
 
 _overrides: dict[str, object] = {}
@@ -82,6 +86,28 @@ def read_sources(path: Path, source_vocab: str | None) -> SourceFile:
     for p in src.problems:
         typer.secho(f"skipped {path.name} {p}", fg=typer.colors.YELLOW, err=True)
     return src
+
+
+def declare_kinds(conn: psycopg.Connection, s: Settings, source_vocabs: Iterable[str], kind: str | None) -> None:
+    """`--kind K` of map, enqueue and bench run: store K as the kind of these source sets (before anything is
+    routed, so the workers and the API see it too); without it, print the kind each set has."""
+    from harmonia.kinds import KindError, KindRegistry
+
+    try:
+        reg = KindRegistry.from_settings(s, conn)
+        for vocab in sorted(set(source_vocabs)):
+            if kind:
+                if vocab in reg.configured and reg.configured[vocab].name != kind:
+                    fail(f"--kind {kind}: the configuration's [sources.{vocab}] says kind "
+                         f"{reg.configured[vocab].name!r}; change it there")
+                with conn.transaction():
+                    reg.declare(conn, vocab, kind, declared_by="cli")
+            k = reg.kind_of(vocab)
+            note = "" if k.calibratable else (" (undeclared: nothing is auto-approved until it is declared with "
+                                             "--kind and calibrated, or calibrated from reviews)")
+            typer.secho(f"{vocab}: kind {k.name} ({reg.origin_of(vocab)}){note}", err=True)
+    except KindError as exc:
+        fail(str(exc))
 
 
 def fail(message: str, code: int = 1) -> NoReturn:

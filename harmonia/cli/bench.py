@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from harmonia.cli.app import bench_app, connect, fail, settings
+from harmonia.cli.app import bench_app, connect, declare_kinds, fail, settings
 from harmonia.config import Settings
 from harmonia.groundtruth import DEFAULT_SEED
 from harmonia.pipeline.run import Pipeline
@@ -106,6 +106,8 @@ def run(set_path: Path = typer.Argument(..., help="A set CSV written by `bench c
         exclude_same_name: bool = typer.Option(False, help="Skip sources whose name equals a target's name."),
         batch_size: int = typer.Option(None, help="Rows per pipeline call (default: 32, or 4x concurrency)."),
         progress: bool = typer.Option(True, help="Show a progress bar."),
+        kind: str = typer.Option(None, help="The set's kind (labs, drugs, ...): declared for its source "
+                                            "vocabularies, so retrieval, calibration and guards use it."),
         ) -> None:
     """Run the real pipeline over a set (nothing is persisted) and report top-1, top-5, MRR, recall@K."""
     from harmonia.evaluation.run import check_gate, markdown, run_set, write_result
@@ -126,6 +128,7 @@ def run(set_path: Path = typer.Argument(..., help="A set CSV written by `bench c
     if not rows:
         fail(f"{set_path}: no rows to run")
     with connect(s) as conn:
+        declare_kinds(conn, s, [r.source_vocab for r in rows], kind)
         try:
             pipe = _make_pipeline(conn, s, use_cache=not no_cache)
         except RetrievalError as exc:

@@ -45,6 +45,7 @@ def fit(source_vocab: str = typer.Option(..., help="The source set (its source v
         ) -> None:
     """Certify the set's threshold from the reviewers' verdicts on its sample, store it, and approve the set's
     pending decisions at or above it (each with a history entry naming the calibration)."""
+    from harmonia.kinds import KindRegistry
     from harmonia.pipeline.review_calibration import ReviewCalibrationError
     from harmonia.pipeline.review_calibration import fit as fit_set
 
@@ -55,7 +56,7 @@ def fit(source_vocab: str = typer.Option(..., help="The source set (its source v
     with connect(s) as conn:
         try:
             r = fit_set(conn, source_vocab, target=target, alpha=alpha, approve=approve,
-                        floor=s.router.auto_approve_threshold)
+                        floor=s.router.auto_approve_threshold, kinds=KindRegistry.from_settings(s, conn))
         except ReviewCalibrationError as exc:
             fail(str(exc))
     if r.threshold is None:

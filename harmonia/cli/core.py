@@ -14,7 +14,18 @@ from rich.console import Console
 from rich.table import Table
 
 from harmonia import db
-from harmonia.cli.app import app, config_app, connect, db_app, embed_app, fail, read_sources, settings, vocab_app
+from harmonia.cli.app import (
+    app,
+    config_app,
+    connect,
+    db_app,
+    declare_kinds,
+    embed_app,
+    fail,
+    read_sources,
+    settings,
+    vocab_app,
+)
 from harmonia.config import Settings, docs_markdown, setting_specs
 from harmonia.domain import SourceTargets
 from harmonia.pipeline.run import MapSummary, Pipeline
@@ -168,6 +179,9 @@ def search(text: str = typer.Argument(..., help="Source text to look up."),
 def map_file(path: Path = typer.Argument(..., exists=True, dir_okay=False, help="CSV of source codes (Usagi "
                                                                                "columns)."),
              source_vocab: str = typer.Option("local", help="Source vocabulary when the file has no column."),
+             kind: str = typer.Option(None, help="The set's kind (diagnosis, procedure, labs, drugs, admission, "
+                                                 "microbiology, ... or one of the configuration's [kinds]): "
+                                                 "declared for its source vocabularies and kept."),
              reranker: str = typer.Option(None, help="none | llm | classifier (default: the setting)."),
              progress: bool = typer.Option(True)) -> None:
     """Map a file of source codes: retrieve -> rerank -> route -> persist; prints a reconciling summary."""
@@ -175,6 +189,8 @@ def map_file(path: Path = typer.Argument(..., exists=True, dir_okay=False, help=
 
     s = settings(reranker=reranker)
     src = read_sources(path, source_vocab)
+    with connect(s) as conn:
+        declare_kinds(conn, s, [t.source_vocab for t in src.terms] or [source_vocab], kind)
     with connect(s) as conn, _pipeline(conn, s) as pipe:
         summary = MapSummary(input_rows=src.rows, skipped_invalid=len(src.problems), duplicates=src.duplicates)
         map_terms(conn, pipe, src.terms, summary=summary, progress=progress)

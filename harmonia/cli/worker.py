@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from harmonia.cli.app import app, connect, fail, read_sources, settings
+from harmonia.cli.app import app, connect, declare_kinds, fail, read_sources, settings
 
 console = Console(width=200)
 queue_app = typer.Typer(help="The work queue: retention.", no_args_is_help=True)
@@ -21,13 +21,16 @@ app.add_typer(queue_app, name="queue")
 @app.command()
 def enqueue(path: Path = typer.Argument(..., exists=True, dir_okay=False,
                                         help="CSV of source codes (Usagi columns: sourceCode, sourceName, ...)."),
-            source_vocab: str = typer.Option("local", help="Source vocabulary when the file has no column.")) -> None:
+            source_vocab: str = typer.Option("local", help="Source vocabulary when the file has no column."),
+            kind: str = typer.Option(None, help="The set's kind (labs, drugs, ...), declared for its source "
+                                                "vocabularies before the workers route them.")) -> None:
     """Add source codes to the work queue (codes already queued are skipped); workers pick them up."""
     from harmonia.pipeline.worker import enqueue as enqueue_terms
 
     s = settings()
     src = read_sources(path, source_vocab)
     with connect(s) as conn:
+        declare_kinds(conn, s, [t.source_vocab for t in src.terms] or [source_vocab], kind)
         counts = enqueue_terms(conn, src.terms)
     console.print(f"{src.rows} rows: {counts.new} queued, {counts.duplicate} already in the queue, "
                   f"{src.duplicates} repeated in the file, {len(src.problems)} invalid rows skipped")

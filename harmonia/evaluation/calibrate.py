@@ -10,6 +10,7 @@ rows of the kind, precision over those approved.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,8 +18,9 @@ from typing import Any
 
 import psycopg
 
+from harmonia.kinds import UNKNOWN, builtin_kind_of
 from harmonia.pipeline import confidence as conf_mod
-from harmonia.pipeline.confidence import UNKNOWN_KIND, Calibrator
+from harmonia.pipeline.confidence import Calibrator
 from harmonia.pipeline.thresholds import DEFAULT_ALPHA, ThresholdChoice, choose_threshold
 from harmonia.store import calibration as cal_store
 from harmonia.store.calibration import StoredThreshold
@@ -161,7 +163,7 @@ def rows_of(result: dict[str, Any]) -> list[CalRow]:
             raise CalibrationError(f"{result.get('set', 'run')}: row {i + 1} has no evidence recorded (a run made "
                                    "before calibration existed): run `harmonia bench run` again")
         out.append(CalRow(source_vocab=str(r.get("source_vocab", "")), source_code=str(r.get("source_code", "")),
-                          kind=str(cal.get("kind") or conf_mod.kind_of(str(r.get("source_vocab", "")))[0]),
+                          kind=str(cal.get("kind") or builtin_kind_of(str(r.get("source_vocab", ""))).name),
                           correct=bool(r.get("hit1")), approvable=approvable,
                           evidence={k: float(v) for k, v in ev.items()} if isinstance(ev, dict) else None))
     return out
@@ -194,11 +196,17 @@ def calibrate_runs(results: Sequence[dict[str, Any]], *, target: float = 0.98, a
     except ValueError as exc:
         raise CalibrationError(str(exc)) from exc
     calibrator.fitted_on.update(sets=sorted({str(r.get("set", "")) for r in results}))
+    # The longest text each kind was calibrated on: the text_too_long guard's yardstick (harmonia.pipeline.guards)
+    lengths: dict[str, int] = {}
+    for r, e in zip(fit_rows, ev, strict=True):
+        if "log_len" in e:
+            lengths[r.kind] = max(lengths.get(r.kind, 0), round(math.expm1(e["log_len"])))
+    calibrator.fitted_on.update(text_len=lengths)
     out = RunsCalibration(reranker=reranker, reranker_version=versions.pop(), calibrator=calibrator)
     for kind in sorted({r.kind for r in rows}):
         idx = [i for i, r in enumerate(fit_rows) if r.kind == kind]
         total = sum(1 for r in rows if r.kind == kind)
-        if kind == UNKNOWN_KIND:
+        if kind == UNKNOWN.name:
             out.skipped[kind] = (f"{total} rows of sets without a declared kind: never calibrated as a kind "
                                  "(declare the kind, or calibrate the set from reviews)")
             continue

@@ -259,23 +259,6 @@ def load(data_path: Path, reranker: str) -> Calibrator | None:
         raise CalibratorError(f"{path}: {exc}") from exc
 
 
-# ------------------------------------------------------------------------------------------------ kinds
-
-# What a source set is, until its kind is declared: the few vocabularies whose kind is plain. Any other set is of
-# kind "unknown", which no calibration covers unless one is fitted for it (from reviews, `harmonia calibrate`).
-_BUILTIN_KINDS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "ICD10": ("diagnosis", ("Condition", "Observation")),
-    "ICD10CM": ("diagnosis", ("Condition", "Observation")),
-    "ICD9CM": ("diagnosis", ("Condition", "Observation")),
-}
-UNKNOWN_KIND = "unknown"
-
-
-def kind_of(source_vocab: str) -> tuple[str, tuple[str, ...]]:
-    """(kind, expected domains) of a source vocabulary."""
-    return _BUILTIN_KINDS.get(source_vocab, (UNKNOWN_KIND, ()))
-
-
 # ------------------------------------------------------------------------------------------------ at run time
 
 

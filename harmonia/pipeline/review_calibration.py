@@ -16,9 +16,10 @@ from typing import Any
 
 import psycopg
 
-from harmonia.pipeline import confidence as conf_mod
+from harmonia.kinds import KindRegistry
 from harmonia.pipeline.thresholds import DEFAULT_ALPHA, fit_from_sample, min_rows_for, review_sample
 from harmonia.store import calibration as cal_store
+from harmonia.store import kinds as kinds_store
 
 SAMPLE_PRIORITY = 1_000_000  # above any other item of the queue
 
@@ -127,7 +128,7 @@ class FitReport:
 
 
 def fit(conn: psycopg.Connection, source_vocab: str, *, target: float = 0.98, alpha: float = DEFAULT_ALPHA,
-        approve: bool = True, floor: float = 0.0) -> FitReport:
+        approve: bool = True, floor: float = 0.0, kinds: KindRegistry | None = None) -> FitReport:
     """Certify the set's threshold from the reviewers' verdicts on its sample, store it and (unless `approve` is
     off) approve the set's pending decisions at or above it (and at or above `floor`, the auto_approve_threshold
     setting, as the router does). One transaction."""
@@ -147,7 +148,7 @@ def fit(conn: psycopg.Connection, source_vocab: str, *, target: float = 0.98, al
     set_conf = [p.confidence for p in pending] + [r.confidence for r in rows]
     choice = fit_from_sample([r.confidence for r in high], [bool(r.verdict) for r in high], set_conf, rows[0].floor,
                              target=target, alpha=alpha)
-    kind = conf_mod.kind_of(source_vocab)[0]
+    kind = (kinds or KindRegistry(declared=kinds_store.declared(conn))).kind_of(source_vocab).name
     with conn.transaction():
         cal_id = cal_store.save_threshold(conn, cal_store.StoredThreshold(
             reranker_version=reranker_version, calibrator_hash=cal_hash, kind=kind, source_vocab=source_vocab,

@@ -15,10 +15,11 @@ from harmonia.domain import Action, Candidate, Decision, RankingEntry, RerankRes
 
 def route(term: SourceTerm, candidates: Sequence[Candidate], result: RerankResult, threshold: float | None,
           top_n: int = 5, *, confidence: float | None = None, model_version: str | None = None,
-          calibration: dict[str, Any] | None = None) -> Decision:
+          calibration: dict[str, Any] | None = None, guard: str | None = None) -> Decision:
     """`threshold`: the certified threshold for this term's kind or set (None: uncalibrated, never approved);
     `confidence`: the calibrated probability (default: the reranker's own confidence); `model_version`: the
-    decision's (default: the reranker's); `calibration`: what to record about both."""
+    decision's (default: the reranker's); `calibration`: what to record about both; `guard`: the reason a guard
+    (harmonia.pipeline.guards) stopped the first choice, which then goes to review whatever its confidence."""
     by_id = {c.concept_id: c for c in candidates}
     # The reranker should only return candidates; anything else is dropped here too (the FK is the last line).
     ranked = [r for r in result.ranked if r.concept_id in by_id][:top_n]
@@ -40,6 +41,8 @@ def route(term: SourceTerm, candidates: Sequence[Candidate], result: RerankResul
         reason = "no_candidates"
     elif result.no_match or top is None:
         reason = "no_match"
+    elif guard:
+        reason = guard
     elif threshold is None:
         reason = "uncalibrated"
     elif confidence >= threshold and result.ranked[0].concept_id in by_id:  # a dropped top-1's confidence is void

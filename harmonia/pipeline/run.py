@@ -16,9 +16,11 @@ from typing import Self
 
 import psycopg
 
-from harmonia.config import RerankSettings, RouterSettings, Settings
-from harmonia.domain import Candidate, Decision, RerankResult, SourceTerm
+from harmonia.config import RerankSettings, RetrievalSettings, RouterSettings, Settings
+from harmonia.domain import Candidate, Decision, RerankResult, SourceKind, SourceTerm
+from harmonia.kinds import KindRegistry
 from harmonia.pipeline import confidence as conf_mod
+from harmonia.pipeline import guards
 from harmonia.pipeline.confidence import Calibration
 from harmonia.pipeline.route import route
 from harmonia.rerank.base import Reranker
@@ -32,15 +34,23 @@ class Pipeline:
     """retrieve -> rerank -> route for batches of source terms; owns (and closes) its retriever and reranker."""
 
     def __init__(self, retriever: Retriever, reranker: Reranker, router: RouterSettings,
-                 rerank: RerankSettings, calibration: Calibration | None = None) -> None:
+                 rerank: RerankSettings, calibration: Calibration | None = None, *, kinds: KindRegistry | None = None,
+                 retrieval: RetrievalSettings | None = None, second_opinions: dict[str, Reranker] | None = None
+                 ) -> None:
         """`calibration`: the reranker's calibrator and certified thresholds (`Calibration.load`); without one
-        nothing is auto-approved (reason `uncalibrated`)."""
+        nothing is auto-approved (reason `uncalibrated`). `kinds`: each source vocabulary's kind (default: the
+        built-in ones); `retrieval.kind_filter` restricts retrieval to the kind's domains and vocabularies.
+        `second_opinions`: rerankers `router.approve_requires` names besides this one (owned and closed here)."""
         self.retriever = retriever
         self.reranker = reranker
+        self.router = router
         # No longer a threshold by itself: a floor under every calibrated one.
         self.floor = router.auto_approve_threshold
         self.top_n = rerank.top_n
         self.calibration = calibration or Calibration.uncalibrated(reranker.model_version)
+        self.kinds = kinds or KindRegistry()
+        self.kind_filter = retrieval.kind_filter if retrieval is not None else True
+        self.second_opinions = dict(second_opinions or {})
 
     @classmethod
     def from_settings(cls, conn: psycopg.Connection, settings: Settings) -> Pipeline:
@@ -50,19 +60,37 @@ class Pipeline:
         from harmonia.rerank import make_reranker
         from harmonia.retrieval import make_retriever
 
+        kinds = KindRegistry.from_settings(settings, conn)
         retriever = make_retriever(conn, Embedder.from_settings(settings), settings)
+        opened: list[Reranker] = []
         try:
             reranker = make_reranker(settings, conn)
+            opened.append(reranker)
             calibration = Calibration.load(conn, settings.data_path, reranker.name, reranker.model_version)
+            second: dict[str, Reranker] = {}
+            for name in settings.router.approve_requires:
+                if name in ("classifier", "llm") and name != reranker.name:
+                    second[name] = make_reranker(settings, conn, kind=name)
+                    opened.append(second[name])
+                elif name not in guards.RETRIEVAL_VOTERS and name not in ("classifier", "llm"):
+                    from harmonia.config import ConfigError
+
+                    raise ConfigError(f"setting 'router_approve_requires': {name!r} is not one of vector, lexical, "
+                                      "memory, classifier, llm")
         except BaseException:
+            for r in opened:
+                r.close()
             retriever.close()
             raise
-        return cls(retriever, reranker, settings.router, settings.rerank, calibration)
+        return cls(retriever, reranker, settings.router, settings.rerank, calibration, kinds=kinds,
+                   retrieval=settings.retrieval, second_opinions=second)
 
     def close(self) -> None:
-        """Close the reranker and the retriever (not the connection the retriever was given)."""
+        """Close the rerankers and the retriever (not the connection the retriever was given)."""
         try:
             self.reranker.close()
+            for r in self.second_opinions.values():
+                r.close()
         finally:
             self.retriever.close()
 
@@ -77,41 +105,89 @@ class Pipeline:
         """Retrieval batched across the terms, then the reranker (which may batch or run concurrently)."""
         if not terms:
             return []
-        candidate_lists = self.retriever.search_many([t.source_text for t in terms],
-                                                     source_keys=[t.key for t in terms])
+        try:
+            self.kinds.refresh_if_due()
+        except psycopg.OperationalError as exc:  # the database is away: the kinds read last stay in force
+            log.warning("kind refresh failed, keeping the declarations read last: %s", exc)
+        candidate_lists = self.retrieve(terms)
         results = self.reranker.rerank_many(list(zip(terms, candidate_lists, strict=True)))
-        decisions = []
-        for term, cands, result in zip(terms, candidate_lists, results, strict=True):
-            if not isinstance(result, RerankResult):  # defensive: a reranker bug must not lose the code
-                result = RerankResult([], 0.0, self.reranker.model_version, error="reranker returned nothing",
-                                      error_kind="reranker_exception")
-            decisions.append(self.route(term, cands, result))
-        return decisions
+        results = [r if isinstance(r, RerankResult)  # defensive: a reranker bug must not lose the code
+                   else RerankResult([], 0.0, self.reranker.model_version, error="reranker returned nothing",
+                                     error_kind="reranker_exception") for r in results]
+        opinions = self.ask_second_opinions(terms, candidate_lists, results)
+        return [self.route(term, cands, result, opinions[i])
+                for i, (term, cands, result) in enumerate(zip(terms, candidate_lists, results, strict=True))]
 
-    def route(self, term: SourceTerm, cands: Sequence[Candidate], result: RerankResult) -> Decision:
-        return route_calibrated(term, cands, result, self.calibration, self.floor, self.top_n)
+    def retrieve(self, terms: Sequence[SourceTerm]) -> list[list[Candidate]]:
+        """Candidates per term; with the kind filter on, each kind's terms are searched in its domains and
+        vocabularies only (retrievers still return K rows under a filter)."""
+        out: list[list[Candidate]] = [[] for _ in terms]
+        groups: dict[SourceKind, list[int]] = {}
+        for i, t in enumerate(terms):
+            groups.setdefault(self.kinds.kind_of(t.source_vocab), []).append(i)
+        for kind, idx in groups.items():
+            domains = kind.retrieve_domains if self.kind_filter and kind.retrieve_domains else None
+            vocabularies = kind.vocabularies if self.kind_filter and kind.vocabularies else None
+            found = self.retriever.search_many([terms[i].source_text for i in idx], domains=domains,
+                                               vocabularies=vocabularies, source_keys=[terms[i].key for i in idx])
+            for i, cands in zip(idx, found, strict=True):
+                out[i] = cands
+        return out
+
+    def ask_second_opinions(self, terms: Sequence[SourceTerm], candidate_lists: Sequence[Sequence[Candidate]],
+                            results: Sequence[RerankResult]) -> list[dict[str, int | None]]:
+        """The first choice of each second reranker, asked only about terms whose own answer has a first choice
+        (a second LLM call for every code would double the bill for nothing)."""
+        out: list[dict[str, int | None]] = [{} for _ in terms]
+        ask = [i for i, r in enumerate(results) if r.ranked and not r.error and not r.no_match]
+        for name, other in self.second_opinions.items():
+            answers = other.rerank_many([(terms[i], list(candidate_lists[i])) for i in ask])
+            for i, a in zip(ask, answers, strict=True):
+                out[i][name] = a.ranked[0].concept_id if a.ranked and not a.error and not a.no_match else None
+        return out
+
+    def route(self, term: SourceTerm, cands: Sequence[Candidate], result: RerankResult,
+              second_opinions: dict[str, int | None] | None = None) -> Decision:
+        return route_calibrated(term, cands, result, self.calibration, self.floor, self.top_n,
+                                kind=self.kinds.kind_of(term.source_vocab), router=self.router,
+                                reranker=self.reranker.name, second_opinions=second_opinions)
 
 
 def route_calibrated(term: SourceTerm, cands: Sequence[Candidate], result: RerankResult, cal: Calibration,
-                     floor: float, top_n: int = 5) -> Decision:
-    """Calibrate a reranker's answer and route it against the certified threshold of the term's kind or set (none:
-    review, `uncalibrated`); `floor` (the auto_approve_threshold setting) is a floor under every threshold."""
+                     floor: float, top_n: int = 5, *, kind: SourceKind | None = None,
+                     router: RouterSettings | None = None, reranker: str = "",
+                     second_opinions: dict[str, int | None] | None = None) -> Decision:
+    """Calibrate a reranker's answer, check the guards, and route it against the certified threshold of the term's
+    kind or set (none: review, `uncalibrated`); `floor` (the auto_approve_threshold setting) is a floor under every
+    threshold. `kind`: the term's (default: its built-in kind)."""
+    from harmonia.kinds import builtin_kind_of
+
     try:
         cal.refresh_if_due()
     except psycopg.OperationalError as exc:  # the database is away: the thresholds loaded last stay in force
         log.warning("calibration refresh failed, keeping the loaded thresholds: %s", exc)
-    kind, domains = conf_mod.kind_of(term.source_vocab)
-    ev = conf_mod.evidence(term, cands, result, domains)
-    record: dict[str, object] = {"kind": kind, "raw_confidence": round(float(result.confidence), 4)}
+    kind = kind or builtin_kind_of(term.source_vocab)
+    router = router or RouterSettings()
+    ev = conf_mod.evidence(term, cands, result, kind.domains)
+    text_len = cal.calibrator.fitted_on.get("text_len", {}) if cal.calibrator else {}
+    guard = guards.check(term, cands, result, kind, reranker=reranker or result.model_version.split(":")[0],
+                         max_len=guards.max_text_len(kind, text_len if isinstance(text_len, dict) else {},
+                                                     router.max_text_len),
+                         max_retrieval_rank=router.max_retrieval_rank, requires=router.approve_requires,
+                         second_opinions=second_opinions)
+    record: dict[str, object] = {"kind": kind.name, "raw_confidence": round(float(result.confidence), 4)}
+    if guard:
+        record["guard"] = guard
     if ev is not None:  # kept with the decision: what a calibrator is fitted on (`bench calibrate`)
         record["evidence"] = {k: round(v, 6) for k, v in ev.items()}
         first = next(c for c in cands if c.concept_id == result.ranked[0].concept_id)
         record["domain"] = first.domain_id  # to recompute the domain fit for another kind (benchmarks)
     if cal.calibrator is None or ev is None:
         # Nothing to calibrate (no calibrator; or no first choice, which the router sends to review anyway)
-        return route(term, cands, result, None, top_n, calibration=record)
-    prob = cal.calibrator.probability(ev, kind)
-    stored = cal.threshold_for(kind, term.source_vocab, result.model_version)
+        return route(term, cands, result, None, top_n, calibration=record, guard=guard)
+    prob = cal.calibrator.probability(ev, kind.name)
+    stored = cal.threshold_for(kind.name, term.source_vocab, result.model_version) if kind.calibratable or \
+        cal.thresholds.get((kind.name, term.source_vocab)) else None
     threshold = None
     if stored is not None:
         record.update(threshold_id=stored.id, origin=stored.origin, source_vocab=stored.source_vocab)
@@ -119,7 +195,7 @@ def route_calibrated(term: SourceTerm, cands: Sequence[Candidate], result: Reran
             threshold = max(stored.threshold, floor)
     record.update(calibrator=cal.calibrator.hash, threshold=threshold)
     return route(term, cands, result, threshold, top_n, confidence=prob,
-                 model_version=f"{result.model_version}+cal:{cal.calibrator.hash}", calibration=record)
+                 model_version=f"{result.model_version}+cal:{cal.calibrator.hash}", calibration=record, guard=guard)
 
 
 @dataclass

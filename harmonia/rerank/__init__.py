@@ -16,10 +16,12 @@ if TYPE_CHECKING:
     import psycopg
 
 
-def make_reranker(settings: Settings, conn: psycopg.Connection | None = None) -> Reranker:
-    """The reranker the settings name (the caller closes it). Swapping providers or kinds is configuration, never
-    code. `conn` only says a database is in use (the LLM reranker then logs and caches on its own connection)."""
-    kind = settings.rerank.kind
+def make_reranker(settings: Settings, conn: psycopg.Connection | None = None, *, kind: str | None = None
+                  ) -> Reranker:
+    """The reranker the settings name, or `kind` (a second opinion; the caller closes it). Swapping providers or
+    kinds is configuration, never code. `conn` only says a database is in use (the LLM reranker then logs and
+    caches on its own connection)."""
+    kind = kind or settings.rerank.kind
     if kind == "none":
         return NoneReranker(settings.rerank.top_n)
     if kind == "llm":
