@@ -6,6 +6,9 @@ the tool the request forces, ranking the first candidate ids it finds in the use
 
 Point Harmonia at it with reranker=llm, llm_provider=openai, llm_base_url=http://127.0.0.1:PORT/v1 and any API
 key (OPENAI_API_KEY=stub). Listens on 127.0.0.1 only. GET /stats returns the request count.
+
+A provider outage is played by setting `StubState.mode` (in the process that called `serve`): "ok", "error" (answer
+`fail_status`, 500 by default, at once) or "hang" (answer only after `hang_s`: the client times out first).
 """
 
 from __future__ import annotations
@@ -27,6 +30,10 @@ class StubState:
         self.requests = 0
         self.in_flight = 0
         self.max_in_flight = 0  # most requests being answered at once: shows the client's concurrency
+        self.mode = "ok"        # ok | error | hang
+        self.fail_status = 500
+        self.hang_s = 60.0
+        self.faults = 0         # requests answered with an error or left hanging
         self.lock = threading.Lock()
 
 
@@ -97,8 +104,15 @@ def make_handler(state: StubState) -> type[BaseHTTPRequestHandler]:
                 state.requests += 1
                 state.in_flight += 1
                 state.max_in_flight = max(state.max_in_flight, state.in_flight)
+                mode = state.mode
+                if mode != "ok":
+                    state.faults += 1
             try:
-                time.sleep(state.delay)
+                if mode == "error":
+                    self._send(state.fail_status, {"error": {"message": f"stub {state.fail_status}",
+                                                             "type": "server_error", "param": None, "code": None}})
+                    return
+                time.sleep(state.hang_s if mode == "hang" else state.delay)
                 self._send(200, answer(body, state))
             finally:
                 with state.lock:

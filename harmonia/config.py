@@ -176,8 +176,28 @@ class RouterSettings:
 class WorkerSettings:
     batch_size: int = setting(16, "Queue items claimed per batch.")
     lease_s: float = setting(120.0, "Lease length; renewed while working, reclaimed after expiry.")
-    max_attempts: int = setting(3, "Failed attempts before an item goes to review.")
+    max_attempts: int = setting(3, "Failed attempts (decide raised) before an item goes to review; also the "
+                                   "least provider failures before one can, and the deaths of a worker holding "
+                                   "it alone that make it poison.")
     poll_s: float = setting(2.0, "Poll interval when LISTEN/NOTIFY brings nothing.")
+    retry_base_s: float = setting(2.0, "First back-off of an item after a failed attempt or a provider failure; "
+                                       "doubles with each one, jittered (half to all of it).")
+    retry_max_s: float = setting(300.0, "Cap of that back-off, and of the pause while the provider is down.")
+    provider_patience_s: float = setting(1800.0, "A code goes to review because of provider failures (rate limit, "
+                                                 "5xx, timeout, connection) only once the provider has failed it "
+                                                 "this long and worker_max_attempts times; before, it waits in "
+                                                 "the queue.")
+    breaker_failures: int = setting(5, "Consecutive provider failures after which a worker stops claiming and "
+                                       "probes the provider with one item after a pause (0: never pause).")
+    breaker_pause_s: float = setting(10.0, "First pause once the provider is down; doubles after each failed "
+                                           "probe, up to worker_retry_max_s.")
+    db_patience_s: float = setting(600.0, "How long a worker waits for an unreachable database (retrying with "
+                                          "back-off on fresh connections) before it exits non-zero.")
+    prune_finished_days: float = setting(30.0, "`harmonia queue prune`: delete finished queue rows older than this "
+                                               "(in review or failed only once resolved); negative: keep all.")
+    prune_llm_call_days: float = setting(90.0, "`harmonia queue prune`: delete LLM call-log rows older than this; "
+                                               "negative: keep all. Concept maps, history and reviews are never "
+                                               "pruned.")
 
 
 @dataclass

@@ -67,7 +67,7 @@ def test_llm_decisions_persist_to_map_and_review_and_reruns_are_idempotent(
                     Calibration.load(conn, s.data_path, "llm", version))
     summary = map_terms(conn, pipe, TERMS, summary=MapSummary(input_rows=4), progress=False)
     assert (summary.approved, summary.review, summary.errors) == (1, 3, 1) and summary.reconciles
-    assert dict(summary.reasons) == {"approved": 1, "low_confidence": 1, "provider_error": 1, "no_match": 1}
+    assert dict(summary.reasons) == {"approved": 1, "low_confidence": 1, "server_error": 1, "no_match": 1}
     row = conn.execute("SELECT omop_concept_id, confidence, model_version, candidate_ranking_json, decided_by "
                        "FROM harmonia.concept_map WHERE source_code = 'E11'").fetchone()
     top = summary.decisions[0].candidates[0]
@@ -84,7 +84,7 @@ def test_llm_decisions_persist_to_map_and_review_and_reruns_are_idempotent(
     reason, error, cands, conf, mv, status = reviews["R69"]
     assert reason == "low_confidence" and error is None and len(cands) == 5 and float(conf) == 0.4
     assert {"concept_id", "concept_name", "score", "rationale", "similarity"} <= set(cands[0]) and status == "open"
-    assert reviews["X99"][0] == "provider_error" and "ServerError" in reviews["X99"][1]
+    assert reviews["X99"][0] == "server_error" and "ServerError" in reviews["X99"][1]
     assert reviews["INJ"][0] == "no_match" and reviews["INJ"][2] == []  # 12345 dropped, nothing approved
     assert conn.execute("SELECT count(*) FROM harmonia.concept_map WHERE omop_concept_id = 12345").fetchone()[0] == 0
     before = counts(conn)

@@ -148,7 +148,8 @@ def make_worker(settings_url: str, tmp_path: Path, conn: psycopg.Connection, emb
                 calibrated: bool = True, **kw: object) -> Worker:
     """A worker whose pipeline takes the test reranker's confidence as calibrated (threshold 0.9 for diagnosis
     codes; the test rerankers answer as `top-test`), or has no calibration at all."""
-    overrides = {"worker_poll_s": 0.05, "worker_lease_s": 10.0, **{k: v for k, v in kw.items()
+    overrides = {"worker_poll_s": 0.05, "worker_lease_s": 10.0, "worker_retry_base_s": 0.05,
+                 **{k: v for k, v in kw.items()
                                                                     if k.startswith("worker_")}}
     s = make_settings(settings_url, tmp_path, **overrides)
     if calibrated:
@@ -366,7 +367,7 @@ def test_attempts_counted_and_final_failure_goes_to_review(fresh_db: str, tmp_pa
     review = {r[0]: (r[1], r[2]) for r in conn.execute(
         "SELECT source_code, reason, error FROM harmonia.review_queue")}
     assert set(review) == bad
-    assert all(reason == "max_attempts" and "3 attempts" in err and "provider exploded" in err
+    assert all(reason == "max_attempts" and "3 failed attempts" in err and "provider exploded" in err
                for reason, err in review.values())
     assert stats.failed == 2 and stats.approved == 4
     assert_mapped_once(conn)
@@ -451,3 +452,422 @@ def test_worker_with_llm_reranker_against_stub_provider(fresh_db: str, tmp_path:
     mv = {r[0] for r in conn.execute("SELECT model_version FROM harmonia.concept_map")}
     assert len(mv) == 1 and mv.pop().startswith("llm:openai/stub-model")
     assert_mapped_once(conn)
+
+
+# ------------------------------------------------------------------------- faults that are not the code's (issue 19)
+
+
+def llm_worker_settings(fresh_db: str, tmp_path: Path, conn: psycopg.Connection, base_url: str,
+                        **overrides: object):
+    """Settings for a worker with the real LLM reranker (openai SDK) against a local stub, calibrated as it is."""
+    from harmonia.rerank.llm.prompt import Prompt
+
+    calibrate_as_is(conn, tmp_path, "llm", f"llm:openai/stub-model:prompt=v1-{Prompt.load('v1').hash}")
+    options: dict[str, object] = {
+        "reranker": "llm", "llm_provider": "openai", "llm_model": "stub-model", "llm_base_url": base_url,
+        "llm_concurrency": 4, "llm_max_retries": 1, "llm_retry_max_wait_s": 0.05, "llm_timeout_s": 1.0,
+        "worker_poll_s": 0.05, "worker_retry_base_s": 0.1, "worker_retry_max_s": 0.4}
+    return make_settings(fresh_db, tmp_path, **{**options, **overrides})
+
+
+def test_provider_outage_defers_codes_and_pauses_claiming(fresh_db: str, tmp_path: Path, conn: psycopg.Connection,
+                                                          monkeypatch) -> None:
+    """The provider answers 500 for 1.5 s from its first call, then times out for 1 s, then answers: every code ends
+    approved, none in review, although the codes it failed reached worker_max_attempts (1) long before."""
+    from tests.llm_stubs import OpenAIStub, good_input, user_payload
+
+    first: list[float] = []
+
+    def step(request: dict) -> tuple:
+        first.append(time.monotonic())  # the outage starts with the first call (the worker loads a model first)
+        up = time.monotonic() - first[0]
+        if up < 1.5:
+            return ("status", 500)
+        if up < 2.5:
+            return ("timeout",)
+        return ("tool", good_input([user_payload(request)[1][0]["id"]]))
+
+    stub = OpenAIStub(("fn", step))
+    monkeypatch.setenv("OPENAI_API_KEY", "stub-key")
+    try:
+        s = llm_worker_settings(fresh_db, tmp_path, conn, stub.base_url, worker_max_attempts=1,
+                                worker_provider_patience_s=60, worker_breaker_failures=3,
+                                worker_breaker_pause_s=0.3)
+        enqueue(conn, sample_terms(conn, 12))
+        w = Worker.from_settings(s, drain=True, batch_size=4)
+        stats = w.run()
+        w.close()
+    finally:
+        stub.close()
+    rows = conn.execute("SELECT state, provider_failures, failures, last_error FROM harmonia.source_queue").fetchall()
+    assert {r[0] for r in rows} == {"approved"} and stats.approved == 12
+    assert conn.execute("SELECT count(*) FROM harmonia.review_queue").fetchone()[0] == 0
+    assert all(r[2] == 0 for r in rows)  # never counted as the code's failure
+    assert stats.deferred >= 3 and sum(1 for r in rows if r[1] >= 1) >= 3  # at the attempt limit, not in review
+    # the breaker held the others back: far fewer provider failures than codes x outage rounds
+    assert sum(r[1] for r in rows) == stats.deferred <= 8
+    assert any("server_error" in (r[3] or "") or "timeout" in (r[3] or "") for r in rows)
+    assert stats.breaker_pauses >= 1  # claiming paused while the provider was down
+    assert_mapped_once(conn)
+
+
+def test_provider_failures_past_patience_go_to_review_with_the_retrieval_top_five(
+        fresh_db: str, tmp_path: Path, conn: psycopg.Connection, monkeypatch) -> None:
+    from tests.llm_stubs import OpenAIStub
+
+    stub = OpenAIStub(("status", 503))
+    monkeypatch.setenv("OPENAI_API_KEY", "stub-key")
+    try:
+        s = llm_worker_settings(fresh_db, tmp_path, conn, stub.base_url, worker_max_attempts=2,
+                                worker_provider_patience_s=0, worker_breaker_failures=0)
+        enqueue(conn, sample_terms(conn, 3))
+        w = Worker.from_settings(s, drain=True, batch_size=3)
+        stats = w.run()
+        w.close()
+    finally:
+        stub.close()
+    assert stats.in_review == 3 and stats.provider_gave_up == 3 and stats.deferred == 3
+    assert len(stub.requests) == 3 * 2 * 2  # two attempts of each code, each with the reranker's one retry
+    rows = conn.execute("SELECT state, attempts, provider_failures, failures FROM harmonia.source_queue").fetchall()
+    assert all(r == ("in_review", 2, 1, 0) for r in rows)
+    for reason, error, cands in conn.execute("SELECT reason, error, candidates_json FROM harmonia.review_queue"):
+        assert reason == "server_error" and error.startswith("2 provider attempts") and "ServerError" in error
+        assert len(cands) == 5 and all(c["rationale"].startswith("retrieval order") for c in cands)
+    assert conn.execute("SELECT count(*) FROM harmonia.concept_map").fetchone()[0] == 0
+
+
+def test_breaker_probes_with_one_item_and_backs_off() -> None:
+    from harmonia.pipeline.worker import ProviderBreaker
+
+    b = ProviderBreaker(threshold=3, pause_s=0.2, max_pause_s=0.5)
+    for _ in range(2):
+        b.record(True)
+    assert not b.is_open and b.limit(16) == 16
+    b.record(True)
+    assert b.is_open and 0.1 < b.wait_s() <= 0.2
+    time.sleep(0.21)
+    assert b.wait_s() == 0 and b.limit(16) == 1  # one probe
+    b.record(True)  # the probe failed: a longer pause
+    assert b.is_open and b.pause == 0.4 and b.wait_s() > 0.3
+    time.sleep(0.41)
+    assert b.limit(16) == 1
+    b.record(False)  # the provider is back
+    assert not b.is_open and b.limit(16) == 16 and b.consecutive == 0
+
+
+def test_codes_of_dead_workers_are_retried_alone_and_never_fail(fresh_db: str, tmp_path: Path,
+                                                                 conn: psycopg.Connection, embedder) -> None:
+    terms = sample_terms(conn, 8)
+    enqueue(conn, terms)
+    # Three workers died in turn holding the same batch (as the old claim handed it out), a fourth one died
+    # holding four other codes together.
+    assert len(qstore.claim(conn, "ghost-1", 4, lease_s=60)) == 4
+    assert len(qstore.claim(conn, "ghost-2", 4, lease_s=60)) == 4
+    conn.execute("UPDATE harmonia.source_queue SET lease_expires_at = now() - interval '1 second', "
+                 "deaths = CASE WHEN lease_owner = 'ghost-1' THEN 2 ELSE 0 END, "
+                 "attempts = CASE WHEN lease_owner = 'ghost-1' THEN 3 ELSE 1 END")
+    reranker = TopReranker()
+    seen: list[int] = []
+    orig = reranker.rerank_many
+
+    def spy(items):
+        seen.append(len(items))
+        return orig(items)
+
+    reranker.rerank_many = spy  # type: ignore[method-assign]  # count the batch sizes decided
+    w = make_worker(fresh_db, tmp_path, conn, embedder, reranker, drain=True, batch_size=8, worker_max_attempts=1)
+    stats = w.run()
+    w.close()
+    assert stats.approved == 8 and stats.failed == 0 and stats.poison == 0 and stats.taken_over == 8
+    assert seen == [1] * 8  # each taken over alone, not as part of a batch
+    rows = conn.execute("SELECT state, deaths, solo_deaths FROM harmonia.source_queue ORDER BY id").fetchall()
+    assert [r[1] for r in rows] == [3] * 4 + [1] * 4 and all(r[0] == "approved" and r[2] == 0 for r in rows)
+    assert_mapped_once(conn)
+
+
+def test_a_code_that_kills_its_worker_alone_is_poison(fresh_db: str, tmp_path: Path, conn: psycopg.Connection,
+                                                      embedder) -> None:
+    terms = sample_terms(conn, 4)
+    enqueue(conn, terms[:1])
+    assert qstore.claim(conn, "ghost-0", 8, lease_s=60)[0].term.source_code == terms[0].source_code  # alone
+    for n in range(1, 3):  # it killed each worker that took it over, alone
+        conn.execute("UPDATE harmonia.source_queue SET lease_expires_at = now() - interval '1 second'")
+        item = qstore.claim(conn, f"ghost-{n}", 8, lease_s=60)[0]
+        assert item.taken_over and (item.deaths, item.solo_deaths) == (n, n)
+    conn.execute("UPDATE harmonia.source_queue SET lease_expires_at = now() - interval '1 second'")
+    enqueue(conn, terms[1:])
+    reranker = TopReranker()
+    w = make_worker(fresh_db, tmp_path, conn, embedder, reranker, drain=True, batch_size=8, worker_max_attempts=3)
+    stats = w.run()
+    w.close()
+    assert (stats.poison, stats.failed, stats.approved) == (1, 1, 3)
+    assert reranker.calls == 3  # the poison code was not tried again
+    rows = queue_rows(conn)
+    assert rows[terms[0].source_code]["state"] == "failed"
+    reason, error = conn.execute("SELECT reason, error FROM harmonia.review_queue").fetchone()
+    assert reason == "max_attempts" and "died 3 times" in error
+
+
+def _enqueue_into(dsn: str, terms: list[SourceTerm], go: threading.Barrier, results: list[object], i: int) -> None:
+    with psycopg.connect(dsn, autocommit=True) as c:
+        go.wait()
+        try:
+            results[i] = enqueue(c, terms)
+        except Exception as exc:  # noqa: BLE001 - the test reports it
+            results[i] = exc
+
+
+def test_concurrent_enqueues_in_opposite_orders_never_deadlock(conn: psycopg.Connection) -> None:
+    base = sample_terms(conn, 3000)
+    for run in range(3):
+        terms = [SourceTerm(source_code=t.source_code, source_vocab=f"ICD10-r{run}", source_text=t.source_text)
+                 for t in base]
+        orders = [terms, list(reversed(terms))]
+        results: list[object] = [None, None]
+        go = threading.Barrier(2)
+        threads = [threading.Thread(target=_enqueue_into, args=(conn.info.dsn, orders[i], go, results, i))
+                   for i in range(2)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(timeout=60)
+        assert not any(isinstance(r, Exception) for r in results), results
+        counts = [r for r in results if not isinstance(r, Exception)]
+        assert sum(c.new for c in counts) == 3000 and sum(c.duplicate for c in counts) == 3000  # type: ignore[union-attr]  # EnqueueCounts
+    assert conn.execute("SELECT count(*) FROM harmonia.source_queue").fetchone()[0] == 9000
+
+
+def test_claim_reads_only_ready_pending_rows_however_many_are_finished(conn: psycopg.Connection) -> None:
+    assert qstore.insert_finished(conn, "OLD", 100_000) == 100_000
+    enqueue(conn, sample_terms(conn, 40))
+    conn.execute("UPDATE harmonia.source_queue SET retry_at = now() + interval '1 hour' "
+                 "WHERE state = 'pending' AND id % 2 = 0")  # half of them wait out a back-off
+    qstore.analyze(conn)
+    plan = qstore.explain_claim(conn, 16)
+    scans = plan["scans"]
+    # index scans only: the expired leases, the ready pending rows (which pending index the planner takes depends
+    # on how many are pending), and the claimed rows by id: the 100,000 finished rows are never read
+    assert all(x["node"] in ("Index Scan", "Index Only Scan") for x in scans), scans
+    assert {x["index"] for x in scans} & {"source_queue_ready_idx", "source_queue_pending_idx"}
+    assert "source_queue_lease_idx" in {x["index"] for x in scans}
+    assert sum(x["rows"] + x["removed_by_filter"] for x in scans) <= 40 + 16
+    assert plan["shared_buffers"] < 600  # the 16 updates included; a scan of the finished rows alone is ~1,500
+    items = qstore.claim(conn, "w", 100, 10)
+    assert len(items) == 20 and {i.term.source_vocab for i in items} == {"ICD10"}
+
+
+def test_prune_keeps_maps_history_reviews_and_unresolved_items(fresh_db: str, tmp_path: Path,
+                                                               conn: psycopg.Connection) -> None:
+    from harmonia.cli import app
+    from harmonia.store import llm as llm_store
+
+    qstore.insert_finished(conn, "OLD", 500, days_ago=40)
+    qstore.insert_finished(conn, "NEW", 300, days_ago=1)
+    conn.execute("UPDATE harmonia.source_queue SET state = 'in_review' WHERE source_vocab = 'OLD' AND "
+                 "source_code IN ('F1', 'F2')")
+    conn.execute("INSERT INTO harmonia.review_queue (source_code, source_vocab, reason, status) VALUES "
+                 "('F1', 'OLD', 'low_confidence', 'open'), ('F2', 'OLD', 'low_confidence', 'resolved')")
+    for i in range(30):
+        llm_store.log_call(conn, llm_store.CallRecord(
+            provider="openai", model="m", prompt_version="v1", prompt_hash="h", source_code=f"C{i}",
+            source_vocab="X", payload_sha256="s", attempt=1, request={}, error_kind="server_error" if i % 3 else None))
+    conn.execute("UPDATE harmonia.llm_call SET at = now() - interval '100 days' WHERE source_code < 'C2'")
+    old_calls = conn.execute("SELECT count(*) FROM harmonia.llm_call WHERE at < now() - interval '90 days'"
+                             ).fetchone()[0]
+    env = {"HARMONIA_DATABASE_URL": fresh_db, "HARMONIA_DATA_DIR": str(tmp_path), "HARMONIA_CONFIG": ""}
+    r = CliRunner().invoke(app, ["queue", "prune", "--dry-run", "--json"], env=env)
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["queue_rows"] == 499 and json.loads(r.stdout)["llm_calls"] == old_calls
+    assert conn.execute("SELECT count(*) FROM harmonia.source_queue").fetchone()[0] == 800  # a dry run
+    r = CliRunner().invoke(app, ["queue", "prune", "--json"], env=env)
+    got = json.loads(r.stdout)
+    assert (got["queue_rows"], got["llm_calls"], got["finished_days"]) == (499, old_calls, 30)
+    left = dict(conn.execute("SELECT source_vocab, count(*) FROM harmonia.source_queue GROUP BY 1").fetchall())
+    assert left == {"OLD": 1, "NEW": 300}  # the unresolved review's item stays
+    assert conn.execute("SELECT count(*) FROM harmonia.review_queue").fetchone()[0] == 2
+    assert conn.execute("SELECT count(*) FROM harmonia.llm_call").fetchone()[0] == 30 - old_calls
+
+
+def test_status_shows_live_workers_review_reasons_and_provider_errors(fresh_db: str, tmp_path: Path,
+                                                                      conn: psycopg.Connection, embedder) -> None:
+    from harmonia.cli import app
+    from harmonia.store import llm as llm_store
+
+    for i in range(4):
+        llm_store.log_call(conn, llm_store.CallRecord(
+            provider="openai", model="m", prompt_version="v1", prompt_hash="h", source_code=f"C{i}",
+            source_vocab="X", payload_sha256="s", attempt=1, request={}, error_kind="timeout" if i else None))
+    terms = sample_terms(conn, 4)
+    enqueue(conn, terms)
+    w = make_worker(fresh_db, tmp_path, conn, embedder, TopReranker({terms[0].source_code}), max_items=4,
+                    worker_poll_s=0.2)
+    th = threading.Thread(target=w.run)
+    th.start()
+    # a dead worker's lease, not yet expired
+    conn.execute("INSERT INTO harmonia.source_queue (source_code, source_vocab, source_text, state, lease_owner, "
+                 "lease_expires_at) VALUES ('DEAD1', 'ICD10', 'x', 'in_progress', 'dead-host:1:abc', "
+                 "now() + interval '1 hour')")
+    env = {"HARMONIA_DATABASE_URL": fresh_db, "HARMONIA_DATA_DIR": str(tmp_path), "HARMONIA_CONFIG": ""}
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            st = qstore.status(conn)
+            if st["queue"]["pending"] == 0 and st["queue"]["in_progress"] == 1:
+                break
+            time.sleep(0.1)
+        st = json.loads(CliRunner().invoke(app, ["status", "--json"], env=env).stdout)
+        text = CliRunner().invoke(app, ["status"], env=env).output
+    finally:
+        th.join(timeout=30)
+        w.close()
+    assert st["held_by_silent_workers"] == 1 and st["held_by_live_workers"] == 0
+    assert st["review_by_reason"] == {"low_confidence": 1}
+    assert st["provider"]["5"]["calls"] == 4 and st["provider"]["5"]["error_rate"] == 0.75
+    assert "low_confidence 1" in text and "75% errors" in text and "1 by workers without a heartbeat" in text
+    after = qstore.status(conn)
+    assert after["live_workers"] == []  # stopped
+
+
+def test_status_lists_a_running_worker(fresh_db: str, tmp_path: Path, conn: psycopg.Connection, embedder) -> None:
+    w = make_worker(fresh_db, tmp_path, conn, embedder, TopReranker(), worker_poll_s=60.0)
+    th = threading.Thread(target=w.run)
+    th.start()
+    try:
+        time.sleep(0.5)
+        live = qstore.live_workers(conn)
+    finally:
+        w.stop()
+        th.join(timeout=10)
+        w.close()
+    assert [x["owner"] for x in live] == [w.owner] and live[0]["state"] == "idle"
+    assert qstore.live_workers(conn) == []
+
+
+def restart_server(pgdata: Path, down_s: float) -> None:
+    """Stop the embedded server (fast shutdown: every session gets AdminShutdown), keep it down `down_s`, start it
+    again from a fresh process (this one caches the old server's handle)."""
+    from harmonia import db
+
+    db.stop_embedded(pgdata)
+    time.sleep(down_s)
+    subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; from harmonia import db; "
+                    "db.start_embedded(Path(sys.argv[1]))", str(pgdata)], check=True, cwd=REPO, timeout=60)
+
+
+@pytest.mark.slow
+def test_worker_rides_out_database_restarts(pg_server, fresh_db: str, tmp_path: Path, conn: psycopg.Connection,
+                                            embedder, monkeypatch) -> None:
+    """The server restarts while a batch is at the LLM (its answers must still be persisted, once) and again while
+    the worker waits idle; the worker reconnects, its call log writes again; a longer outage than
+    worker_db_patience_s ends the worker with DatabaseUnavailable."""
+    from benchmark.stub_llm_server import serve
+    from harmonia.pipeline.worker import DatabaseUnavailable
+    from harmonia.rerank.llm.prompt import Prompt
+    from harmonia.rerank.llm.reranker import LLMReranker
+    from harmonia.retrieval import make_retriever
+
+    server, stub = serve(0, delay=1.5, confidence=0.95)
+    monkeypatch.setenv("OPENAI_API_KEY", "stub-key")
+    s = llm_worker_settings(fresh_db, tmp_path, conn, f"http://127.0.0.1:{server.server_address[1]}/v1",
+                            llm_timeout_s=10.0, worker_db_patience_s=60, worker_lease_s=30)
+    version = f"llm:openai/stub-model:prompt=v1-{Prompt.load('v1').hash}"
+    built: list[Pipeline] = []
+
+    def make_pipeline(c: psycopg.Connection) -> Pipeline:
+        p = Pipeline(make_retriever(c, embedder, s), LLMReranker.from_settings(s, c), s.router, s.rerank,
+                     Calibration.load(c, s.data_path, "llm", version))
+        built.append(p)
+        return p
+
+    terms = sample_terms(conn, 12)
+    enqueue(conn, terms[:8])
+    w = Worker(s.worker, s.database, make_pipeline, batch_size=8, max_items=12)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            w.run()
+        except BaseException as exc:  # noqa: BLE001 - the test reports it
+            errors.append(exc)
+
+    th = threading.Thread(target=run)
+    th.start()
+    try:
+        deadline = time.monotonic() + 30
+        while stub.requests < 8 and time.monotonic() < deadline:  # the batch is at the LLM
+            time.sleep(0.05)
+        restart_server(pg_server.pgdata, down_s=2.0)  # answers come back while the server is down
+        deadline = time.monotonic() + 60
+        while w.stats.finished < 8 and time.monotonic() < deadline and th.is_alive():
+            time.sleep(0.1)
+        assert w.stats.finished == 8, (w.stats, errors)
+        time.sleep(0.5)  # idle, LISTENing
+        restart_server(pg_server.pgdata, down_s=1.0)
+        with psycopg.connect(fresh_db, autocommit=True) as c2:
+            enqueue(c2, terms[8:])
+        th.join(timeout=60)
+    finally:
+        if th.is_alive():
+            w.stop()
+            th.join(timeout=30)
+    assert not errors and not th.is_alive()
+    st = w.stats
+    assert st.approved == 12 and st.db_outages >= 2 and st.reconnects >= 2 and st.lost_lease == 0
+    assert stub.requests == 12  # no LLM answer thrown away and asked again
+    with psycopg.connect(fresh_db, autocommit=True) as c:
+        assert {r[0] for r in c.execute("SELECT state FROM harmonia.source_queue")} == {"approved"}
+        assert_mapped_once(c)
+        logged = c.execute("SELECT count(*) FROM harmonia.llm_call WHERE source_code = ANY(%s)",
+                           ([t.source_code for t in terms[8:]],)).fetchone()[0]
+    assert logged == 4  # the call log writes again on its new connection
+    assert len(built) >= 3  # the pipeline was rebuilt on each fresh connection
+
+    # An outage longer than worker_db_patience_s: the worker gives up (the CLI exits 1).
+    w2 = Worker(s.worker, s.database, make_pipeline, batch_size=8)
+    w2.db_patience_s = 2.0
+    outcome: list[BaseException | None] = []
+    th2 = threading.Thread(target=lambda: outcome.append(_run_catching(w2)))
+    th2.start()
+    time.sleep(0.5)
+    from harmonia import db
+
+    db.stop_embedded(pg_server.pgdata)
+    try:
+        th2.join(timeout=30)
+    finally:
+        subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; from harmonia import db; "
+                        "db.start_embedded(Path(sys.argv[1]))", str(pg_server.pgdata)], check=True, cwd=REPO,
+                       timeout=60)
+        w2.close()
+        w.close()
+        server.shutdown()
+    assert not th2.is_alive() and isinstance(outcome[0], DatabaseUnavailable), outcome
+    assert "unreachable" in str(outcome[0])
+
+
+def _run_catching(w: Worker) -> BaseException | None:
+    try:
+        w.run()
+    except BaseException as exc:  # noqa: BLE001 - the test inspects it
+        return exc
+    return None
+
+
+def test_an_idle_worker_survives_losing_its_listen_connection(fresh_db: str, tmp_path: Path,
+                                                              conn: psycopg.Connection, embedder) -> None:
+    w = make_worker(fresh_db, tmp_path, conn, embedder, TopReranker(), max_items=3, worker_poll_s=0.2)
+    errors: list[BaseException | None] = []
+    th = threading.Thread(target=lambda: errors.append(_run_catching(w)))
+    th.start()
+    try:
+        time.sleep(0.5)  # idle, listening
+        conn.execute("SELECT pg_terminate_backend(%s)", (w._listen.info.backend_pid,))
+        time.sleep(0.6)
+        enqueue(conn, sample_terms(conn, 3))
+        th.join(timeout=30)
+    finally:
+        if th.is_alive():
+            w.stop()
+            th.join(timeout=10)
+        w.close()
+    assert errors == [None] and w.stats.approved == 3 and w.stats.reconnects >= 1 and w.stats.db_outages >= 1

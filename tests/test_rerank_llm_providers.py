@@ -127,8 +127,8 @@ def test_500s_until_retries_run_out_go_to_review_with_the_error(make: Callable, 
     rr, stub = make(provider, ("status", 500), llm_max_retries=3)
     result, d = decide(rr)
     assert len(stub.requests) == 4  # 1 + 3 retries, then give up
-    assert result.error_kind == "provider_error" and "ServerError after 3 retries" in result.error
-    assert d.action == "review" and d.reason == "provider_error" and d.error == result.error
+    assert result.error_kind == "server_error" and result.retryable and "ServerError after 3 retries" in result.error
+    assert d.action == "review" and d.reason == "server_error" and d.error == result.error
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -138,7 +138,7 @@ def test_timeouts_are_retried_then_reported(make: Callable, provider: str) -> No
     assert len(stub.requests) == 2 and d.action == "approve"
     rr, stub = make(provider, ("timeout",), llm_max_retries=1)
     result, d = decide(rr)
-    assert len(stub.requests) == 2 and result.error_kind == "provider_error" and "Timeout" in result.error
+    assert len(stub.requests) == 2 and result.error_kind == "timeout" and result.retryable and "Timeout" in result.error
     assert d.action == "review"
 
 

@@ -1,4 +1,4 @@
-"""Queue commands: `harmonia enqueue`, `harmonia worker`, `harmonia status`."""
+"""Queue commands: `harmonia enqueue`, `harmonia worker`, `harmonia status`, `harmonia queue prune`."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from rich.table import Table
 from harmonia.cli.app import app, connect, declare_kinds, fail, read_sources, settings
 
 console = Console(width=200)
+queue_app = typer.Typer(help="The work queue: retention.", no_args_is_help=True)
+app.add_typer(queue_app, name="queue")
 
 
 @app.command()
@@ -44,7 +46,7 @@ def worker(concurrency: int = typer.Option(None, "--concurrency", "-c",
            reranker: str = typer.Option(None, help="none | llm | classifier (default: the setting)."),
            as_json: bool = typer.Option(False, "--json", help="Print the final counts as JSON.")) -> None:
     """Drain the queue: claim, retrieve -> rerank -> route, persist. SIGTERM/Ctrl-C finish the items in hand."""
-    from harmonia.pipeline.worker import Worker, run_until_signalled
+    from harmonia.pipeline.worker import DatabaseUnavailable, Worker, run_until_signalled
     from harmonia.retrieval.base import RetrievalError
 
     s = settings(llm_concurrency=concurrency, reranker=reranker)
@@ -59,27 +61,32 @@ def worker(concurrency: int = typer.Option(None, "--concurrency", "-c",
                f"llm_concurrency={s.llm.concurrency}, lease={w.lease_s:g}s)", err=True)
     try:
         stats = run_until_signalled(w)
-    finally:
+    except DatabaseUnavailable as exc:  # after worker_db_patience_s: the items in hand are reclaimed later
         w.close()
+        fail(f"worker {w.owner}: {exc}")
+    w.close()
     if as_json:
         print(json.dumps(stats.to_dict()))
     else:
         print(f"worker {stats.owner} done: claimed={stats.claimed} approved={stats.approved} "
               f"in_review={stats.in_review} failed={stats.failed} retried={stats.retried} "
-              f"lost_lease={stats.lost_lease} batches={stats.batches} in {stats.seconds:.1f}s")
+              f"deferred={stats.deferred} taken_over={stats.taken_over} poison={stats.poison} "
+              f"lost_lease={stats.lost_lease} batches={stats.batches} breaker_pauses={stats.breaker_pauses} "
+              f"db_outages={stats.db_outages} in {stats.seconds:.1f}s")
     sys.stdout.flush()
 
 
 @app.command()
 def status(as_json: bool = typer.Option(False, "--json")) -> None:
-    """The queue by state, throughput over the last minutes, the oldest unfinished item, review and map counts."""
+    """The queue by state, throughput, the oldest unfinished item, live workers (heartbeat), the review queue by
+    reason, the LLM provider's recent error rate, map counts."""
     from harmonia.store.queue import status as queue_status
 
     s = settings()
     with connect(s) as conn:
         st = queue_status(conn)
     if as_json:
-        print(json.dumps(st, indent=1))
+        print(json.dumps(st, indent=1, default=str))
         return
     t = Table(title="queue")
     t.add_column("state")
@@ -95,8 +102,58 @@ def status(as_json: bool = typer.Option(False, "--json")) -> None:
                       f"({o['age_s']:.0f}s ago, {o['attempts']} attempts)")
     else:
         console.print("oldest unfinished: none (queue drained)")
-    console.print(f"leases: {st['workers_holding_leases']} worker(s) holding items, {st['expired_leases']} expired; "
-                  f"{st['pending_retries']} pending after a failed attempt")
+    workers = st["live_workers"]
+    if workers:
+        w = Table(title=f"live workers ({len(workers)})")
+        for col in ("worker", "state", "holding", "heartbeat", "claimed", "finished", "deferred", "db outages"):
+            w.add_column(col)
+        for x in workers:
+            ws = x["stats"]
+            w.add_row(x["owner"], x["state"], str(x["holding"]), f"{x['heartbeat_age_s']:.0f}s ago",
+                      str(ws.get("claimed", 0)), str(ws.get("finished", 0)), str(ws.get("deferred", 0)),
+                      str(ws.get("db_outages", 0)))
+        console.print(w)
+    else:
+        console.print("live workers: none")
+    p = st["pending_after"]
+    console.print(f"leases: {st['held_by_live_workers']} item(s) held by live workers, "
+                  f"{st['held_by_silent_workers']} by workers without a heartbeat (reclaimed when the lease "
+                  f"expires), {st['expired_leases']} expired; pending again after a failure: {p['failure']}, "
+                  f"a provider failure: {p['provider_failure']}, a worker death: {p['worker_death']} "
+                  f"({p['in_back_off']} waiting out a back-off)")
+    for m, pe in st["provider"].items():
+        rate = "no calls" if pe["error_rate"] is None else f"{pe['error_rate']:.0%} errors"
+        kinds = ", ".join(f"{k} {n}" for k, n in pe["by_kind"].items())
+        console.print(f"LLM provider, last {m} min: {pe['calls']} calls, {rate}" + (f" ({kinds})" if kinds else ""))
     r = st["review_queue"]
+    reasons = ", ".join(f"{k} {n}" for k, n in st["review_by_reason"].items()) or "none"
     console.print(f"review queue: {r['open']} open, {r['flagged']} flagged, {r['resolved']} resolved; "
-                  f"concept map: {st['concept_map']:,} maps")
+                  f"unresolved by reason: {reasons}; concept map: {st['concept_map']:,} maps")
+
+
+@queue_app.command("prune")
+def prune(finished_days: float = typer.Option(None, "--finished-days",
+                                              help="Finished queue rows older than this (default: "
+                                                   "worker_prune_finished_days; negative: keep)."),
+          llm_call_days: float = typer.Option(None, "--llm-call-days",
+                                              help="LLM call-log rows older than this (default: "
+                                                   "worker_prune_llm_call_days; negative: keep)."),
+          dry_run: bool = typer.Option(False, "--dry-run", help="Count what would go; delete nothing."),
+          as_json: bool = typer.Option(False, "--json")) -> None:
+    """Delete old finished queue rows (approved; in review or failed once resolved) and old LLM call-log rows, in
+    small batches. Concept maps, their history and the review queue are never pruned."""
+    from dataclasses import asdict
+
+    from harmonia.store.queue import prune as prune_rows
+
+    s = settings()
+    fd = s.worker.prune_finished_days if finished_days is None else finished_days
+    ld = s.worker.prune_llm_call_days if llm_call_days is None else llm_call_days
+    with connect(s) as conn:
+        n = prune_rows(conn, fd, ld, dry_run=dry_run)
+    if as_json:
+        print(json.dumps({**asdict(n), "dry_run": dry_run, "finished_days": fd, "llm_call_days": ld}))
+        return
+    verb = "would delete" if dry_run else "deleted"
+    console.print(f"{verb} {n.queue_rows:,} finished queue rows (older than {fd:g} days) and {n.llm_calls:,} LLM "
+                  f"call-log rows (older than {ld:g} days); forgot {n.workers} silent workers")

@@ -58,3 +58,18 @@ def route(term: SourceTerm, candidates: Sequence[Candidate], result: RerankResul
                     model_version=model_version or result.model_version, ranking=ranking, reason=reason,
                     error=result.error, usage=result.usage, candidates=list(candidates),
                     calibration=dict(calibration or {}), equivalence=result.equivalence, additional=additional)
+
+
+def retrieval_ranking(candidates: Sequence[Candidate], top_n: int = 5) -> list[RankingEntry]:
+    """The retrieval's own top-N as a reviewer sees it (score: the retrieval similarity), for a review item whose
+    reranker gave no ranking (its provider kept failing)."""
+    out: list[RankingEntry] = []
+    for c in candidates[:top_n]:
+        entry = RankingEntry(concept_id=c.concept_id, concept_name=c.concept_name, domain_id=c.domain_id,
+                             vocabulary_id=c.vocabulary_id, concept_class_id=c.concept_class_id,
+                             concept_code=c.concept_code, similarity=round(c.similarity, 4),
+                             score=round(c.similarity, 4), rationale="retrieval order (no reranker answer)")
+        if c.evidence:
+            entry["evidence"] = c.evidence
+        out.append(entry)
+    return out

@@ -162,7 +162,10 @@ def route_calibrated(term: SourceTerm, cands: Sequence[Candidate], result: Reran
     threshold. `kind`: the term's (default: its built-in kind)."""
     from harmonia.kinds import builtin_kind_of
 
-    cal.refresh_if_due()
+    try:
+        cal.refresh_if_due()
+    except psycopg.OperationalError as exc:  # the database is away: the thresholds loaded last stay in force
+        log.warning("calibration refresh failed, keeping the loaded thresholds: %s", exc)
     kind = kind or builtin_kind_of(term.source_vocab)
     router = router or RouterSettings()
     ev = conf_mod.evidence(term, cands, result, kind.domains)

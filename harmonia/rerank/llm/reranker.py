@@ -192,7 +192,7 @@ class LLMReranker(Reranker):
             try:
                 resp = self._call(term, payload_sha, messages, usage, attempts)
             except ProviderError as exc:
-                kind = "provider_fatal" if isinstance(exc, ProviderFatal) else "provider_error"
+                kind = "provider_fatal" if isinstance(exc, ProviderFatal) else _error_kind(exc)  # retryable kinds
                 detail = f" after {usage.get('retries', 0)} retries" if isinstance(exc, RETRYABLE) else ""
                 return self._error(mv, usage, kind, f"{type(exc).__name__}{detail}: {str(exc)[:500]}")
             problem = self._problem(resp)
