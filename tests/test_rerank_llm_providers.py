@@ -192,3 +192,148 @@ def test_fatal_errors_are_not_retried(make: Callable, provider: str) -> None:
     rr, stub = make(provider, ("status", 400))
     result, d = decide(rr)
     assert len(stub.requests) == 1 and result.error_kind == "provider_fatal" and d.action == "review"
+
+
+# ------------------------------------------------------------------------------- every real server works
+
+def test_ollama_model_without_tools_goes_straight_to_format(make: Callable) -> None:
+    refusal = ("error", 400, 'registry.ollama.ai/library/gemma:2b does not support tools')
+    rr, stub = make("ollama", refusal, ("tool", good_input([1001])))
+    result, d = decide(rr)
+    assert d.action == "approve" and d.concept_id == 1001 and result.usage["mode"] == "format"
+    assert len(stub.requests) == 2 and stub.requests[0]["tools"] and not stub.requests[1].get("tools")
+    assert stub.requests[1]["format"]["required"] == ["ranked", "confidence", "no_match"]
+    # the model said it has no tools: later codes skip the refused request
+    result, d = decide(rr, SourceTerm("I10", "ICD10", "Essential hypertension"))
+    assert len(stub.requests) == 3 and not stub.requests[2].get("tools") and d.action == "approve"
+    # any other 400 stays fatal
+    rr, stub = make("ollama", ("error", 400, "invalid model name"))
+    result, _ = decide(rr)
+    assert result.error_kind == "provider_fatal" and len(stub.requests) == 1
+
+
+def test_openai_server_refusing_tool_choice_answers_in_json_schema_mode(make: Callable) -> None:
+    refusal = ("error", 400, "tool_choice 'function' is not supported by this server")
+    rr, stub = make("openai", refusal, ("tool", good_input([1002, 1000])))
+    result, d = decide(rr)
+    assert d.action == "approve" and d.concept_id == 1002 and result.usage["mode"] == "json_schema"
+    assert "tool_choice" in stub.requests[0] and "tool_choice" not in stub.requests[1]
+    schema = stub.requests[1]["response_format"]["json_schema"]["schema"]
+    assert schema["additionalProperties"] is False and set(schema["required"]) == {"ranked", "confidence",
+                                                                                   "no_match"}
+    decide(rr, SourceTerm("I10", "ICD10", "Essential hypertension"))
+    assert len(stub.requests) == 3 and "response_format" in stub.requests[2]  # refused once, never asked again
+
+
+def test_openai_server_refusing_strict_and_response_format_gets_json_parsed_from_text(make: Callable) -> None:
+    rr, stub = make("openai", ("error", 400, "Invalid parameter: 'strict' is not supported"),
+                    ("error", 422, "response_format json_schema is not supported"),
+                    ("json", good_input([1004])))
+    result, d = decide(rr)
+    assert d.action == "approve" and d.concept_id == 1004 and result.usage["mode"] == "text"
+    last = stub.requests[2]
+    assert "tools" not in last and "response_format" not in last
+    assert "JSON Schema" in last["messages"][-1]["content"]
+
+
+def test_openai_reply_with_text_and_no_tool_call_is_asked_in_json_schema_mode(make: Callable) -> None:
+    """llama.cpp style: the forced tool is ignored and the JSON written in the text; nothing valid is lost."""
+    rr, stub = make("openai", ("json", good_input([1003])), ("json", good_input([1003], 0.91)))
+    result, d = decide(rr)
+    assert len(stub.requests) == 2 and "response_format" in stub.requests[1]
+    assert d.action == "approve" and d.concept_id == 1003 and d.confidence == 0.91
+    assert result.usage["mode"] == "json_schema"
+
+
+def test_openai_json_answers_are_validated_by_the_same_schema(make: Callable) -> None:
+    bad = {"ranked": [{"concept_id": 1000, "score": 7, "rationale": "x"}], "confidence": 0.9, "no_match": False}
+    rr, stub = make("openai", ("error", 400, "tools are not supported"), ("json", bad))
+    result, d = decide(rr)
+    assert result.error_kind == "schema_violation" and "score" in result.error and len(stub.requests) == 3
+
+
+@pytest.mark.parametrize("model", ["o3-mini", "gpt-5"])
+def test_reasoning_models_get_max_completion_tokens_and_no_temperature(make: Callable, model: str) -> None:
+    rr, stub = make("openai", ("tool", good_input([1000])), llm_model=model, llm_reasoning_effort="low")
+    result, d = decide(rr)
+    req = stub.requests[0]
+    assert d.action == "approve" and req["model"] == model
+    assert req["max_completion_tokens"] == 1024 and req["reasoning_effort"] == "low"
+    assert "max_tokens" not in req and "temperature" not in req
+    assert "max_completion_tokens=1024" in d.model_version and "reasoning_effort=low" in d.model_version
+
+
+def test_a_server_refusing_max_tokens_is_asked_the_reasoning_way(make: Callable) -> None:
+    refusal = ("error", 400, "Unsupported parameter: 'max_tokens' is not supported with this model. Use "
+                             "'max_completion_tokens' instead.")
+    rr, stub = make("openai", refusal, ("tool", good_input([1000])), llm_model="my-reasoner")
+    result, d = decide(rr)
+    assert d.action == "approve" and len(stub.requests) == 2
+    assert "max_tokens" in stub.requests[0] and "max_completion_tokens" in stub.requests[1]
+    assert "temperature" not in stub.requests[1]
+    rr, stub = make("openai", ("tool", good_input([1000])), llm_model="gpt-4o")  # not a reasoning model
+    decide(rr)
+    assert stub.requests[0]["max_tokens"] == 1024 and stub.requests[0]["temperature"] == 0.0
+
+
+def test_anthropic_request_uses_the_current_sdk_and_model_names(make: Callable) -> None:
+    from harmonia.config import LLMSettings
+
+    rr, stub = make("anthropic", ("tool", good_input([1000])), llm_model=LLMSettings().model)
+    decide(rr)
+    req = stub.requests[0]
+    assert req["model"] == "claude-sonnet-4-5" and req["max_tokens"] == 1024
+    h = stub.headers[0]
+    assert h["anthropic-version"] and "sk-test-not-a-real-key" in h.get("x-api-key", "") + h.get("authorization", "")
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_a_server_that_is_down_is_a_retryable_connection_error(make: Callable, provider: str) -> None:
+    rr, stub = make(provider, ("tool", good_input([1000])), llm_max_retries=1)
+    stub.close()  # nothing listens there any more
+    result, d = decide(rr)
+    assert result.error_kind == "connection_error" and result.retryable and d.reason == "connection_error"
+    assert result.usage["calls"] == 2 and len(d.ranking) == 5
+
+
+def test_a_missing_key_file_is_one_clear_line(tmp_path: Path) -> None:
+    from harmonia.rerank.llm.providers import ProviderFatal, get_provider
+
+    s = load_settings({"llm_provider": "openai", "llm_api_key_file": str(tmp_path / "nope.txt")},
+                      env={"HARMONIA_CONFIG": ""})
+    with pytest.raises(ProviderFatal, match=r"^setting 'llm_api_key_file': cannot read .*nope.txt") as exc:
+        get_provider(s.llm)
+    assert "\n" not in str(exc.value)
+    s = load_settings({"llm_provider": "openai", "llm_api_key_env": "NO_SUCH_VAR_X"}, env={"HARMONIA_CONFIG": ""})
+    with pytest.raises(ProviderFatal, match="NO_SUCH_VAR_X is not set"):
+        get_provider(s.llm)
+
+
+# -------------------------------------------------------------------------- keys go only where they belong
+
+@pytest.mark.parametrize("provider,env_var", [("openai", "OPENAI_API_KEY"), ("anthropic", "ANTHROPIC_API_KEY"),
+                                              ("ollama", "OLLAMA_API_KEY")])
+def test_the_default_key_never_goes_to_a_custom_base_url(make: Callable, provider: str, env_var: str,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(env_var, "sk-default-secret")
+    rr, stub = make(provider, ("tool", good_input([1000])), llm_api_key_file="")
+    _, d = decide(rr)
+    assert d.action == "approve"
+    assert "sk-default-secret" not in json.dumps(stub.headers)
+    # a key named for the custom server goes there
+    monkeypatch.setenv("MY_SERVER_KEY", "sk-named-for-it")
+    rr, stub = make(provider, ("tool", good_input([1000])), llm_api_key_file="", llm_api_key_env="MY_SERVER_KEY")
+    decide(rr)
+    assert "sk-named-for-it" in json.dumps(stub.headers) and "sk-default-secret" not in json.dumps(stub.headers)
+
+
+def test_the_default_key_goes_to_the_providers_own_endpoint(monkeypatch: pytest.MonkeyPatch) -> None:
+    from harmonia.rerank.llm.providers.base import read_api_key
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-default")
+    own = load_settings({"llm_provider": "openai"}, env={"HARMONIA_CONFIG": ""}).llm
+    assert read_api_key(own, "OPENAI_API_KEY", "https://api.openai.com/v1") == "sk-default"
+    own.base_url = "https://api.openai.com/v1/"
+    assert read_api_key(own, "OPENAI_API_KEY", "https://api.openai.com/v1") == "sk-default"
+    own.base_url = "http://api.openai.com.evil.example/v1"
+    assert read_api_key(own, "OPENAI_API_KEY", "https://api.openai.com/v1") is None
