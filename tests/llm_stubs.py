@@ -217,3 +217,16 @@ class OllamaStub(Stub):
 
 
 STUBS: dict[str, type[Stub]] = {"anthropic": AnthropicStub, "openai": OpenAIStub, "ollama": OllamaStub}
+
+
+def model_version_of(s: Any) -> str:
+    """The model_version an LLM reranker built from settings `s` gives its decisions (provider, model, server,
+    prompt, sampling), for calibrating it in tests."""
+    from harmonia.rerank.llm.providers import get_provider
+    from harmonia.rerank.llm.reranker import LLMReranker
+
+    provider = get_provider(s.llm)
+    try:
+        return LLMReranker(s.llm, provider, top_n=s.rerank.top_n).model_version
+    finally:
+        provider.close()
