@@ -375,3 +375,106 @@ def test_prompt_v2_sends_every_piece_of_evidence(settings: Settings, conn: psyco
     assert [(a.concept_id, a.mapping_type, a.equivalence) for a in r.additional] == [(5, "MAPS_TO_VALUE",
                                                                                        "EQUAL")]
     assert r.details["invented_ids"] == [77777] and f"prompt=v2-{Prompt.load('v2').hash}" in r.model_version
+
+
+# ----------------------------------------------------------------------------- streaming map and fail-fast
+
+class FixedRetriever:
+    """Retrieval replaced by a fixed candidate list (the subject here is the pool behind it)."""
+
+    def __init__(self, cands: list) -> None:
+        self.cands = cands
+
+    def search_many(self, texts: list[str], k: int | None = None, **kw: object) -> list[list]:
+        return [list(self.cands) for _ in texts]
+
+    def close(self) -> None:
+        pass
+
+
+def test_decisions_stream_so_one_slow_code_never_holds_the_others(tmp_path: Path) -> None:
+    from harmonia.pipeline.run import Pipeline, stream_decisions
+
+    def answer(req: dict) -> tuple:
+        if user_payload(req)[0]["code"] == "SLOW":
+            time.sleep(1.5)
+        return ("tool", good_input([1000]))
+
+    s_ = OpenAIStub(("fn", answer))
+    try:
+        s = llm_settings(None, s_, tmp_path, llm_concurrency=4)
+        pipe = Pipeline(FixedRetriever(candidates(5)), LLMReranker.from_settings(s), s.router,  # type: ignore[arg-type]
+                        s.rerank)
+        terms = [SourceTerm("SLOW", "local", "slow")] + [SourceTerm(f"F{i}", "local", f"fast {i}") for i in range(9)]
+        order = [d.term.source_code for d in stream_decisions(pipe, terms, batch_size=3)]
+        pipe.close()
+    finally:
+        s_.close()
+    # the slow code came first and finished last; the nine behind it did not wait for it
+    assert sorted(order) == sorted(t.source_code for t in terms) and order[-1] == "SLOW"
+
+
+def test_map_stops_fast_on_a_dead_provider_and_leaves_the_rest_pending(settings: Settings,
+                                                                       conn: psycopg.Connection,
+                                                                       tmp_path: Path) -> None:
+    from harmonia.pipeline.run import MapSummary, Pipeline, map_terms
+
+    bad_key = OpenAIStub(("error", 401, "Incorrect API key provided"))
+    try:
+        s = llm_settings(settings, bad_key, tmp_path, llm_concurrency=2)
+        pipe = Pipeline(FixedRetriever(candidates(5)), LLMReranker.from_settings(s, conn), s.router,  # type: ignore[arg-type]
+                        s.rerank)
+        terms = [SourceTerm(f"K{i}", "local", f"term {i}") for i in range(40)]
+        summary = map_terms(conn, pipe, terms, summary=MapSummary(input_rows=40), progress=False, fail_after=3)
+        pipe.close()
+    finally:
+        bad_key.close()
+    assert summary.stopped is not None and "3 consecutive provider failures (provider_fatal)" in summary.stopped
+    assert "Incorrect API key" in summary.stopped and "\n" not in summary.stopped
+    assert summary.untouched == 40 and summary.review == 0 and summary.reconciles
+    assert len(bad_key.requests) < 10  # stopped, not sent everything
+    assert conn.execute("SELECT count(*) FROM harmonia.review_queue").fetchone()[0] == 0
+    # a run of such faults shorter than fail_after is persisted once another answer breaks it
+    flaky = OpenAIStub(("error", 401, "bad key"), ("tool", good_input([1000], 0.4)))
+    try:
+        s = llm_settings(settings, flaky, tmp_path, llm_concurrency=1)
+        pipe = Pipeline(FixedRetriever(candidates(5)),  # type: ignore[arg-type]
+                        LLMReranker.from_settings(s, conn, use_cache=False),
+                        s.router, s.rerank)
+        summary = map_terms(conn, pipe, terms[:3], summary=MapSummary(input_rows=3), progress=False, fail_after=3)
+        pipe.close()
+    finally:
+        flaky.close()
+    assert summary.stopped is None and summary.review == 3 and summary.errors == 1 and summary.untouched == 0
+    assert summary.error_kinds == {"provider_fatal": 1}
+
+
+def test_harmonia_map_exit_codes(fresh_db: str, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from harmonia.cli import app
+
+    f = tmp_path / "codes.csv"
+    f.write_text("sourceCode,sourceName\n" + "".join(f"L{i},hypertension {i}\n" for i in range(8)))
+
+    def run(stub: Stub, **env: str) -> tuple[int, str]:
+        e = {"HARMONIA_CONFIG": "", "HARMONIA_DATA_DIR": str(tmp_path), "HARMONIA_RERANKER": "llm",
+             "HARMONIA_LLM_PROVIDER": "openai", "HARMONIA_LLM_MODEL": "gpt-stub", "HARMONIA_LLM_BASE_URL":
+             stub.base_url, "HARMONIA_LLM_MAX_RETRIES": "0", "HARMONIA_LLM_CONCURRENCY": "1", **env}
+        r = CliRunner().invoke(app, ["--database-url", fresh_db, "map", str(f), "--no-progress"], env=e)
+        return r.exit_code, r.output
+
+    dead = OpenAIStub(("tool", good_input([1])))
+    dead.close()  # the server is down: connection errors
+    code, out = run(dead, HARMONIA_LLM_FAIL_AFTER="2")
+    assert code == 3 and "stopped after 2 consecutive provider failures (connection_error)" in out
+    assert "8 codes left untouched" in " ".join(out.split())
+    half = OpenAIStub(("fn", lambda req: ("status", 500) if user_payload(req)[0]["code"] in ("L1", "L2")
+                       else ("tool", good_input([user_payload(req)[1][0]["id"]], 0.3))))
+    try:
+        code, out = run(half)
+    finally:
+        half.close()
+    assert code == 2 and "2 codes went to review with errors ({'server_error': 2})" in out
+    code, out = run(half, HARMONIA_LLM_API_KEY_FILE=str(tmp_path / "missing.key"))
+    assert code == 1 and "llm_api_key_file': cannot read" in out and "Traceback" not in out
