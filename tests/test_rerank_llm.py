@@ -5,17 +5,19 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
 
 from harmonia.config import Settings, load_settings
-from harmonia.domain import SourceTerm
+from harmonia.domain import Candidate, SourceTerm
 from harmonia.rerank import make_reranker
 from harmonia.rerank.llm.providers import ProviderFatal
 from harmonia.rerank.llm.reranker import LLMReranker, Prompt, RateLimiter
+from harmonia.retrieval.base import Retriever
 from tests.conftest import make_settings
 from tests.llm_stubs import AnthropicStub, OpenAIStub, Stub, candidates, good_input, user_payload
 
@@ -332,8 +334,6 @@ def test_stats_price_each_model_from_the_price_table(fresh_db: str, conn: psycop
 
 def test_prompt_v2_sends_every_piece_of_evidence(settings: Settings, conn: psycopg.Connection,
                                                   tmp_path: Path) -> None:
-    from harmonia.domain import Candidate
-
     v1 = Prompt.load("v1")
     assert v1.user_template is None and v1.hash == "b32e5db3"
     answer = {**good_input([4]), "equivalence": "WIDER", "additional": [
@@ -379,17 +379,14 @@ def test_prompt_v2_sends_every_piece_of_evidence(settings: Settings, conn: psyco
 
 # ----------------------------------------------------------------------------- streaming map and fail-fast
 
-class FixedRetriever:
+class FixedRetriever(Retriever):
     """Retrieval replaced by a fixed candidate list (the subject here is the pool behind it)."""
 
-    def __init__(self, cands: list) -> None:
+    def __init__(self, cands: list[Candidate]) -> None:
         self.cands = cands
 
-    def search_many(self, texts: list[str], k: int | None = None, **kw: object) -> list[list]:
+    def search_many(self, texts: Sequence[str], k: int | None = None, **kw: Any) -> list[list[Candidate]]:
         return [list(self.cands) for _ in texts]
-
-    def close(self) -> None:
-        pass
 
 
 def test_decisions_stream_so_one_slow_code_never_holds_the_others(tmp_path: Path) -> None:
@@ -403,7 +400,7 @@ def test_decisions_stream_so_one_slow_code_never_holds_the_others(tmp_path: Path
     s_ = OpenAIStub(("fn", answer))
     try:
         s = llm_settings(None, s_, tmp_path, llm_concurrency=4)
-        pipe = Pipeline(FixedRetriever(candidates(5)), LLMReranker.from_settings(s), s.router,  # type: ignore[arg-type]
+        pipe = Pipeline(FixedRetriever(candidates(5)), LLMReranker.from_settings(s), s.router,
                         s.rerank)
         terms = [SourceTerm("SLOW", "local", "slow")] + [SourceTerm(f"F{i}", "local", f"fast {i}") for i in range(9)]
         order = [d.term.source_code for d in stream_decisions(pipe, terms, batch_size=3)]
@@ -422,7 +419,7 @@ def test_map_stops_fast_on_a_dead_provider_and_leaves_the_rest_pending(settings:
     bad_key = OpenAIStub(("error", 401, "Incorrect API key provided"))
     try:
         s = llm_settings(settings, bad_key, tmp_path, llm_concurrency=2)
-        pipe = Pipeline(FixedRetriever(candidates(5)), LLMReranker.from_settings(s, conn), s.router,  # type: ignore[arg-type]
+        pipe = Pipeline(FixedRetriever(candidates(5)), LLMReranker.from_settings(s, conn), s.router,
                         s.rerank)
         terms = [SourceTerm(f"K{i}", "local", f"term {i}") for i in range(40)]
         summary = map_terms(conn, pipe, terms, summary=MapSummary(input_rows=40), progress=False, fail_after=3)
@@ -438,7 +435,7 @@ def test_map_stops_fast_on_a_dead_provider_and_leaves_the_rest_pending(settings:
     flaky = OpenAIStub(("error", 401, "bad key"), ("tool", good_input([1000], 0.4)))
     try:
         s = llm_settings(settings, flaky, tmp_path, llm_concurrency=1)
-        pipe = Pipeline(FixedRetriever(candidates(5)),  # type: ignore[arg-type]
+        pipe = Pipeline(FixedRetriever(candidates(5)),
                         LLMReranker.from_settings(s, conn, use_cache=False),
                         s.router, s.rerank)
         summary = map_terms(conn, pipe, terms[:3], summary=MapSummary(input_rows=3), progress=False, fail_after=3)

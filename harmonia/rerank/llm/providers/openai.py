@@ -14,6 +14,7 @@ Reasoning models (o1/o3/o4, gpt-5...; `llm_reasoning`) get max_completion_tokens
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import re
 from typing import TYPE_CHECKING, Any
@@ -112,8 +113,7 @@ class OpenAIProvider(Provider):
                     self.reasoning = True  # the server says it is a reasoning model: use its parameters
                     continue
                 if self.reasoning and self.cfg.reasoning_effort and "reasoning_effort" in msg:
-                    self.cfg = copy.copy(self.cfg)
-                    self.cfg.reasoning_effort = ""
+                    self.cfg = dataclasses.replace(self.cfg, reasoning_effort="")
                     continue
                 raise
         raise ProviderFatal("the server refused every form of the sampling parameters")
