@@ -6,7 +6,12 @@
    OpenAI wire format, each answer delayed --delay s) for several llm_concurrency values, with the rate limiter
    off and on.
 
+3. map throughput: `stream_decisions` (what `harmonia map` runs: a bounded pool fed one code at a time) over
+   --map-codes codes against a stub answering in --map-delay s, at llm_concurrency --map-concurrency, in one
+   process (retrieval replaced by fixed candidate lists; persisting is not timed).
+
     python benchmark/llm_figures.py [--codes 40] [--delay 0.25] [--sets 200] [--rpm 30]
+                                    [--map-codes 2000 --map-delay 3 --map-concurrency 32]
 
 --rpm adds a run at concurrency 16 under llm_requests_per_minute=RPM (with RPM < codes it takes over a minute:
 the window is 60 s).
@@ -23,17 +28,17 @@ import json
 import random
 import statistics
 import time
+from collections.abc import Sequence
 
 from stub_llm_server import serve  # sibling module: python puts the script's folder first on sys.path
 
 from harmonia.config import load_settings
-from harmonia.domain import (
-    Candidate,
-    SourceTerm,
-)
+from harmonia.domain import Candidate, SourceKey, SourceTerm
 from harmonia.paths import sample_dir
+from harmonia.pipeline.run import Pipeline, stream_decisions
 from harmonia.rerank.llm.prompt import Prompt
 from harmonia.rerank.llm.reranker import LLMReranker
+from harmonia.retrieval.base import Retriever
 
 
 def standard_concepts() -> list[Candidate]:
@@ -52,7 +57,14 @@ def main() -> None:
     ap.add_argument("--delay", type=float, default=0.25)
     ap.add_argument("--sets", type=int, default=200)
     ap.add_argument("--rpm", type=int, default=0, help="Also run under this requests-per-minute limit.")
+    ap.add_argument("--map-codes", type=int, default=0, help="Codes for the map throughput run (0: skip).")
+    ap.add_argument("--map-delay", type=float, default=3.0)
+    ap.add_argument("--map-concurrency", type=int, default=32)
+    ap.add_argument("--only-map", action="store_true", help="Only the map throughput run.")
     a = ap.parse_args()
+    if a.only_map:
+        map_throughput(a.map_codes or 2000, a.map_delay, a.map_concurrency)
+        return
 
     server, state = serve(0, delay=a.delay, confidence=0.95)
     port = server.server_address[1]
@@ -94,6 +106,44 @@ def main() -> None:
               f"peak in flight {state.max_in_flight}")
         state.max_in_flight = 0
     server.shutdown()
+    if a.map_codes:
+        map_throughput(a.map_codes, a.map_delay, a.map_concurrency)
+
+
+class FixedRetriever(Retriever):
+    """Retrieval replaced by fixed candidate lists (the figure is the reranker pool's, not retrieval's)."""
+
+    def __init__(self, pool: list[Candidate], seed: int = 11) -> None:
+        self.pool, self.rng = pool, random.Random(seed)
+
+    def search_many(self, texts: Sequence[str], k: int | None = None, *, domains: Sequence[str] | None = None,
+                    vocabularies: Sequence[str] | None = None, exact: bool = False,
+                    source_keys: Sequence[SourceKey | None] | None = None) -> list[list[Candidate]]:
+        return [self.rng.sample(self.pool, 50) for _ in texts]
+
+
+def map_throughput(codes: int, delay: float, concurrency: int) -> None:
+    import os
+
+    os.environ.setdefault("X_STUB_KEY", "stub")
+    server, state = serve(0, delay=delay, confidence=0.95)
+    s = load_settings({"reranker": "llm", "llm_provider": "openai", "llm_model": "stub",
+                       "llm_api_key_env": "X_STUB_KEY", "llm_concurrency": concurrency,
+                       "llm_base_url": f"http://127.0.0.1:{server.server_address[1]}/v1"}, env={"HARMONIA_CONFIG": ""})
+    pipe = Pipeline(FixedRetriever(standard_concepts()), LLMReranker.from_settings(s, use_cache=False), s.router,
+                    s.rerank)
+    terms = [SourceTerm(f"M{i}", "local", f"code {i}") for i in range(codes)]
+    t0 = time.perf_counter()
+    ok = 0
+    for d in stream_decisions(pipe, terms):
+        ok += d.error is None
+    took = time.perf_counter() - t0
+    pipe.close()
+    server.shutdown()
+    ideal = codes / concurrency * delay
+    print(f"\nmap throughput (stream_decisions, one process): {codes} codes, stub answers in {delay:g}s, "
+          f"llm_concurrency={concurrency}: {took:.1f}s = {took / 60:.2f} min ({codes / took:.1f} codes/s; "
+          f"ideal {ideal:.1f}s), {ok}/{codes} ok, {state.requests} calls, peak in flight {state.max_in_flight}")
 
 
 if __name__ == "__main__":

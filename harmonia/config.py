@@ -141,6 +141,15 @@ class LLMSettings:
     tokens_per_minute: int = setting(0, "Shared token-rate limit per process (0: none).")
     price_input_per_mtok: float = setting(3.0, "Price per million input tokens, for cost reports.")
     price_output_per_mtok: float = setting(15.0, "Price per million output tokens, for cost reports.")
+    prices: list[str] = setting([], "Price table for `llm stats`: 'MODEL=INPUT/OUTPUT' per million tokens, e.g. "
+                                    "'gpt-4o=2.5/10'. A model not listed is priced at llm_price_input/output_per_"
+                                    "mtok when it is llm_model, else reported unpriced.")
+    reasoning: str = setting("auto", "Reasoning model (max_completion_tokens, no temperature): auto (by name: "
+                                     "o1, o3, o4, gpt-5...; also learnt from the server's refusal) | yes | no.")
+    reasoning_effort: str = setting("", "Reasoning effort sent to reasoning models where the provider takes it "
+                                        "(OpenAI: minimal, low, medium, high). Empty: not sent.")
+    fail_after: int = setting(5, "`harmonia map` stops after this many consecutive fatal or connection errors "
+                                 "(bad key, unknown model, server down), leaving the rest pending (0: never).")
 
 
 @dataclass

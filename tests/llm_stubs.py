@@ -6,6 +6,8 @@ A stub plays a script of steps, one per HTTP request:
   ("tool", {...})           a tool call with this input
   ("prose", "text")         an answer without a tool call
   ("status", 429, {"retry-after": "0.2"})   an HTTP error with headers
+  ("error", 400, "message")  an HTTP error carrying the server's own message (a refusal: "does not support tools")
+  ("json", {...})           the JSON answer written in the message text, no tool call (llama.cpp ignoring tools)
   ("timeout",)              the answer comes too late (after TIMEOUT_SLEEP_S; set llm_timeout_s below it)
   ("fn", f)                 f(request body) returns one of the steps above (answers that depend on the input)
 The last step repeats when the script runs out. Every request body is kept (parsed) with its time.
@@ -110,6 +112,11 @@ class Stub:
             return 200, {}, self.prose_body(request, "too late"), TIMEOUT_SLEEP_S
         if kind == "status":
             return step[1], (step[2] if len(step) > 2 else {}), self.error_body(step[1]), 0.0
+        if kind == "error":
+            return step[1], {}, self.error_body(step[1], step[2]), 0.0
+        if kind == "json":
+            return 200, {}, self.prose_body(request, "Here is my answer:\n```json\n" + json.dumps(step[1])
+                                            + "\n```"), 0.0
         if kind == "tool":
             return 200, {}, self.tool_body(request, step[1]), 0.0
         return 200, {}, self.prose_body(request, step[1]), 0.0
@@ -121,7 +128,7 @@ class Stub:
     def prose_body(self, request: dict[str, Any], text: str) -> dict[str, Any]:
         raise NotImplementedError
 
-    def error_body(self, status: int) -> dict[str, Any]:
+    def error_body(self, status: int, message: str = "") -> dict[str, Any]:
         raise NotImplementedError
 
 
@@ -144,10 +151,10 @@ class AnthropicStub(Stub):
     def prose_body(self, request: dict[str, Any], text: str) -> dict[str, Any]:
         return self._msg([{"type": "text", "text": text}], "end_turn")
 
-    def error_body(self, status: int) -> dict[str, Any]:
+    def error_body(self, status: int, message: str = "") -> dict[str, Any]:
         kind = {429: "rate_limit_error", 529: "overloaded_error", 400: "invalid_request_error"}.get(status,
                                                                                                      "api_error")
-        return {"type": "error", "error": {"type": kind, "message": f"stub {status}"}}
+        return {"type": "error", "error": {"type": kind, "message": message or f"stub {status}"}}
 
 
 class OpenAIStub(Stub):
@@ -166,6 +173,9 @@ class OpenAIStub(Stub):
                 "usage": {"prompt_tokens": 1400, "completion_tokens": 100, "total_tokens": 1500}}
 
     def tool_body(self, request: dict[str, Any], tool_input: dict[str, Any]) -> dict[str, Any]:
+        if "tool_choice" not in request:  # response_format json_schema (or plain) request: JSON in the content
+            return self._completion({"role": "assistant", "content": json.dumps(tool_input), "refusal": None},
+                                    "stop")
         name = request["tool_choice"]["function"]["name"]
         return self._completion({"role": "assistant", "content": None, "refusal": None, "tool_calls": [
             {"id": "call_abc123", "type": "function",
@@ -174,8 +184,9 @@ class OpenAIStub(Stub):
     def prose_body(self, request: dict[str, Any], text: str) -> dict[str, Any]:
         return self._completion({"role": "assistant", "content": text, "refusal": None}, "stop")
 
-    def error_body(self, status: int) -> dict[str, Any]:
-        return {"error": {"message": f"stub {status}", "type": "requests" if status == 429 else "server_error",
+    def error_body(self, status: int, message: str = "") -> dict[str, Any]:
+        kind = {429: "requests", 400: "invalid_request_error"}.get(status, "server_error")
+        return {"error": {"message": message or f"stub {status}", "type": kind,
                           "param": None, "code": "rate_limit_exceeded" if status == 429 else None}}
 
 
@@ -201,8 +212,21 @@ class OllamaStub(Stub):
     def prose_body(self, request: dict[str, Any], text: str) -> dict[str, Any]:
         return self._chat({"role": "assistant", "content": text})
 
-    def error_body(self, status: int) -> dict[str, Any]:
-        return {"error": f"stub {status}"}
+    def error_body(self, status: int, message: str = "") -> dict[str, Any]:
+        return {"error": message or f"stub {status}"}
 
 
 STUBS: dict[str, type[Stub]] = {"anthropic": AnthropicStub, "openai": OpenAIStub, "ollama": OllamaStub}
+
+
+def model_version_of(s: Any) -> str:
+    """The model_version an LLM reranker built from settings `s` gives its decisions (provider, model, server,
+    prompt, sampling), for calibrating it in tests."""
+    from harmonia.rerank.llm.providers import get_provider
+    from harmonia.rerank.llm.reranker import LLMReranker
+
+    provider = get_provider(s.llm)
+    try:
+        return LLMReranker(s.llm, provider, top_n=s.rerank.top_n).model_version
+    finally:
+        provider.close()

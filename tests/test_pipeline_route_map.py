@@ -20,7 +20,7 @@ from harmonia.rerank.llm.reranker import LLMReranker, Prompt
 from harmonia.retrieval import make_retriever
 from harmonia.store import mapping as map_store
 from tests.conftest import calibrate_as_is, make_settings
-from tests.llm_stubs import OllamaStub, OpenAIStub, Stub, good_input, user_payload
+from tests.llm_stubs import OllamaStub, OpenAIStub, Stub, good_input, model_version_of, user_payload
 
 runner = CliRunner()
 
@@ -61,16 +61,18 @@ def test_llm_decisions_persist_to_map_and_review_and_reruns_are_idempotent(
     s = make_settings(settings.database.url, tmp_path, reranker="llm", llm_provider="openai", llm_model="gpt-stub",
                       llm_base_url=stub.base_url, llm_max_retries=1, llm_retry_max_wait_s=0.02,
                       auto_approve_threshold=0.9)
-    version = f"llm:openai/gpt-stub:prompt=v1-{Prompt.load('v1').hash}"
+    version = model_version_of(s)
+    assert version.startswith(f"llm:openai/gpt-stub@{stub.base_url.removeprefix('http://')}:prompt=v1-"
+                              f"{Prompt.load('v1').hash}:")
     calibrate_as_is(conn, s.data_path, "llm", version, threshold=0.9)  # the stub's confidence, taken as it is
     pipe = Pipeline(make_retriever(conn, embedder, s), LLMReranker.from_settings(s, conn), s.router, s.rerank,
                     Calibration.load(conn, s.data_path, "llm", version))
     summary = map_terms(conn, pipe, TERMS, summary=MapSummary(input_rows=4), progress=False)
-    assert (summary.approved, summary.review, summary.errors) == (1, 3, 1) and summary.reconciles
-    assert dict(summary.reasons) == {"approved": 1, "low_confidence": 1, "server_error": 1, "no_match": 1}
+    assert (summary.approved, summary.review, summary.errors) == (1, 3, 2) and summary.reconciles
+    assert dict(summary.reasons) == {"approved": 1, "low_confidence": 1, "server_error": 1, "invented_id": 1}
     row = conn.execute("SELECT omop_concept_id, confidence, model_version, candidate_ranking_json, decided_by "
                        "FROM harmonia.concept_map WHERE source_code = 'E11'").fetchone()
-    top = summary.decisions[0].candidates[0]
+    top = next(d for d in summary.decisions if d.term.source_code == "E11").candidates[0]  # decisions stream
     assert row[0] == top.concept_id and float(row[1]) == 0.96 and row[4] == "auto"
     assert row[2] == f"{version}+cal:{pipe.calibration.hash}"
     assert row[3]["calibration"]["kind"] == "diagnosis" and row[3]["calibration"]["threshold"] == 0.9
@@ -85,7 +87,9 @@ def test_llm_decisions_persist_to_map_and_review_and_reruns_are_idempotent(
     assert reason == "low_confidence" and error is None and len(cands) == 5 and float(conf) == 0.4
     assert {"concept_id", "concept_name", "score", "rationale", "similarity"} <= set(cands[0]) and status == "open"
     assert reviews["X99"][0] == "server_error" and "ServerError" in reviews["X99"][1]
-    assert reviews["INJ"][0] == "no_match" and reviews["INJ"][2] == []  # 12345 dropped, nothing approved
+    assert len(reviews["X99"][2]) == 5  # a failed code keeps the retrieval top five for its reviewer
+    # 12345 is not a candidate: nothing approved, its own reason, the retrieval top five to choose from
+    assert reviews["INJ"][0] == "invented_id" and "12345" in reviews["INJ"][1] and len(reviews["INJ"][2]) == 5
     assert conn.execute("SELECT count(*) FROM harmonia.concept_map WHERE omop_concept_id = 12345").fetchone()[0] == 0
     before = counts(conn)
     assert before == (1, 3, 1)
@@ -183,7 +187,8 @@ def test_map_cli_reports_bad_rows_by_line_and_reconciles_then_exports(fresh_db: 
 def test_switching_to_an_llm_provider_is_configuration_only(fresh_db: str, conn: psycopg.Connection,
                                                             tmp_path: Path) -> None:
     stub = OllamaStub(("fn", scripted))
-    version = f"llm:ollama/llama-stub:prompt=v1-{Prompt.load('v1').hash}"
+    version = model_version_of(make_settings(fresh_db, tmp_path, reranker="llm", llm_provider="ollama",
+                                             llm_model="llama-stub", llm_base_url=stub.url))
     calibrate_as_is(conn, tmp_path, "llm", version, threshold=0.9)
     try:
         f = tmp_path / "dx.csv"

@@ -435,12 +435,16 @@ def test_worker_with_llm_reranker_against_stub_provider(fresh_db: str, tmp_path:
     from harmonia.rerank.llm.prompt import Prompt
 
     server, stub = serve(0, delay=0.5, confidence=0.95)
-    calibrate_as_is(conn, tmp_path, "llm", f"llm:openai/stub-model:prompt=v1-{Prompt.load('v1').hash}")
     try:
         monkeypatch.setenv("OPENAI_API_KEY", "stub-key")
         s = make_settings(fresh_db, tmp_path, reranker="llm", llm_provider="openai", llm_model="stub-model",
                           llm_base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", llm_concurrency=4,
                           worker_poll_s=0.05)
+        from tests.llm_stubs import model_version_of
+
+        version = model_version_of(s)
+        assert f"prompt=v1-{Prompt.load('v1').hash}" in version
+        calibrate_as_is(conn, tmp_path, "llm", version)
         enqueue(conn, sample_terms(conn, 8))
         w = Worker.from_settings(s, drain=True, batch_size=8)
         stats = w.run()

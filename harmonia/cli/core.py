@@ -150,10 +150,15 @@ def map_file(path: Path = typer.Argument(..., exists=True, dir_okay=False, help=
         declare_kinds(conn, s, [t.source_vocab for t in src.terms] or [source_vocab], kind)
     with connect(s) as conn, _pipeline(conn, s) as pipe:
         summary = MapSummary(input_rows=src.rows, skipped_invalid=len(src.problems), duplicates=src.duplicates)
-        map_terms(conn, pipe, src.terms, summary=summary, progress=progress)
+        map_terms(conn, pipe, src.terms, summary=summary, progress=progress,
+                  fail_after=s.llm.fail_after if s.rerank.kind == "llm" else 0)
     _print_summary(summary, s.rerank.kind)
     if not summary.reconciles:
         fail("summary does not reconcile with the input count")
+    if summary.stopped:  # fail fast: one line, the rest left pending, exit 3
+        fail(f"{summary.stopped}; {summary.untouched} codes left untouched (not mapped, not in review)", code=3)
+    if summary.errors:
+        fail(f"{summary.errors} codes went to review with errors ({dict(summary.error_kinds)})", code=2)
 
 
 def _quickstart_calibrate(conn: psycopg.Connection, pipe: Pipeline, s: Settings, rows: int, seed: int) -> None:
@@ -193,8 +198,9 @@ def _print_summary(summary: MapSummary, reranker: str) -> None:
     console.print(
         f"input rows {summary.input_rows} = approved {summary.approved} + to review {summary.review} "
         f"(of which errors {summary.errors}) + already mapped {summary.already_mapped} "
-        f"+ invalid rows skipped {summary.skipped_invalid} + duplicates {summary.duplicates}   "
-        f"[reranker={reranker}; reasons: {dict(summary.reasons)}]", markup=False)  # [..] is not rich markup
+        f"+ invalid rows skipped {summary.skipped_invalid} + duplicates {summary.duplicates}"
+        + (f" + left untouched {summary.untouched}" if summary.untouched else "")
+        + f"   [reranker={reranker}; reasons: {dict(summary.reasons)}]", markup=False)  # [..] is not rich markup
 
 
 # -------------------------------------------------------------------------------------------------- export

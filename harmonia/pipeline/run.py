@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Self
@@ -198,6 +199,10 @@ def route_calibrated(term: SourceTerm, cands: Sequence[Candidate], result: Reran
                  model_version=f"{result.model_version}+cal:{cal.calibrator.hash}", calibration=record, guard=guard)
 
 
+# Faults that say the provider cannot answer anyone (bad key, unknown model, server down): a run of them stops a map
+FAIL_FAST_KINDS = frozenset({"provider_fatal", "connection_error"})
+
+
 @dataclass
 class MapSummary:
     input_rows: int = 0
@@ -207,19 +212,68 @@ class MapSummary:
     skipped_invalid: int = 0
     duplicates: int = 0
     errors: int = 0  # decisions that went to review because of a fault (counted in review too)
+    untouched: int = 0  # codes a stopped run never decided: still pending, neither mapped nor in review
+    stopped: str | None = None  # why the run stopped early (fail-fast), one line
     reasons: Counter[str] = field(default_factory=Counter)
+    error_kinds: Counter[str] = field(default_factory=Counter)
     decisions: list[Decision] = field(default_factory=list)
 
     @property
     def reconciles(self) -> bool:
         return (self.approved + self.review + self.already_mapped + self.skipped_invalid + self.duplicates
-                == self.input_rows)
+                + self.untouched == self.input_rows)
+
+
+def stream_decisions(pipeline: Pipeline, terms: Sequence[SourceTerm], *,
+                     batch_size: int = 32) -> Generator[Decision, None, None]:
+    """Decisions for `terms` in the order they finish. A reranker that calls out (`concurrency` > 1: the LLM)
+    gets a bounded pool of that many threads fed one term at a time, so one slow code never holds the others;
+    retrieval stays on this thread (its connection), a batch at a time, just ahead of the pool. Any other reranker
+    decides batch by batch (a classifier scores a batch at once). Closing the iterator early cancels what has not
+    started and waits for what has."""
+    workers = int(getattr(pipeline.reranker, "concurrency", 1) or 1)
+    if workers <= 1:
+        for start in range(0, len(terms), batch_size):
+            yield from pipeline.decide(terms[start:start + batch_size])
+        return
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rerank")
+    pending: dict[Future[RerankResult], tuple[SourceTerm, list[Candidate]]] = {}
+    i = 0
+    try:
+        while i < len(terms) or pending:
+            # keep a batch's worth queued behind the running calls, so the pool never waits on retrieval
+            while i < len(terms) and len(pending) < workers + batch_size:
+                chunk = terms[i:i + batch_size]
+                i += len(chunk)
+                lists = pipeline.retriever.search_many([t.source_text for t in chunk],
+                                                       source_keys=[t.key for t in chunk])
+                for term, cands in zip(chunk, lists, strict=True):
+                    pending[pool.submit(pipeline.reranker.safe_rerank, term, cands)] = (term, list(cands))
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in done:
+                term, cands = pending.pop(fut)
+                result = fut.result()
+                if not isinstance(result, RerankResult):  # defensive: a reranker bug must not lose the code
+                    result = RerankResult([], 0.0, pipeline.reranker.model_version,
+                                          error="reranker returned nothing", error_kind="reranker_exception")
+                yield pipeline.route(term, cands, result)
+    finally:
+        for fut in pending:
+            fut.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def map_terms(conn: psycopg.Connection, pipeline: Pipeline, terms: Sequence[SourceTerm], *,
               batch_size: int = 32, skip_existing: bool = True, summary: MapSummary | None = None,
-              progress: bool = True, on_decision: Callable[[Decision, str], None] | None = None) -> MapSummary:
-    """Decide and persist each term, one transaction per term (nothing half-written)."""
+              progress: bool = True, on_decision: Callable[[Decision, str], None] | None = None,
+              fail_after: int = 0) -> MapSummary:
+    """Decide and persist each term as its decision arrives (`stream_decisions`), one transaction per term
+    (nothing half-written).
+
+    `fail_after` > 0: after that many consecutive provider_fatal / connection_error decisions the run stops
+    (`summary.stopped` says why); those decisions and every code not yet decided stay untouched (pending, not in
+    review: a dead server or a bad key must not fill the queue). A shorter run of them is persisted as soon as any
+    other decision arrives."""
     from tqdm import tqdm
 
     s = summary or MapSummary(input_rows=len(terms))
@@ -228,22 +282,47 @@ def map_terms(conn: psycopg.Connection, pipeline: Pipeline, terms: Sequence[Sour
         existing = map_store.existing_maps(conn, [t.key for t in todo])
         s.already_mapped += sum(1 for t in todo if t.key in existing)
         todo = [t for t in todo if t.key not in existing]
+    held: list[Decision] = []  # the current run of fail-fast faults, persisted only if the run is broken
+
+    def persist(d: Decision) -> None:
+        with conn.transaction():
+            outcome = map_store.record_decision(conn, d)
+        if outcome == "approved":
+            s.approved += 1
+        elif outcome == "review":
+            s.review += 1
+            if d.error:
+                s.errors += 1
+                s.error_kinds[d.reason] += 1
+        else:
+            s.already_mapped += 1
+        s.reasons[d.reason] += 1
+        s.decisions.append(d)
+        if on_decision:
+            on_decision(d, outcome)
+
+    decided = 0
+    stream = stream_decisions(pipeline, todo, batch_size=batch_size)
     with tqdm(total=len(todo), unit="code", desc="map", disable=not progress) as bar:
-        for start in range(0, len(todo), batch_size):
-            for d in pipeline.decide(todo[start:start + batch_size]):
-                with conn.transaction():
-                    outcome = map_store.record_decision(conn, d)
-                if outcome == "approved":
-                    s.approved += 1
-                elif outcome == "review":
-                    s.review += 1
-                    if d.error:
-                        s.errors += 1
-                else:
-                    s.already_mapped += 1
-                s.reasons[d.reason] += 1
-                s.decisions.append(d)
-                if on_decision:
-                    on_decision(d, outcome)
-                bar.update(1)
+        try:
+            for d in stream:
+                if fail_after > 0 and d.error and d.reason in FAIL_FAST_KINDS:
+                    held.append(d)
+                    if len(held) >= fail_after:
+                        s.stopped = (f"stopped after {len(held)} consecutive provider failures "
+                                     f"({', '.join(sorted({h.reason for h in held}))}); last: {d.error}")
+                        break
+                    continue
+                for h in [*held, d]:
+                    persist(h)
+                    decided += 1
+                bar.update(len(held) + 1)
+                held.clear()
+        finally:
+            stream.close()
+    if s.stopped is None:
+        for h in held:
+            persist(h)
+            decided += 1
+    s.untouched = len(todo) - decided
     return s

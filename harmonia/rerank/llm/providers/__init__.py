@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from harmonia.rerank.llm.providers.base import (
     RETRYABLE,
+    ConnectionFailed,
     Provider,
     ProviderError,
     ProviderFatal,
@@ -14,6 +15,7 @@ from harmonia.rerank.llm.providers.base import (
     RateLimited,
     ServerError,
     Timeout,
+    error_kind,
 )
 
 if TYPE_CHECKING:
@@ -39,5 +41,6 @@ def get_provider(cfg: LLMSettings, **client_kwargs: Any) -> Provider:
     return provider_class(cfg.provider)(cfg, **client_kwargs)
 
 
-__all__ = ["PROVIDERS", "RETRYABLE", "Provider", "ProviderError", "ProviderFatal", "ProviderResponse",
-           "RateLimited", "ServerError", "Timeout", "get_provider", "provider_class"]
+__all__ = ["PROVIDERS", "RETRYABLE", "ConnectionFailed", "Provider", "ProviderError", "ProviderFatal",
+           "ProviderResponse", "RateLimited", "ServerError", "Timeout", "error_kind", "get_provider",
+           "provider_class"]
