@@ -142,7 +142,8 @@ def usagi_maps(conn: psycopg.Connection, source_vocab: str | None = None,
 
 
 def _description(text: str | None) -> str:
-    text = " ".join((text or "").split())  # no line breaks in a one-line cell
+    """At most 255 characters (an ellipsis says it was cut), on one line, defused for spreadsheets."""
+    text = safe_cell(" ".join((text or "").split()))
     return text if len(text) <= STCM_DESCRIPTION_MAX else text[:STCM_DESCRIPTION_MAX - 1] + "…"
 
 
@@ -159,7 +160,7 @@ def stcm_rows(conn: psycopg.Connection, maps: Sequence[MapState]) -> list[dict[s
             out.append({
                 "source_code": safe_cell(m.source_code), "source_concept_id": source_ids.get(m.key, 0),
                 "source_vocabulary_id": safe_cell(m.source_vocab),
-                "source_code_description": safe_cell(_description(m.source_text)),
+                "source_code_description": _description(m.source_text),
                 "target_concept_id": t.concept_id, "target_vocabulary_id": t.vocabulary_id,
                 "valid_start_date": start.isoformat(), "valid_end_date": STCM_END,
                 "invalid_reason": "" if t.valid_standard else "D",
@@ -276,7 +277,7 @@ def _parse(rows: Iterable[dict[str, str]], header: list[str], source_vocab: str)
             if cid == 0 or not c.rows:
                 bad("conceptId", f"0 (unmapped) and a target for source code {code!r}: a code has targets or none")
                 continue
-            c.rows.append((n, Target(cid, mtype, eq, created_by, created_on)))  # type: ignore[arg-type]
+            c.rows.append((n, Target(cid, mtype, eq, created_by, created_on)))
             continue
         status = r.get("mappingStatus") or "UNCHECKED"
         if status not in map_store.STATUSES:
@@ -307,8 +308,8 @@ def _parse(rows: Iterable[dict[str, str]], header: list[str], source_vocab: str)
             continue
         state = MapState(
             source_code=code, source_vocab=source_vocab, source_text=read_cell(r["sourceName"]),
-            status=status,  # type: ignore[arg-type]
-            equivalence=eq,  # type: ignore[arg-type]  # kept for a code without targets
+            status=status,
+            equivalence=eq,  # kept for a code without targets
             comment=read_cell(r.get("comment", "")) or None,
             assigned_reviewer=read_cell(r.get("assignedReviewer", "")) or None,
             status_set_by=read_cell(r.get("statusSetBy", "")) or None, status_set_at=set_on,
@@ -317,7 +318,7 @@ def _parse(rows: Iterable[dict[str, str]], header: list[str], source_vocab: str)
             extra={c[len(ADD_INFO):]: read_cell(r.get(c, "")) for c in info}, created_by=created_by or "import",
             created_at=created_on, model_version="usagi-import")
         codes[code] = _Code(n, state, [] if cid == 0 else
-                            [(n, Target(cid, mtype, eq, created_by, created_on))])  # type: ignore[arg-type]
+                            [(n, Target(cid, mtype, eq, created_by, created_on))])
         firsts[code] = r
     for c in codes.values():
         seen: dict[tuple[int, str], int] = {}

@@ -114,7 +114,7 @@ def item_detail(conn: psycopg.Connection, item_id: int) -> dict[str, Any]:
 def _same_outcome(a: map_store.MapState, b: map_store.MapState) -> bool:
     return (a.status == b.status and a.comment == b.comment and len(a.targets) == len(b.targets)
             and all(x.same(y) for x, y in zip(a.targets, b.targets, strict=True))
-            and (a.targets or a.code_equivalence == b.code_equivalence))
+            and (bool(a.targets) or a.code_equivalence == b.code_equivalence))
 
 
 def decide(conn: psycopg.Connection, item_id: int, reviewer_id: int, kind: DecisionKind, *,

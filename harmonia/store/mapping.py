@@ -462,7 +462,8 @@ def enqueue_review(conn: psycopg.Connection, source_code: str, source_vocab: str
 
 
 def summary_counts(conn: psycopg.Connection) -> dict[str, int]:
-    by_status = dict(conn.execute("SELECT status, count(*) FROM harmonia.concept_map GROUP BY 1").fetchall())
+    by_status: dict[str, int] = dict(conn.execute(
+        "SELECT status, count(*) FROM harmonia.concept_map GROUP BY 1").fetchall())
     return {
         "concept_map": sum(by_status.values()),
         **{f"maps_{s.lower()}": int(by_status.get(s, 0)) for s in STATUSES},
