@@ -292,7 +292,8 @@ def undo(conn: psycopg.Connection, reviewer_id: int) -> dict[str, Any]:
             raise Conflict("nothing to undo", "nothing_to_undo")
         key = (last["source_code"], last["source_vocab"])
         cur = map_store.get_state(conn, key, lock=True)
-        if (cur.version if cur else None) != last["version"] or map_store.last_history_id(conn, key) != last["id"]:
+        # Safe only while the code is as that change left it (an undo of a later change may have put it back).
+        if (cur.snapshot() if cur else None) != last["new_state"]:
             raise Conflict(f"{key[1]}/{key[0]} was changed after your decision; undo would overwrite that",
                            "changed")
         before = last["old_state"]
