@@ -373,6 +373,9 @@ def import_usagi(conn: psycopg.Connection, path: Path | str, source_vocab: str, 
     if problems:
         raise UsagiError(name, problems)
     s = ImportSummary(rows=sum(max(len(c.rows), 1) for c in codes), codes=len(codes))
+    fresh: list[MapState] = []
+    notes: list[str | None] = []
+    items: list[dict[str, Any]] = []
     with conn.transaction():
         existing = map_store.existing_maps(conn, [c.state.key for c in codes])
         for c in codes:
@@ -392,21 +395,27 @@ def import_usagi(conn: psycopg.Connection, path: Path | str, source_vocab: str, 
                     s.skipped_existing += 1
                     continue
                 s.replaced += 1
-            map_store.write_map(conn, st, expected_version=None, action="import", actor=actor, note=note,
-                                stamp=False)
+                map_store.write_map(conn, st, expected_version=None, action="import", actor=actor, note=note,
+                                    stamp=False)
+            else:
+                fresh.append(st)
+                notes.append(note)
             s.imported += 1
             s.targets += len(st.targets)
             s.invalid_target += st.status == "INVALID_TARGET"
             s.by_status[st.status] = s.by_status.get(st.status, 0) + 1
             if st.status in ("UNCHECKED", "FLAGGED", "INVALID_TARGET"):
                 conf = st.match_score if st.match_score is not None and 0 <= st.match_score <= 1 else None
-                item = map_store.enqueue_review(
-                    conn, st.source_code, source_vocab, st.source_text, st.source_frequency, st.extra,
-                    _ranking(st.targets, st.auto_concept_ids or [], concepts), conf, "usagi-import",
-                    "invalid_target" if st.status == "INVALID_TARGET" else "imported", None)
-                if st.status == "FLAGGED":
-                    review_store.flag_item(conn, item)
-                s.review_items += 1
+                items.append({"source_code": st.source_code, "source_vocab": source_vocab,
+                              "source_text": st.source_text, "source_frequency": st.source_frequency,
+                              "extra": st.extra, "candidates": _ranking(st.targets, st.auto_concept_ids or [],
+                                                                        concepts),
+                              "confidence": conf, "model_version": "usagi-import",
+                              "reason": "invalid_target" if st.status == "INVALID_TARGET" else "imported",
+                              "status": "flagged" if st.status == "FLAGGED" else "open"})
+        map_store.insert_new_maps(conn, fresh, action="import", actor=actor, notes=notes)
+        map_store.enqueue_reviews(conn, items)
+        s.review_items = len(items)
     return s
 
 
