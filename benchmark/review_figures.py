@@ -33,9 +33,11 @@ import time
 from pathlib import Path
 
 import httpx
+import psycopg
 
 from harmonia import db
-from harmonia.config import load_settings
+from harmonia.config import Settings, load_settings
+from harmonia.domain import Concept
 from harmonia.export import export_csv, import_usagi
 from harmonia.paths import sample_dir
 from harmonia.store import concepts as concept_store
@@ -48,7 +50,7 @@ STATUSES = ["APPROVED"] * 6 + ["UNCHECKED"] * 2 + ["FLAGGED", "IGNORED"]
 EQUIV = ["EQUAL", "EQUIVALENT", "WIDER", "NARROWER", "INEXACT"]
 
 
-def usagi_file(rows: int, concepts: list, values: list, rng: random.Random) -> str:
+def usagi_file(rows: int, concepts: list[Concept], values: list[Concept], rng: random.Random) -> str:
     header = ["sourceCode", "sourceName", "sourceFrequency", "sourceAutoAssignedConceptIds", "ADD_INFO:site",
               "ADD_INFO:unit", "matchScore", "mappingStatus", "equivalence", "statusSetBy", "statusSetOn",
               "conceptId", "conceptName", "domainId", "mappingType", "comment", "createdBy", "createdOn",
@@ -75,7 +77,7 @@ def usagi_file(rows: int, concepts: list, values: list, rng: random.Random) -> s
     return buf.getvalue()
 
 
-def usagi_figures(conn, rows: int, run: str) -> dict[str, float]:  # type: ignore[no-untyped-def]
+def usagi_figures(conn: psycopg.Connection, rows: int, run: str) -> dict[str, float]:
     rng = random.Random(15)
     standard = concept_store.standard_concepts(conn)
     concepts = [c for c in standard if c.domain_id in ("Condition", "Measurement", "Observation", "Procedure")]
@@ -100,7 +102,7 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def api_figures(conn, settings, data_dir: Path, reviewers: int, n_items: int, run: str,  # type: ignore[no-untyped-def]
+def api_figures(conn: psycopg.Connection, settings: Settings, data_dir: Path, reviewers: int, n_items: int, run: str,
                 think: float) -> None:
     vocab = f"{run}-queue"
     cands = [c for c in concept_store.standard_concepts(conn) if c.domain_id == "Condition"][:50]

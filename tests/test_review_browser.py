@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psycopg
 import pytest
@@ -17,6 +18,9 @@ import uvicorn
 from test_review_api import MODEL_VERSION, concepts_like, seed_item, seed_users
 
 from harmonia.config import Settings
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Page
 from harmonia.review.api import create_app
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -124,7 +128,7 @@ def test_review_in_chromium(server: str, conn: psycopg.Connection, tmp_path: Pat
     assert history == [("E11.9", "approve"), ("K76.6", "correct")]
 
 
-def log_in(page, server: str, token: str, who: str) -> None:  # type: ignore[no-untyped-def]
+def log_in(page: Page, server: str, token: str, who: str) -> None:
     from playwright.sync_api import expect
 
     page.goto(server)

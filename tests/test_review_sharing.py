@@ -178,7 +178,8 @@ def test_ignore_undo_and_flag_take_codes_out_of_the_exports(client: TestClient, 
     # Undo the flag: approved again, item resolved; undo the approval: no map, item open.
     r = client.post("/api/review/undo", headers=h)
     assert r.status_code == 200 and r.json()["undone"] == "flag"
-    assert mapping.get_state(conn, ("E11.9", "ICD10")).status == "APPROVED"  # type: ignore[union-attr]
+    back = mapping.get_state(conn, ("E11.9", "ICD10"))
+    assert back is not None and back.status == "APPROVED"
     assert exported("stcm") == {"E11.9"}
     r = client.post("/api/review/undo", headers=h)
     assert r.json()["undone"] == "approve" and r.json()["item"]["status"] == "open"

@@ -245,6 +245,7 @@ def export(fmt: str = typer.Option("usagi", "--format", help="usagi | stcm"),
     if bad:
         fail(f"--status {bad[0]}: choose from {', '.join(STATUSES)} or all")
     with connect() as conn:
+        # the statuses were checked against STATUSES above
         text = export_csv(conn, fmt, source_vocab, None if "ALL" in wanted else wanted)  # type: ignore[arg-type]
     if output:
         output.write_text(text)

@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
 
 import psycopg
-import swagger_ui_bundle  # type: ignore[import-untyped]
+import swagger_ui_bundle  # type: ignore[import-untyped]  # it ships no type hints
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import HTMLResponse, JSONResponse, Response

@@ -24,7 +24,6 @@ from harmonia.store import concepts as concept_store
 from harmonia.store import mapping as map_store
 from harmonia.store import review as store
 from harmonia.store import users as user_store
-from harmonia.store.common import scalar
 from harmonia.store.review import ReviewItem
 
 log = logging.getLogger(__name__)
@@ -149,7 +148,8 @@ def decide(conn: psycopg.Connection, item_id: int, reviewer_id: int, kind: Decis
         new = replace(base, source_text=item["source_text"] or base.source_text, status=status,
                       targets=new_targets, equivalence="UNMATCHED" if kind == "no_match" else base.equivalence,
                       comment=comment if comment is not None else base.comment, status_set_by=name,
-                      status_set_at=None, decided_by="reviewer", reviewer_id=reviewer_id, reviewed_at=_now(conn),
+                      status_set_at=None, decided_by="reviewer", reviewer_id=reviewer_id,
+                      reviewed_at=map_store.db_now(conn),
                       confidence=confidence, match_score=None if cur is None else base.match_score,
                       model_version=item["model_version"], source_frequency=item["source_frequency"],
                       auto_concept_ids=[int(c) for c in suggested if c is not None] or base.auto_concept_ids,
@@ -180,10 +180,6 @@ def decide(conn: psycopg.Connection, item_id: int, reviewer_id: int, kind: Decis
             store.resolve_item(conn, item_id, reviewer_id)
         return {"action": action, "item": store.get_item(conn, item_id), "map": stored.to_dict(),
                 "version": stored.version}
-
-
-def _now(conn: psycopg.Connection) -> Any:
-    return scalar(conn.execute("SELECT now()"))
 
 
 def _targets_for(conn: psycopg.Connection, item: ReviewItem, cur: map_store.MapState | None, kind: DecisionKind,

@@ -675,3 +675,9 @@ def enqueue_reviews(conn: psycopg.Connection, items: Sequence[dict[str, Any]]) -
                    updated_at = now()""",
             [{**i, "extra": json.dumps(i["extra"]), "candidates": json.dumps(i["candidates"]),
               "confidence": None if i["confidence"] is None else round(i["confidence"], 4)} for i in items])
+
+
+def db_now(conn: psycopg.Connection) -> datetime:
+    """The transaction's time (what now() writes), for fields set in Python."""
+    at: datetime = scalar(conn.execute("SELECT now()"))
+    return at
