@@ -245,7 +245,8 @@ def create_app(settings: Settings) -> FastAPI:
     @app.get("/api/review/items/{item_id}", tags=["review"],
              summary="One item: source details, top-5 with scores and rationales, current map and version, history")
     def show_item(item_id: ItemId, user: User) -> dict[str, Any]:
-        with service.connection() as conn:
+        with service.connection() as conn, conn.transaction():
+            store.consistent_reads(conn)  # the item's status and its map's version from one moment
             return svc.item_detail(conn, item_id)
 
     @app.post("/api/review/items/{item_id}/approve", tags=["review"],

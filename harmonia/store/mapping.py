@@ -613,7 +613,8 @@ def insert_new_maps(conn: psycopg.Connection, states: Sequence[MapState], *, act
                     notes: Sequence[str | None]) -> int:
     """Store many codes that have no map yet, each with its targets and a history row, in a few statements (an
     import); the fields are stored as given (an empty status_set_at stays empty). A code that got a map meanwhile
-    is a unique violation: the caller's transaction fails whole. Returns how many were stored."""
+    is a unique violation: the caller's transaction fails whole. Returns how many were stored. The arrays go in
+    binary (%b): far quicker to send than text arrays."""
     if not states:
         return 0
     cols = list(zip(*[(s.source_code, s.source_vocab, s.source_text, s.status, s.code_equivalence, s.comment,
@@ -630,10 +631,10 @@ def insert_new_maps(conn: psycopg.Connection, states: Sequence[MapState], *, act
                candidate_ranking_json, created_by, created_at)
            SELECT c, v, 0, t, st, eq, cm, ar, sb, sa, db, rid, ra, cf, ms, mv, sf, ai::integer[], ex::jsonb,
                   rk::jsonb, cb, coalesce(ca, now())
-           FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[],
-                       %s::text[], %s::timestamptz[], %s::text[], %s::bigint[], %s::timestamptz[], %s::numeric[],
-                       %s::float8[], %s::text[], %s::integer[], %s::text[], %s::text[], %s::text[], %s::text[],
-                       %s::timestamptz[])
+           FROM unnest(%b::text[], %b::text[], %b::text[], %b::text[], %b::text[], %b::text[], %b::text[],
+                       %b::text[], %b::timestamptz[], %b::text[], %b::bigint[], %b::timestamptz[], %b::numeric[],
+                       %b::float8[], %b::text[], %b::integer[], %b::text[], %b::text[], %b::text[], %b::text[],
+                       %b::timestamptz[])
                 AS x(c, v, t, st, eq, cm, ar, sb, sa, db, rid, ra, cf, ms, mv, sf, ai, ex, rk, cb, ca)
            RETURNING id, source_code, source_vocab""", [list(c) for c in cols]).fetchall()
     ids = {(r[1], r[2]): r[0] for r in rows}
@@ -645,8 +646,8 @@ def insert_new_maps(conn: psycopg.Connection, states: Sequence[MapState], *, act
             """INSERT INTO harmonia.concept_map_target (map_id, position, concept_id, mapping_type, equivalence,
                    created_by, created_at)
                SELECT m, p, c, t, e, b, coalesce(a, now())
-               FROM unnest(%s::bigint[], %s::smallint[], %s::integer[], %s::text[], %s::text[], %s::text[],
-                           %s::timestamptz[]) AS x(m, p, c, t, e, b, a)""", tcols)
+               FROM unnest(%b::bigint[], %b::smallint[], %b::integer[], %b::text[], %b::text[], %b::text[],
+                           %b::timestamptz[]) AS x(m, p, c, t, e, b, a)""", tcols)
     hist = [(s.source_code, s.source_vocab, action, s.primary, s.status, json.dumps(s.snapshot()), actor, note)
             for s, note in zip(states, notes, strict=True)]
     hcols = [list(c) for c in zip(*hist, strict=True)]
@@ -654,8 +655,8 @@ def insert_new_maps(conn: psycopg.Connection, states: Sequence[MapState], *, act
         """INSERT INTO harmonia.concept_map_history (source_code, source_vocab, action, new_concept_id, new_status,
                version, new_state, actor, note)
            SELECT c, v, a, n, s, 1, ns::jsonb, ac, nt
-           FROM unnest(%s::text[], %s::text[], %s::text[], %s::integer[], %s::text[], %s::text[], %s::text[],
-                       %s::text[]) AS x(c, v, a, n, s, ns, ac, nt)""", hcols)
+           FROM unnest(%b::text[], %b::text[], %b::text[], %b::integer[], %b::text[], %b::text[], %b::text[],
+                       %b::text[]) AS x(c, v, a, n, s, ns, ac, nt)""", hcols)
     return len(rows)
 
 

@@ -118,6 +118,11 @@ def item_by_key(conn: psycopg.Connection, key: SourceKey, *, lock: bool = False)
     return _item(row) if row else None
 
 
+def consistent_reads(conn: psycopg.Connection) -> None:
+    """Make the rest of the caller's (new) transaction read one snapshot: an item and its map as of one moment."""
+    conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+
+
 def item_facets(conn: psycopg.Connection) -> dict[str, list[str]]:
     """The source vocabularies and top-candidate domains present in the queue, for filter menus."""
     vocabs = [r[0] for r in conn.execute(
