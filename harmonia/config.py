@@ -215,6 +215,10 @@ class ReviewSettings:
     port: int = setting(8000, "Review service port.", key="serve_port")
     claim_ttl_s: float = setting(900.0, "How long a reviewer's claim on queue items lasts (seconds) unless renewed; "
                                         "others do not get claimed items until it expires.")
+    session_ttl_s: float = setting(43200.0, "How long a review page login lasts (seconds): the page trades the API "
+                                            "token for a session token that expires and that logging out revokes.")
+    max_body_bytes: int = setting(16_000_000, "Largest request body the review service reads (bytes); a larger "
+                                              "one gets 413 before authentication.")
 
 
 @dataclass

@@ -142,7 +142,8 @@ def usagi_maps(conn: psycopg.Connection, source_vocab: str | None = None,
 
 
 def _description(text: str | None) -> str:
-    text = " ".join((text or "").split())  # no line breaks in a one-line cell
+    """At most 255 characters (an ellipsis says it was cut), on one line, defused for spreadsheets."""
+    text = safe_cell(" ".join((text or "").split()))
     return text if len(text) <= STCM_DESCRIPTION_MAX else text[:STCM_DESCRIPTION_MAX - 1] + "…"
 
 
@@ -159,7 +160,7 @@ def stcm_rows(conn: psycopg.Connection, maps: Sequence[MapState]) -> list[dict[s
             out.append({
                 "source_code": safe_cell(m.source_code), "source_concept_id": source_ids.get(m.key, 0),
                 "source_vocabulary_id": safe_cell(m.source_vocab),
-                "source_code_description": safe_cell(_description(m.source_text)),
+                "source_code_description": _description(m.source_text),
                 "target_concept_id": t.concept_id, "target_vocabulary_id": t.vocabulary_id,
                 "valid_start_date": start.isoformat(), "valid_end_date": STCM_END,
                 "invalid_reason": "" if t.valid_standard else "D",
@@ -276,7 +277,7 @@ def _parse(rows: Iterable[dict[str, str]], header: list[str], source_vocab: str)
             if cid == 0 or not c.rows:
                 bad("conceptId", f"0 (unmapped) and a target for source code {code!r}: a code has targets or none")
                 continue
-            c.rows.append((n, Target(cid, mtype, eq, created_by, created_on)))  # type: ignore[arg-type]
+            c.rows.append((n, Target(cid, mtype, eq, created_by, created_on)))
             continue
         status = r.get("mappingStatus") or "UNCHECKED"
         if status not in map_store.STATUSES:
@@ -307,8 +308,8 @@ def _parse(rows: Iterable[dict[str, str]], header: list[str], source_vocab: str)
             continue
         state = MapState(
             source_code=code, source_vocab=source_vocab, source_text=read_cell(r["sourceName"]),
-            status=status,  # type: ignore[arg-type]
-            equivalence=eq,  # type: ignore[arg-type]  # kept for a code without targets
+            status=status,
+            equivalence=eq,  # kept for a code without targets
             comment=read_cell(r.get("comment", "")) or None,
             assigned_reviewer=read_cell(r.get("assignedReviewer", "")) or None,
             status_set_by=read_cell(r.get("statusSetBy", "")) or None, status_set_at=set_on,
@@ -317,7 +318,7 @@ def _parse(rows: Iterable[dict[str, str]], header: list[str], source_vocab: str)
             extra={c[len(ADD_INFO):]: read_cell(r.get(c, "")) for c in info}, created_by=created_by or "import",
             created_at=created_on, model_version="usagi-import")
         codes[code] = _Code(n, state, [] if cid == 0 else
-                            [(n, Target(cid, mtype, eq, created_by, created_on))])  # type: ignore[arg-type]
+                            [(n, Target(cid, mtype, eq, created_by, created_on))])
         firsts[code] = r
     for c in codes.values():
         seen: dict[tuple[int, str], int] = {}
@@ -372,6 +373,9 @@ def import_usagi(conn: psycopg.Connection, path: Path | str, source_vocab: str, 
     if problems:
         raise UsagiError(name, problems)
     s = ImportSummary(rows=sum(max(len(c.rows), 1) for c in codes), codes=len(codes))
+    fresh: list[MapState] = []
+    notes: list[str | None] = []
+    items: list[dict[str, Any]] = []
     with conn.transaction():
         existing = map_store.existing_maps(conn, [c.state.key for c in codes])
         for c in codes:
@@ -391,21 +395,27 @@ def import_usagi(conn: psycopg.Connection, path: Path | str, source_vocab: str, 
                     s.skipped_existing += 1
                     continue
                 s.replaced += 1
-            map_store.write_map(conn, st, expected_version=None, action="import", actor=actor, note=note,
-                                stamp=False)
+                map_store.write_map(conn, st, expected_version=None, action="import", actor=actor, note=note,
+                                    stamp=False)
+            else:
+                fresh.append(st)
+                notes.append(note)
             s.imported += 1
             s.targets += len(st.targets)
             s.invalid_target += st.status == "INVALID_TARGET"
             s.by_status[st.status] = s.by_status.get(st.status, 0) + 1
             if st.status in ("UNCHECKED", "FLAGGED", "INVALID_TARGET"):
                 conf = st.match_score if st.match_score is not None and 0 <= st.match_score <= 1 else None
-                item = map_store.enqueue_review(
-                    conn, st.source_code, source_vocab, st.source_text, st.source_frequency, st.extra,
-                    _ranking(st.targets, st.auto_concept_ids or [], concepts), conf, "usagi-import",
-                    "invalid_target" if st.status == "INVALID_TARGET" else "imported", None)
-                if st.status == "FLAGGED":
-                    review_store.flag_item(conn, item)
-                s.review_items += 1
+                items.append({"source_code": st.source_code, "source_vocab": source_vocab,
+                              "source_text": st.source_text, "source_frequency": st.source_frequency,
+                              "extra": st.extra, "candidates": _ranking(st.targets, st.auto_concept_ids or [],
+                                                                        concepts),
+                              "confidence": conf, "model_version": "usagi-import",
+                              "reason": "invalid_target" if st.status == "INVALID_TARGET" else "imported",
+                              "status": "flagged" if st.status == "FLAGGED" else "open"})
+        map_store.insert_new_maps(conn, fresh, action="import", actor=actor, notes=notes)
+        map_store.enqueue_reviews(conn, items)
+        s.review_items = len(items)
     return s
 
 

@@ -170,3 +170,36 @@ def _concept(row: tuple) -> Concept:
     return Concept(concept_id=row[0], concept_name=row[1], domain_id=row[2], vocabulary_id=row[3],
                                  concept_class_id=row[4], standard_concept=row[5], concept_code=row[6],
                                  invalid_reason=row[7])
+
+
+def test_router_sends_additional_targets_to_review_and_keeps_them(conn: psycopg.Connection) -> None:
+    from harmonia.domain import AdditionalTarget, Candidate, RankedCandidate, RerankResult, SourceTerm
+    from harmonia.pipeline.route import route
+
+    def cand(cid: int, name: str, domain: str) -> Candidate:
+        return Candidate(cid, name, domain, "LOINC", "Lab Test", str(cid), 0.9)
+
+    cands = [cand(3000963, "Hemoglobin [Mass/volume] in Blood", "Measurement"), cand(9191, "Positive", "Meas Value")]
+    term = SourceTerm("HBPOS", "LAB", "haemoglobin positive")
+    plain = RerankResult([RankedCandidate(3000963, 0.99)], 0.99, "m")
+    assert route(term, cands, plain, threshold=0.9).action == "approve"
+    # The same sure first choice with a further target the calibration never saw: review, never approved.
+    extra = RerankResult([RankedCandidate(3000963, 0.99)], 0.99, "m", equivalence="WIDER", additional=[
+        AdditionalTarget(9191, "MAPS_TO_VALUE", "EQUAL", "the result"), AdditionalTarget(12345, "MAPS_TO_VALUE")])
+    d = route(term, cands, extra, threshold=0.9)
+    assert (d.action, d.reason) == ("review", "additional_targets")
+    assert [a.concept_id for a in d.additional] == [9191]  # only candidates
+    with conn.transaction():
+        assert mapping.record_decision(conn, d) == "review"
+    prop = conn.execute("SELECT proposal FROM harmonia.review_queue WHERE source_code = 'HBPOS'").fetchone()[0]
+    assert prop == {"equivalence": "WIDER", "additional": [
+        {"concept_id": 9191, "mapping_type": "MAPS_TO_VALUE", "equivalence": "EQUAL", "rationale": "the result",
+         "concept_name": "Positive", "domain_id": "Meas Value", "vocabulary_id": "LOINC"}]}
+    # Persisted as approved (a caller that approves anyway), every target is stored.
+    d.action, d.concept_id = "approve", 3000963
+    conn.execute("DELETE FROM harmonia.review_queue")
+    with conn.transaction():
+        assert mapping.record_decision(conn, d) == "approved"
+    s = mapping.get_state(conn, ("HBPOS", "LAB"))
+    assert s is not None and [(t.concept_id, t.mapping_type, t.equivalence) for t in s.targets] == [
+        (3000963, "MAPS_TO", "WIDER"), (9191, "MAPS_TO_VALUE", "EQUAL")]

@@ -119,7 +119,7 @@ def test_auth_matrix(client: TestClient, conn: psycopg.Connection, tokens: dict[
     # A disabled user's token stops working at once; the stored hash is not the token.
     assert user_store.disable_user(conn, "reviewer-user")
     assert client.get("/api/me", headers=auth(tokens["reviewer"])).status_code == 401
-    stored = [r[0] for r in conn.execute("SELECT token_hash FROM harmonia.users").fetchall()]
+    stored = [r[0] for r in conn.execute("SELECT token_hash FROM harmonia.api_token").fetchall()]
     assert user_store.hash_token(tokens["admin"]) in stored and tokens["admin"] not in stored
     # The page shell itself is public (it asks for a token); the OpenAPI docs list the routes.
     assert "Log in" in client.get("/").text

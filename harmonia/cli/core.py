@@ -209,17 +209,26 @@ def _print_summary(summary: MapSummary, reranker: str) -> None:
 @app.command("export")
 def export(fmt: str = typer.Option("usagi", "--format", help="usagi | stcm"),
            output: Path = typer.Option(None, "--output", "-o", help="File to write (default: stdout)."),
-           source_vocab: str = typer.Option(None, help="Only this source vocabulary.")) -> None:
-    """Write approved maps as a Usagi CSV or a SOURCE_TO_CONCEPT_MAP CSV."""
+           source_vocab: str = typer.Option(None, help="Only this source vocabulary."),
+           status: list[str] = typer.Option(None, "--status", help="Usagi: the statuses to write (repeatable; "
+                                                                  "default APPROVED; 'all': every code, a full "
+                                                                  "Usagi save file). STCM: always APPROVED.")) -> None:
+    """Write maps as a Usagi CSV (one row per target) or a SOURCE_TO_CONCEPT_MAP CSV (every MAPS_TO target)."""
     from harmonia.export import FORMATS, export_csv
+    from harmonia.store.mapping import STATUSES
 
     if fmt not in FORMATS:
         fail(f"--format must be one of {', '.join(FORMATS)}")
+    wanted = [s.upper() for s in status or ["APPROVED"]]
+    bad = [s for s in wanted if s not in (*STATUSES, "ALL")]
+    if bad:
+        fail(f"--status {bad[0]}: choose from {', '.join(STATUSES)} or all")
     with connect() as conn:
-        text = export_csv(conn, fmt, source_vocab)
+        # the statuses were checked against STATUSES above
+        text = export_csv(conn, fmt, source_vocab, None if "ALL" in wanted else wanted)  # type: ignore[arg-type]
     if output:
         output.write_text(text)
-        console.print(f"wrote {text.count(chr(10)) - 1} maps to {output}")
+        console.print(f"wrote {text.count(chr(10)) - 1} rows to {output}")
     else:
         sys.stdout.write(text)
 

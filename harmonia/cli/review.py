@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from datetime import UTC, datetime, timedelta
+
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -34,18 +37,49 @@ def serve(
 def user_add(
     name: str = typer.Argument(..., help="The user's name (unique)."),
     role: str = typer.Option("reviewer", "--role", help="reviewer | reader | admin."),
-    rotate: bool = typer.Option(False, "--rotate", help="If the user exists, issue a new token (the old one stops "
+    rotate: bool = typer.Option(False, "--rotate", help="If the user exists, issue a new token (the old ones stop "
                                                         "working) and set the role."),
+    expires: str = typer.Option(None, "--expires", help="When the token stops working: a duration (90m, 12h, 30d) "
+                                                        "or a date/time (2027-01-31, 2027-01-31T18:00+01:00); "
+                                                        "default never."),
 ) -> None:
     """Create a user and print their API token; it is shown only this once (only its hash is stored)."""
     s = settings()
+    expires_at = None
+    if expires:
+        try:
+            expires_at = parse_expiry(expires)
+        except ValueError as exc:
+            fail(f"--expires {expires!r}: {exc}")
     with connect(s) as conn:
         try:
-            user, token = user_store.add_user(conn, name, role, rotate=rotate)
+            user, token = user_store.add_user(conn, name, role, rotate=rotate, expires_at=expires_at)
         except user_store.UserError as exc:
             fail(str(exc))
-    typer.echo(f"user {user['name']} (role {user['role']}); API token, shown once:", err=True)
+    until = f", expires {expires_at:%Y-%m-%d %H:%M %Z}" if expires_at else ""
+    typer.echo(f"user {user['name']} (role {user['role']}{until}); API token, shown once:", err=True)
     print(token)
+
+
+def parse_expiry(text: str, now: datetime | None = None) -> datetime:
+    """A duration from now (90m, 12h, 30d) or an ISO date/time (a date: its midnight UTC) in the future."""
+    now = now or datetime.now(UTC)
+    m = re.fullmatch(r"\s*(\d+)\s*([mhd])\s*", text)
+    if m:
+        n = int(m.group(1))
+        if n <= 0:
+            raise ValueError("the duration must be positive")
+        at = now + timedelta(**{{"m": "minutes", "h": "hours", "d": "days"}[m.group(2)]: n})
+    else:
+        try:
+            at = datetime.fromisoformat(text.strip())
+        except ValueError:
+            raise ValueError("give a duration (90m, 12h, 30d) or an ISO date/time") from None
+        if at.tzinfo is None:
+            at = at.replace(tzinfo=UTC)
+    if at <= now:
+        raise ValueError("that is not in the future")
+    return at
 
 
 @user_app.command("list")

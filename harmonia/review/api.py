@@ -8,9 +8,11 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
 
 import psycopg
+import swagger_ui_bundle  # type: ignore[import-untyped]  # it ships no type hints
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel, Field
@@ -20,7 +22,8 @@ from harmonia.config import Settings
 from harmonia.domain import SourceTerm
 from harmonia.export import export_csv
 from harmonia.review import service as svc
-from harmonia.review.auth import current_user, writer
+from harmonia.review.auth import bearer, current_user, writer
+from harmonia.review.guard import Guard, docs_page
 from harmonia.store import concepts as concept_store
 from harmonia.store import mapping as map_store
 from harmonia.store import review as store
@@ -120,12 +123,15 @@ def create_app(settings: Settings) -> FastAPI:
         finally:
             service.close()
 
-    app = FastAPI(title="Harmonia review service", version=__version__, lifespan=lifespan,
+    app = FastAPI(title="Harmonia review service", version=__version__, lifespan=lifespan, docs_url=None,
+                  redoc_url=None,
                   description="Review the router's uncertain suggestions, correct the concept map, export it. "
                               "Every /api route needs `Authorization: Bearer <token>` (`harmonia user add NAME`); "
                               "writes need role reviewer or admin.")
     app.state.service = service
+    app.add_middleware(Guard, max_body_bytes=settings.review.max_body_bytes)
     app.mount("/static", StaticFiles(directory=WEB / "static"), name="static")
+    app.mount("/docs-assets", StaticFiles(directory=swagger_ui_bundle.swagger_ui_path), name="docs-assets")
     templates = Jinja2Templates(directory=WEB / "templates")
 
     @app.exception_handler(svc.ReviewError)
@@ -144,11 +150,29 @@ def create_app(settings: Settings) -> FastAPI:
 
     # ------------------------------------------------------------------------------------------------ page
 
+    @app.get("/docs", response_class=HTMLResponse, include_in_schema=False)
+    def docs() -> HTMLResponse:
+        return HTMLResponse(docs_page(app.openapi_url or "/openapi.json", app.title))
+
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page(request: Request) -> HTMLResponse:
         return templates.TemplateResponse(request, "review.html", {"version": __version__})
 
     # ------------------------------------------------------------------------------------------------ me
+
+    @app.post("/api/session", tags=["auth"],
+              summary="Trade an API token for a session token that expires (the review page logs in with it)")
+    def session(user: User) -> dict[str, Any]:
+        ttl = settings.review.session_ttl_s
+        with service.connection() as conn:
+            token = user_store.issue_token(conn, user["id"], kind="session", ttl_s=ttl)
+        return {"token": token, "expires_in_s": ttl, "name": user["name"], "role": user["role"]}
+
+    @app.post("/api/logout", tags=["auth"], summary="Revoke the token this request carries")
+    def logout(user: User, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> dict[str, Any]:
+        assert creds is not None  # current_user refused a request without one
+        with service.connection() as conn:
+            return {"revoked": user_store.revoke_token(conn, creds.credentials)}
 
     @app.get("/api/me", tags=["auth"], summary="The user the token belongs to")
     def me(user: User) -> dict[str, Any]:
@@ -221,7 +245,8 @@ def create_app(settings: Settings) -> FastAPI:
     @app.get("/api/review/items/{item_id}", tags=["review"],
              summary="One item: source details, top-5 with scores and rationales, current map and version, history")
     def show_item(item_id: ItemId, user: User) -> dict[str, Any]:
-        with service.connection() as conn:
+        with service.connection() as conn, conn.transaction():
+            store.consistent_reads(conn)  # the item's status and its map's version from one moment
             return svc.item_detail(conn, item_id)
 
     @app.post("/api/review/items/{item_id}/approve", tags=["review"],
@@ -299,7 +324,7 @@ def create_app(settings: Settings) -> FastAPI:
         vocabulary: Annotated[list[str] | None, Query()] = None,
     ) -> dict[str, Any]:
         results = []
-        if q.strip().isdigit() and int(q) <= INT4_MAX:  # a concept id typed in
+        if q.strip().isascii() and q.strip().isdigit() and int(q) <= INT4_MAX:  # a concept id typed in (not "²")
             with service.connection() as conn:
                 results = [c.to_dict() for c in concept_store.get_concepts(conn, [int(q)]).values()]
         try:
@@ -357,9 +382,15 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/api/export/{fmt}", tags=["maps"], summary="Approved maps as Usagi CSV or SOURCE_TO_CONCEPT_MAP",
              response_class=Response, responses={200: {"content": {"text/csv": {}}}})
-    def export(fmt: Literal["usagi", "stcm"], user: User, source_vocab: str | None = None) -> Response:
+    def export(fmt: Literal["usagi", "stcm"], user: User, source_vocab: str | None = None,
+               status: Annotated[list[Literal["UNCHECKED", "APPROVED", "FLAGGED", "IGNORED", "INVALID_TARGET", "all"]]
+                                 | None, Query(description="Usagi: repeatable, default APPROVED; all: a full save "
+                                                           "file. STCM: always APPROVED.")] = None) -> Response:
+        statuses: list[Any] | None = [x for x in status or ["APPROVED"]]
+        if statuses and "all" in statuses:
+            statuses = None
         with service.connection() as conn:
-            text = export_csv(conn, fmt, source_vocab)
+            text = export_csv(conn, fmt, source_vocab, statuses)
         name = "usagi.csv" if fmt == "usagi" else "source_to_concept_map.csv"
         return Response(text, media_type="text/csv; charset=utf-8",
                         headers={"Content-Disposition": f'attachment; filename="{name}"'})

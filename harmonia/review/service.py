@@ -18,13 +18,13 @@ from psycopg_pool import ConnectionPool
 from harmonia import db
 from harmonia.config import DatabaseSettings, Settings
 from harmonia.domain import Concept, Equivalence, MapStatus, RankingRecord
-from harmonia.pipeline.confidence import kind_of
+from harmonia.kinds import KindRegistry
 from harmonia.retrieval.base import Retriever
 from harmonia.store import concepts as concept_store
+from harmonia.store import kinds as kinds_store
 from harmonia.store import mapping as map_store
 from harmonia.store import review as store
 from harmonia.store import users as user_store
-from harmonia.store.common import scalar
 from harmonia.store.review import ReviewItem
 
 log = logging.getLogger(__name__)
@@ -87,10 +87,10 @@ def _ranking(item: ReviewItem) -> RankingRecord:
             "review_item_id": item["id"]}
 
 
-def expected_domains(item: ReviewItem) -> tuple[str, ...]:
-    """The domains a target of this source should be in: its kind's (ICD10: Condition, Observation), else the
-    model's first suggestion's (a lab name the model put in Measurement); none known: anything goes."""
-    _, domains = kind_of(item["source_vocab"])
+def expected_domains(conn: psycopg.Connection, item: ReviewItem) -> tuple[str, ...]:
+    """The domains a target of this source should be in: its kind's (built in or declared: ICD10 Condition,
+    Observation; labs Measurement), else the model's first suggestion's; none known: anything goes."""
+    domains = KindRegistry(declared=kinds_store.declared(conn)).kind_of(item["source_vocab"]).domains
     if domains:
         return domains
     return (item["top_domain"],) if item["top_domain"] else ()
@@ -108,13 +108,13 @@ def item_detail(conn: psycopg.Connection, item_id: int) -> dict[str, Any]:
     key = (item["source_code"], item["source_vocab"])
     state = map_store.get_state(conn, key)
     return {**item, "map": state.to_dict() if state else None, "version": state.version if state else 0,
-            "expected_domains": list(expected_domains(item)), "history": map_store.history(conn, *key)}
+            "expected_domains": list(expected_domains(conn, item)), "history": map_store.history(conn, *key)}
 
 
 def _same_outcome(a: map_store.MapState, b: map_store.MapState) -> bool:
     return (a.status == b.status and a.comment == b.comment and len(a.targets) == len(b.targets)
             and all(x.same(y) for x, y in zip(a.targets, b.targets, strict=True))
-            and (a.targets or a.code_equivalence == b.code_equivalence))
+            and (bool(a.targets) or a.code_equivalence == b.code_equivalence))
 
 
 def decide(conn: psycopg.Connection, item_id: int, reviewer_id: int, kind: DecisionKind, *,
@@ -149,7 +149,8 @@ def decide(conn: psycopg.Connection, item_id: int, reviewer_id: int, kind: Decis
         new = replace(base, source_text=item["source_text"] or base.source_text, status=status,
                       targets=new_targets, equivalence="UNMATCHED" if kind == "no_match" else base.equivalence,
                       comment=comment if comment is not None else base.comment, status_set_by=name,
-                      status_set_at=None, decided_by="reviewer", reviewer_id=reviewer_id, reviewed_at=_now(conn),
+                      status_set_at=None, decided_by="reviewer", reviewer_id=reviewer_id,
+                      reviewed_at=map_store.db_now(conn),
                       confidence=confidence, match_score=None if cur is None else base.match_score,
                       model_version=item["model_version"], source_frequency=item["source_frequency"],
                       auto_concept_ids=[int(c) for c in suggested if c is not None] or base.auto_concept_ids,
@@ -180,10 +181,6 @@ def decide(conn: psycopg.Connection, item_id: int, reviewer_id: int, kind: Decis
             store.resolve_item(conn, item_id, reviewer_id)
         return {"action": action, "item": store.get_item(conn, item_id), "map": stored.to_dict(),
                 "version": stored.version}
-
-
-def _now(conn: psycopg.Connection) -> Any:
-    return scalar(conn.execute("SELECT now()"))
 
 
 def _targets_for(conn: psycopg.Connection, item: ReviewItem, cur: map_store.MapState | None, kind: DecisionKind,
@@ -245,7 +242,7 @@ def _targets_for(conn: psycopg.Connection, item: ReviewItem, cur: map_store.MapS
 
 
 def _check_domain(conn: psycopg.Connection, item: ReviewItem, targets: Sequence[map_store.Target]) -> None:
-    expected = expected_domains(item)
+    expected = expected_domains(conn, item)
     if not expected:
         return
     for t in targets:
@@ -292,7 +289,8 @@ def undo(conn: psycopg.Connection, reviewer_id: int) -> dict[str, Any]:
             raise Conflict("nothing to undo", "nothing_to_undo")
         key = (last["source_code"], last["source_vocab"])
         cur = map_store.get_state(conn, key, lock=True)
-        if (cur.version if cur else None) != last["version"] or map_store.last_history_id(conn, key) != last["id"]:
+        # Safe only while the code is as that change left it (an undo of a later change may have put it back).
+        if (cur.snapshot() if cur else None) != last["new_state"]:
             raise Conflict(f"{key[1]}/{key[0]} was changed after your decision; undo would overwrite that",
                            "changed")
         before = last["old_state"]

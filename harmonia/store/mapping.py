@@ -462,7 +462,8 @@ def enqueue_review(conn: psycopg.Connection, source_code: str, source_vocab: str
 
 
 def summary_counts(conn: psycopg.Connection) -> dict[str, int]:
-    by_status = dict(conn.execute("SELECT status, count(*) FROM harmonia.concept_map GROUP BY 1").fetchall())
+    by_status: dict[str, int] = dict(conn.execute(
+        "SELECT status, count(*) FROM harmonia.concept_map GROUP BY 1").fetchall())
     return {
         "concept_map": sum(by_status.values()),
         **{f"maps_{s.lower()}": int(by_status.get(s, 0)) for s in STATUSES},
@@ -606,3 +607,78 @@ def states_by_ids(conn: psycopg.Connection, map_ids: Sequence[int]) -> list[MapS
     rows = conn.execute(f"SELECT {_COLS} FROM {_FROM} WHERE m.id = ANY(%s)", (list(map_ids),)).fetchall()
     by_id = {s.id: s for s in _with_targets(conn, [_state(r) for r in rows])}
     return [by_id[i] for i in map_ids if i in by_id]
+
+
+def insert_new_maps(conn: psycopg.Connection, states: Sequence[MapState], *, action: str, actor: str,
+                    notes: Sequence[str | None]) -> int:
+    """Store many codes that have no map yet, each with its targets and a history row, in a few statements (an
+    import); the fields are stored as given (an empty status_set_at stays empty). A code that got a map meanwhile
+    is a unique violation: the caller's transaction fails whole. Returns how many were stored. The arrays go in
+    binary (%b): far quicker to send than text arrays."""
+    if not states:
+        return 0
+    cols = list(zip(*[(s.source_code, s.source_vocab, s.source_text, s.status, s.code_equivalence, s.comment,
+                       s.assigned_reviewer, s.status_set_by, s.status_set_at, s.decided_by, s.reviewer_id,
+                       s.reviewed_at, None if s.confidence is None else round(s.confidence, 4), s.match_score,
+                       s.model_version, s.source_frequency,
+                       None if s.auto_concept_ids is None else "{" + ",".join(map(str, s.auto_concept_ids)) + "}",
+                       json.dumps(s.extra), None if s.ranking is None else json.dumps(s.ranking), s.created_by,
+                       s.created_at) for s in states], strict=True))
+    rows = conn.execute(
+        """INSERT INTO harmonia.concept_map (source_code, source_vocab, omop_concept_id, source_text, status,
+               equivalence, comment, assigned_reviewer, status_set_by, status_set_at, decided_by, reviewer_id,
+               reviewed_at, confidence, match_score, model_version, source_frequency, auto_concept_ids, extra,
+               candidate_ranking_json, created_by, created_at)
+           SELECT c, v, 0, t, st, eq, cm, ar, sb, sa, db, rid, ra, cf, ms, mv, sf, ai::integer[], ex::jsonb,
+                  rk::jsonb, cb, coalesce(ca, now())
+           FROM unnest(%b::text[], %b::text[], %b::text[], %b::text[], %b::text[], %b::text[], %b::text[],
+                       %b::text[], %b::timestamptz[], %b::text[], %b::bigint[], %b::timestamptz[], %b::numeric[],
+                       %b::float8[], %b::text[], %b::integer[], %b::text[], %b::text[], %b::text[], %b::text[],
+                       %b::timestamptz[])
+                AS x(c, v, t, st, eq, cm, ar, sb, sa, db, rid, ra, cf, ms, mv, sf, ai, ex, rk, cb, ca)
+           RETURNING id, source_code, source_vocab""", [list(c) for c in cols]).fetchall()
+    ids = {(r[1], r[2]): r[0] for r in rows}
+    targets = [(ids[s.key], i, t.concept_id, t.mapping_type, t.equivalence, t.created_by, t.created_at)
+               for s in states for i, t in enumerate(s.targets)]
+    if targets:
+        tcols = [list(c) for c in zip(*targets, strict=True)]
+        conn.execute(
+            """INSERT INTO harmonia.concept_map_target (map_id, position, concept_id, mapping_type, equivalence,
+                   created_by, created_at)
+               SELECT m, p, c, t, e, b, coalesce(a, now())
+               FROM unnest(%b::bigint[], %b::smallint[], %b::integer[], %b::text[], %b::text[], %b::text[],
+                           %b::timestamptz[]) AS x(m, p, c, t, e, b, a)""", tcols)
+    hist = [(s.source_code, s.source_vocab, action, s.primary, s.status, json.dumps(s.snapshot()), actor, note)
+            for s, note in zip(states, notes, strict=True)]
+    hcols = [list(c) for c in zip(*hist, strict=True)]
+    conn.execute(
+        """INSERT INTO harmonia.concept_map_history (source_code, source_vocab, action, new_concept_id, new_status,
+               version, new_state, actor, note)
+           SELECT c, v, a, n, s, 1, ns::jsonb, ac, nt
+           FROM unnest(%b::text[], %b::text[], %b::text[], %b::integer[], %b::text[], %b::text[], %b::text[],
+                       %b::text[]) AS x(c, v, a, n, s, ns, ac, nt)""", hcols)
+    return len(rows)
+
+
+def enqueue_reviews(conn: psycopg.Connection, items: Sequence[dict[str, Any]]) -> None:
+    """Open many review items at once (an import): each a dict of enqueue_review's arguments plus `status`."""
+    with conn.cursor() as cur:
+        cur.executemany(
+            """INSERT INTO harmonia.review_queue (source_code, source_vocab, source_text, source_frequency, extra,
+                   candidates_json, confidence, model_version, reason, error, status)
+               VALUES (%(source_code)s, %(source_vocab)s, %(source_text)s, %(source_frequency)s, %(extra)s,
+                       %(candidates)s, %(confidence)s, %(model_version)s, %(reason)s, NULL, %(status)s)
+               ON CONFLICT (source_code, source_vocab) DO UPDATE SET
+                   source_text = EXCLUDED.source_text, source_frequency = EXCLUDED.source_frequency,
+                   extra = EXCLUDED.extra, candidates_json = EXCLUDED.candidates_json,
+                   confidence = EXCLUDED.confidence, model_version = EXCLUDED.model_version,
+                   reason = EXCLUDED.reason, status = EXCLUDED.status, resolved_by = NULL, resolved_at = NULL,
+                   updated_at = now()""",
+            [{**i, "extra": json.dumps(i["extra"]), "candidates": json.dumps(i["candidates"]),
+              "confidence": None if i["confidence"] is None else round(i["confidence"], 4)} for i in items])
+
+
+def db_now(conn: psycopg.Connection) -> datetime:
+    """The transaction's time (what now() writes), for fields set in Python."""
+    at: datetime = scalar(conn.execute("SELECT now()"))
+    return at

@@ -118,6 +118,11 @@ def item_by_key(conn: psycopg.Connection, key: SourceKey, *, lock: bool = False)
     return _item(row) if row else None
 
 
+def consistent_reads(conn: psycopg.Connection) -> None:
+    """Make the rest of the caller's (new) transaction read one snapshot: an item and its map as of one moment."""
+    conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+
+
 def item_facets(conn: psycopg.Connection) -> dict[str, list[str]]:
     """The source vocabularies and top-candidate domains present in the queue, for filter menus."""
     vocabs = [r[0] for r in conn.execute(
@@ -172,18 +177,14 @@ def claim(conn: psycopg.Connection, reviewer_id: int, n: int, ttl_s: float, *, s
     if source_vocab:
         cond.append("q.source_vocab = %(vocab)s")
         params["vocab"] = source_vocab
-    order_by = ORDERS[order]
-    rows = conn.execute(
-        f"""WITH next AS (
-                SELECT q.id, row_number() OVER (ORDER BY (q.claimed_by = %(me)s AND q.claim_expires_at > now())
-                                                         DESC NULLS LAST, {order_by}) AS n
-                FROM harmonia.review_queue q WHERE {' AND '.join(cond)}
-                ORDER BY (q.claimed_by = %(me)s AND q.claim_expires_at > now()) DESC NULLS LAST, {order_by}
-                LIMIT %(n)s FOR UPDATE OF q SKIP LOCKED)
-            UPDATE harmonia.review_queue q SET claimed_by = %(me)s,
-                   claim_expires_at = now() + make_interval(secs => %(ttl)s)
-            FROM next WHERE q.id = next.id RETURNING q.id, next.n""", params).fetchall()
-    return [r[0] for r in sorted(rows, key=lambda r: r[1])]
+    mine_first = "(q.claimed_by = %(me)s AND q.claim_expires_at > now()) DESC NULLS LAST"
+    ids = [r[0] for r in conn.execute(
+        f"""SELECT q.id FROM harmonia.review_queue q WHERE {' AND '.join(cond)}
+            ORDER BY {mine_first}, {ORDERS[order]} LIMIT %(n)s FOR UPDATE OF q SKIP LOCKED""", params).fetchall()]
+    conn.execute("""UPDATE harmonia.review_queue SET claimed_by = %s,
+                        claim_expires_at = now() + make_interval(secs => %s) WHERE id = ANY(%s)""",
+                 (reviewer_id, ttl_s, ids))
+    return ids
 
 
 def release_claims(conn: psycopg.Connection, reviewer_id: int, item_ids: Sequence[int] | None = None) -> int:

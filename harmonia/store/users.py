@@ -41,33 +41,58 @@ def _row(r: Sequence[Any]) -> User:
 _COLS = "id, name, role, created_at, disabled_at"
 
 
-def add_user(conn: psycopg.Connection, name: str, role: str = "reviewer", *, rotate: bool = False
-             ) -> tuple[User, str]:
-    """Create a user (or, with rotate, give an existing one a new token). Returns the user and the token."""
+def add_user(conn: psycopg.Connection, name: str, role: str = "reviewer", *, rotate: bool = False,
+             expires_at: datetime | None = None) -> tuple[User, str]:
+    """Create a user (or, with rotate, give an existing one a new token: the old ones stop working). Returns the
+    user and the token; `expires_at`: when the token stops working (None: never)."""
     name = name.strip()
     if not name:
         raise UserError("user name must not be empty")
     if role not in ROLES:
         raise UserError(f"unknown role {role!r}; choose one of {', '.join(ROLES)}")
-    token = new_token()
     if rotate:
         row = conn.execute(
-            f"""UPDATE harmonia.users SET token_hash = %s, role = %s, disabled_at = NULL WHERE name = %s
-                RETURNING {_COLS}""", (hash_token(token), role, name)).fetchone()
+            f"""UPDATE harmonia.users SET role = %s, disabled_at = NULL WHERE name = %s
+                RETURNING {_COLS}""", (role, name)).fetchone()
         if row is not None:
-            return _row(row), token
+            user = _row(row)
+            conn.execute("UPDATE harmonia.api_token SET revoked_at = now() WHERE user_id = %s AND revoked_at IS NULL",
+                         (user["id"],))
+            return user, issue_token(conn, user["id"], expires_at=expires_at)
     row = conn.execute(
-        f"""INSERT INTO harmonia.users (name, role, token_hash) VALUES (%s, %s, %s)
-            ON CONFLICT (name) DO NOTHING RETURNING {_COLS}""", (name, role, hash_token(token))).fetchone()
+        f"""INSERT INTO harmonia.users (name, role) VALUES (%s, %s)
+            ON CONFLICT (name) DO NOTHING RETURNING {_COLS}""", (name, role)).fetchone()
     if row is None:
         raise UserError(f"user {name!r} already exists (use --rotate to issue a new token)")
-    return _row(row), token
+    user = _row(row)
+    return user, issue_token(conn, user["id"], expires_at=expires_at)
+
+
+def issue_token(conn: psycopg.Connection, user_id: int, *, kind: str = "api", expires_at: datetime | None = None,
+                ttl_s: float | None = None) -> str:
+    """A new token for the user (shown once; only its hash is kept), expiring at `expires_at` or in `ttl_s`."""
+    token = new_token()
+    conn.execute(
+        """INSERT INTO harmonia.api_token (user_id, token_hash, kind, expires_at)
+           VALUES (%s, %s, %s, coalesce(%s, now() + make_interval(secs => %s)))""",
+        (user_id, hash_token(token), kind, expires_at, ttl_s))
+    return token
 
 
 def user_by_token(conn: psycopg.Connection, token: str) -> User | None:
-    row = conn.execute(f"SELECT {_COLS} FROM harmonia.users WHERE token_hash = %s AND disabled_at IS NULL",
-                       (hash_token(token),)).fetchone()
+    """The user of a token that is neither revoked nor expired, of a user not disabled."""
+    row = conn.execute(
+        f"""SELECT {', '.join('u.' + c for c in _COLS.split(', '))} FROM harmonia.api_token t
+            JOIN harmonia.users u ON u.id = t.user_id
+            WHERE t.token_hash = %s AND t.revoked_at IS NULL AND (t.expires_at IS NULL OR t.expires_at > now())
+              AND u.disabled_at IS NULL""", (hash_token(token),)).fetchone()
     return _row(row) if row else None
+
+
+def revoke_token(conn: psycopg.Connection, token: str) -> bool:
+    """Revoke one token (logging out): it stops working at once."""
+    return conn.execute("UPDATE harmonia.api_token SET revoked_at = now() WHERE token_hash = %s "
+                        "AND revoked_at IS NULL", (hash_token(token),)).rowcount > 0
 
 
 def list_users(conn: psycopg.Connection) -> list[User]:
