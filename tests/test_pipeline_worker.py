@@ -464,14 +464,15 @@ def test_worker_with_llm_reranker_against_stub_provider(fresh_db: str, tmp_path:
 def llm_worker_settings(fresh_db: str, tmp_path: Path, conn: psycopg.Connection, base_url: str,
                         **overrides: object):
     """Settings for a worker with the real LLM reranker (openai SDK) against a local stub, calibrated as it is."""
-    from harmonia.rerank.llm.prompt import Prompt
+    from tests.llm_stubs import model_version_of
 
-    calibrate_as_is(conn, tmp_path, "llm", f"llm:openai/stub-model:prompt=v1-{Prompt.load('v1').hash}")
     options: dict[str, object] = {
         "reranker": "llm", "llm_provider": "openai", "llm_model": "stub-model", "llm_base_url": base_url,
         "llm_concurrency": 4, "llm_max_retries": 1, "llm_retry_max_wait_s": 0.05, "llm_timeout_s": 1.0,
         "worker_poll_s": 0.05, "worker_retry_base_s": 0.1, "worker_retry_max_s": 0.4}
-    return make_settings(fresh_db, tmp_path, **{**options, **overrides})
+    s = make_settings(fresh_db, tmp_path, **{**options, **overrides})
+    calibrate_as_is(conn, tmp_path, "llm", model_version_of(s))  # provider, model, server, prompt, sampling
+    return s
 
 
 def test_provider_outage_defers_codes_and_pauses_claiming(fresh_db: str, tmp_path: Path, conn: psycopg.Connection,
@@ -766,7 +767,6 @@ def test_worker_rides_out_database_restarts(pg_server, fresh_db: str, tmp_path: 
     worker_db_patience_s ends the worker with DatabaseUnavailable."""
     from benchmark.stub_llm_server import serve
     from harmonia.pipeline.worker import DatabaseUnavailable
-    from harmonia.rerank.llm.prompt import Prompt
     from harmonia.rerank.llm.reranker import LLMReranker
     from harmonia.retrieval import make_retriever
 
@@ -774,7 +774,9 @@ def test_worker_rides_out_database_restarts(pg_server, fresh_db: str, tmp_path: 
     monkeypatch.setenv("OPENAI_API_KEY", "stub-key")
     s = llm_worker_settings(fresh_db, tmp_path, conn, f"http://127.0.0.1:{server.server_address[1]}/v1",
                             llm_timeout_s=10.0, worker_db_patience_s=60, worker_lease_s=30)
-    version = f"llm:openai/stub-model:prompt=v1-{Prompt.load('v1').hash}"
+    from tests.llm_stubs import model_version_of
+
+    version = model_version_of(s)
     built: list[Pipeline] = []
 
     def make_pipeline(c: psycopg.Connection) -> Pipeline:
