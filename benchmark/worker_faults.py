@@ -53,6 +53,8 @@ from harmonia.kinds import builtin_kind_of
 from harmonia.paths import sample_dir
 from harmonia.pipeline import confidence
 from harmonia.pipeline.worker import EnqueueCounts, enqueue
+from harmonia.rerank.llm.providers import get_provider
+from harmonia.rerank.llm.reranker import LLMReranker
 from harmonia.store import calibration as cal_store
 from harmonia.store import concepts as concept_store
 from harmonia.store import migrations
@@ -203,13 +205,24 @@ def child_main(cfg: dict[str, Any]) -> int:
     return 0
 
 
+def stub_llm_settings(port: int) -> dict[str, Any]:
+    """The LLM settings of the light workers: the real OpenAI reranker against the local stub on `port`."""
+    return {"reranker": "llm", "llm_provider": "openai", "llm_model": "stub-model",
+            "llm_base_url": f"http://127.0.0.1:{port}/v1"}
+
+
+def stub_model_version(data_dir: Path, port: int) -> str:
+    """The model_version the workers' reranker gives its decisions (provider, model, server, prompt, sampling)."""
+    s = load_settings({"data_dir": str(data_dir), **stub_llm_settings(port)}, env={"HARMONIA_CONFIG": ""})
+    return LLMReranker(s.llm, get_provider(s.llm), top_n=s.rerank.top_n).model_version
+
+
 class Children:
     """Light worker processes (this script with --child), their logs and exit codes."""
 
     def __init__(self, data_dir: Path, port: int, name: str, overrides: dict[str, Any], batch: int) -> None:
         self.data_dir, self.name, self.batch = data_dir, name, batch
-        self.settings = {"reranker": "llm", "llm_provider": "openai", "llm_model": "stub-model",
-                         "llm_base_url": f"http://127.0.0.1:{port}/v1", "llm_concurrency": 16, "llm_timeout_s": 5.0,
+        self.settings = {**stub_llm_settings(port), "llm_concurrency": 16, "llm_timeout_s": 5.0,
                          "llm_max_retries": 2, "llm_retry_max_wait_s": 2.0, "worker_lease_s": 20.0,
                          "worker_poll_s": 0.5, "worker_retry_base_s": 2.0, "worker_retry_max_s": 20.0,
                          "worker_provider_patience_s": 300.0, "worker_breaker_failures": 5,
@@ -284,9 +297,7 @@ def start_run(a: argparse.Namespace, data_dir: Path, name: str, n: int, delay: f
     vocab = f"ICD10-{name}{int(time.time())}"
     mon = Monitor(s)
     server, stub = serve(0, delay)
-    from harmonia.rerank.llm.prompt import Prompt
-
-    version = f"llm:openai/stub-model:prompt=v1-{Prompt.load(s.llm.prompt_version).hash}"
+    version = stub_model_version(data_dir, server.server_address[1])
     mon(calibrate_stub, s.data_path, version, vocab)
     terms = mon(icd10_terms, n, vocab, a.seed)
     counts = mon(enqueue, terms)
