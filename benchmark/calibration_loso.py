@@ -47,6 +47,7 @@ from harmonia.paths import sample_dir
 from harmonia.pipeline import confidence
 from harmonia.pipeline.run import Pipeline
 from harmonia.pipeline.thresholds import choose_threshold
+from harmonia.rerank.classifier.checkpoint import checkpoint_from_settings, resolve_checkpoint, trained_sources
 from harmonia.retrieval.memory import build_memory
 from harmonia.store import memory as mem_store
 from harmonia.store import migrations
@@ -67,15 +68,17 @@ USAGI = ("finomop_lab.usagi.csv.gz", "amstel_lab.dev.usagi.csv.gz", "amstel_drug
          "amstel_admission.dev.usagi.csv.gz")
 
 
-def prepare_sets(conn: Any, seed: int, min_rows: int, max_rows: int, icd10_dev: int = 0
-                 ) -> dict[str, list[SourceTargets]]:
+def prepare_sets(conn: Any, seed: int, min_rows: int, max_rows: int, icd10_dev: int = 0,
+                 trained: frozenset[str] = frozenset()) -> dict[str, list[SourceTargets]]:
     """name -> rows (shuffled by the curation, at most max_rows); with `icd10_dev`, also that many ICD10
     development-part sources as the set `ICD10_dev` (calibration rows only, never held out: what `bench calibrate`
     fits on before mapping ICD10)."""
     out: dict[str, list[SourceTargets]] = {}
     cs = curate_maps_to_from_db(conn, seed=seed, per_vocab=None)
     if icd10_dev:
-        out["ICD10_dev"] = [r for r in cs.parts["dev"] if r.source_vocab == "ICD10"][:icd10_dev]
+        # never a source the classifier trained on: its confidence there says nothing about new codes
+        out["ICD10_dev"] = [r for r in cs.parts["dev"] if r.source_vocab == "ICD10"
+                            and f"{r.source_vocab}:{r.source_code}" not in trained][:icd10_dev]
     by_vocab: dict[str, list[SourceTargets]] = {}
     # ICD10: its test part only (the classifier trained on its development part). The other vocabularies: both
     # parts (too few sources otherwise); the memory never answers a source with itself, and their development
@@ -108,7 +111,11 @@ def run_all(a: argparse.Namespace) -> dict[tuple[str, str], dict[str, Any]]:
                        batch_size=base.embedding.batch_size, progress=False, retrieval=base.retrieval)
         if not mem_store.count(conn, embedder.key):
             build_memory(conn, embedder, base, known_mappings(conn, base.embedding.vocabularies), progress=False)
-        sets = prepare_sets(conn, a.seed, a.min_rows, a.max_rows, a.icd10_dev)
+        trained: frozenset[str] = frozenset()
+        if "classifier" in (a.reranker or []):
+            ck = resolve_checkpoint(a.checkpoint) if a.checkpoint else checkpoint_from_settings(base)
+            trained = trained_sources(ck) or frozenset()
+        sets = prepare_sets(conn, a.seed, a.min_rows, a.max_rows, a.icd10_dev, trained)
         reg = KindRegistry.from_settings(base, conn)
         for name, rows in sets.items():
             for vocab in {r.source_vocab for r in rows}:
@@ -141,7 +148,8 @@ def rows_of(name: str, result: dict[str, Any]) -> list[dict[str, Any]]:
     for r in result["rows_detail"]:
         cal = r.get("calibration") or {}
         ev = cal.get("evidence")
-        approvable = r.get("reason") in ("approved", "low_confidence", "uncalibrated") and bool(r.get("top5"))
+        approvable = (r.get("reason") in ("approved", "low_confidence", "uncalibrated") and bool(r.get("top5"))
+                      and not r.get("trained_on"))
         if approvable and isinstance(ev, dict):
             ev = dict(ev)
             domains = KindRegistry().kind_named(kind).domains

@@ -220,3 +220,28 @@ def test_calibrate_runs_per_kind_and_never_the_unknown_kind() -> None:
         calibrate_runs([old])
 
 
+
+
+def test_calibration_leaves_out_the_rows_the_reranker_trained_on() -> None:
+    """A classifier is surer of its own training sources than of new codes: rows it trained on must not calibrate
+    it. Here its training rows are all right at any confidence; left in, they would certify a lower threshold."""
+    fresh = _run(1500, "ICD10", "diagnosis", 3, "classifier:abc")
+    trained = _run(1500, "ICD10T", "diagnosis", 4, "classifier:abc")
+    for r in trained["rows_detail"][:-1]:
+        r["hit1"], r["trained_on"] = True, True
+    fresh["reranker_training_sources"] = trained["reranker_training_sources"] = 1500
+    alone = calibrate_runs([fresh], target=0.98)
+    both = calibrate_runs([fresh, trained], target=0.98)
+    assert both.calibrator.fitted_on["left_out_trained_on"] == 1500 and "trained_on" in both.skipped
+    assert both.calibrator.fitted_on["rows"] == alone.calibrator.fitted_on["rows"] == 1500
+    assert alone.kinds["diagnosis"].choice.threshold is not None
+    assert both.kinds["diagnosis"].choice.threshold == alone.kinds["diagnosis"].choice.threshold
+    # and what the same rows would have done had they been kept: a different (looser) calibration
+    for r in trained["rows_detail"]:
+        r.pop("trained_on", None)
+    naive = calibrate_runs([fresh, trained], target=0.98)
+    assert naive.calibrator.fitted_on["rows"] == 3000
+    # a checkpoint that does not say what it trained on cannot be calibrated at all
+    fresh["reranker_training_sources"] = "unknown"
+    with pytest.raises(CalibrationError, match="does not record its training sources"):
+        calibrate_runs([fresh])

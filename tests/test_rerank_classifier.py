@@ -86,6 +86,10 @@ def test_no_test_part_source_in_training_pairs(conn: psycopg.Connection, tiny_ru
     dev = dev_sources(conn, ["ICD10"])
     assert any(part_of(sid) == "test" for sid in all_sources)
     assert dev and set(dev) < all_sources and all(part_of(sid) == "dev" for sid in dev)
+    # the checkpoint says which sources it learnt from, so a calibration can leave them out
+    trained = ClassifierReranker(run_dir).trained_sources
+    pool = dev_sources(conn)  # training drew from every vocabulary's development part
+    assert trained == {f"{pool[sid].source_vocab}:{pool[sid].source_code}" for sid in sources}
 
 
 def test_calibration_is_monotone_into_unit_interval() -> None:

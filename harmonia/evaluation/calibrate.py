@@ -181,7 +181,15 @@ def calibrate_runs(results: Sequence[dict[str, Any]], *, target: float = 0.98, a
     if len(versions) != 1 or len(rerankers) != 1:
         raise CalibrationError(f"the runs were made with different rerankers ({', '.join(sorted(versions))}); "
                                "calibrate each reranker version on its own runs")
-    rows = [row for res in results for row in rows_of(res)]
+    unknown = [str(r.get("set") or "run") for r in results if r.get("reranker_training_sources") == "unknown"]
+    if unknown:
+        raise CalibrationError(f"{', '.join(unknown)}: made with a classifier checkpoint that does not record its "
+                               "training sources, so its own training rows cannot be left out of the calibration "
+                               "(they would make it overconfident): retrain it with `harmonia reranker train`")
+    # A source the reranker learnt from is no calibration row: its confidence there is higher than on new codes.
+    trained = {(str(d.get("source_vocab", "")), str(d.get("source_code", "")))
+               for res in results for d in res.get("rows_detail", []) if d.get("trained_on")}
+    rows = [row for res in results for row in rows_of(res) if (row.source_vocab, row.source_code) not in trained]
     fit_rows = [r for r in rows if r.approvable and r.evidence is not None]
     if len(fit_rows) < 20:
         raise CalibrationError(f"{len(fit_rows)} rows with a first choice: too few to fit a calibrator (20 at least)")
@@ -202,7 +210,11 @@ def calibrate_runs(results: Sequence[dict[str, Any]], *, target: float = 0.98, a
         if "log_len" in e:
             lengths[r.kind] = max(lengths.get(r.kind, 0), round(math.expm1(e["log_len"])))
     calibrator.fitted_on.update(text_len=lengths)
+    calibrator.fitted_on.update(left_out_trained_on=len(trained))
     out = RunsCalibration(reranker=reranker, reranker_version=versions.pop(), calibrator=calibrator)
+    if trained:
+        out.skipped["trained_on"] = (f"{len(trained)} rows left out: the reranker was trained on their sources "
+                                     "(a calibration on them would be overconfident)")
     for kind in sorted({r.kind for r in rows}):
         idx = [i for i, r in enumerate(fit_rows) if r.kind == kind]
         total = sum(1 for r in rows if r.kind == kind)

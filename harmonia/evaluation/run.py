@@ -70,6 +70,7 @@ def run_set(pipeline: Pipeline, rows: Sequence[SourceTargets], s: Settings, *, b
 
     per_row: list[dict[str, Any]] = []
     scored: list[tuple[SourceTargets, RowScore]] = []
+    trained = pipeline.reranker.trained_sources
     usages: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     with tqdm(total=len(rows), unit="row", desc=f"bench {s.rerank.kind}", disable=not progress) as bar:
@@ -89,6 +90,8 @@ def run_set(pipeline: Pipeline, rows: Sequence[SourceTargets], s: Settings, *, b
                     "confidence": d.confidence, "action": d.action, "reason": d.reason, "error": d.error,
                     "hit1": sc.hit1, "hit5": sc.hit5, "rr": sc.rr, "rank": sc.rank, "recall": sc.recall,
                     "retrieved": len(d.candidates), "usage": d.usage or {},
+                    # the reranker learnt from this source: `bench calibrate` never fits on it
+                    "trained_on": bool(trained) and f"{r.source_vocab}:{r.source_code}" in (trained or ()),
                     # kind, evidence, raw confidence: what `bench calibrate` fits the calibrator on
                     "calibration": d.calibration})
             bar.update(len(batch))
@@ -99,7 +102,8 @@ def run_set(pipeline: Pipeline, rows: Sequence[SourceTargets], s: Settings, *, b
         "embedding_model": pipeline.retriever.embedder.key if pipeline.retriever.embedder else "",
         "retrieval_mode": s.retrieval.mode,
         "retrieval_top_k": s.retrieval.top_k, "rerank_top_n": s.rerank.top_n,
-        "auto_approve_threshold": s.router.auto_approve_threshold, "rows": n, "seconds": round(seconds, 3),
+        "auto_approve_threshold": s.router.auto_approve_threshold, "rows": n,
+        "reranker_training_sources": "unknown" if trained is None else len(trained), "seconds": round(seconds, 3),
         "rows_per_s": round(n / seconds, 3) if seconds > 0 else None,
         "overall": aggregate([sc for _, sc in scored]).to_dict(),
         # same-name sources are easy for retrieval: the figures without them, reported separately

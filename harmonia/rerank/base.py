@@ -37,6 +37,12 @@ class Reranker:
     def model_version(self) -> str:
         return self.name
 
+    @property
+    def trained_sources(self) -> frozenset[str] | None:
+        """"VOCAB:CODE" of the sources this reranker learnt from (a calibration leaves them out); empty for one
+        that learnt from no source, None when a trained model does not say."""
+        return frozenset()
+
     def close(self) -> None:  # an optional hook: a reranker holding nothing closes nothing
         pass
 

@@ -5,6 +5,7 @@ names it, and the calibration that turns the top probability into a confidence."
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,23 @@ from harmonia.config import Settings
 
 class CheckpointError(RuntimeError):
     """No usable classifier checkpoint."""
+
+
+# "VOCAB:CODE" of the sources the cross-encoder trained on (written by `harmonia reranker train`): rows that a
+# calibration must leave out, since the model is surer of its own training rows than of new codes.
+TRAINED_SOURCES = "trained_sources.json"
+
+
+def trained_sources(checkpoint: Path) -> frozenset[str] | None:
+    """The checkpoint's training sources; None for a checkpoint that does not record them (made before they were)."""
+    f = checkpoint / TRAINED_SOURCES
+    if not f.exists():
+        return None
+    try:
+        doc = json.loads(f.read_text())
+        return frozenset(str(k) for k in doc["sources"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{f}: not a list of training sources ({exc})") from exc
 
 
 @dataclass

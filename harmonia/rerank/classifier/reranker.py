@@ -25,6 +25,7 @@ from harmonia.rerank.classifier.checkpoint import (
     CheckpointError,
     checkpoint_from_settings,
     resolve_checkpoint,
+    trained_sources,
     weights_hash,
 )
 from harmonia.rerank.classifier.scorer import PairScorer, candidate_text, fused_logits, sigmoid
@@ -69,6 +70,11 @@ class ClassifierReranker(Reranker):
         self.hash = meta.get("checkpoint_hash") or weights_hash(self.checkpoint / "model", st)
         self.base_model = meta.get("base_model", "")
         self.top_n = top_n
+        self._trained = trained_sources(self.checkpoint)
+
+    @property
+    def trained_sources(self) -> frozenset[str] | None:
+        return self._trained
 
     @classmethod
     def from_settings(cls, settings: Settings, conn: psycopg.Connection | None = None) -> ClassifierReranker:

@@ -38,7 +38,7 @@ from harmonia.config import Settings
 from harmonia.domain import Candidate, Concept, SourceTargets
 from harmonia.groundtruth import maps_to_sources, part_of
 from harmonia.metrics import aggregate, score_row
-from harmonia.rerank.classifier.checkpoint import Calibration, reranker_root, weights_hash
+from harmonia.rerank.classifier.checkpoint import TRAINED_SOURCES, Calibration, reranker_root, weights_hash
 from harmonia.rerank.classifier.scorer import (
     FUSION_GRID,
     PairScorer,
@@ -146,6 +146,9 @@ class Material:
     train: list[Example]
     holdout: dict[int, dict]                 # source id -> {text, targets, candidates: [(id, text, sim)]}
     counts: dict[str, int]
+    # "VOCAB:CODE" of every source the cross-encoder learnt from: a calibration must never fit on them (it would
+    # learn the confidence the model has on its own training rows, higher than on new codes)
+    trained_keys: list[str] = field(default_factory=list)
 
 
 def build_material(conn: psycopg.Connection, settings: Settings, opts: TrainOptions, *,
@@ -210,13 +213,16 @@ def build_material(conn: psycopg.Connection, settings: Settings, opts: TrainOpti
                      "candidates": [(c.concept_id, candidate_text(c), c.similarity, c.scores)
                                     for c in retrieved[sid]]}
                for sid in hold_ids}
-    return Material(examples, holdout, dict(counts))
+    trained = {f"{sources[sid].source_vocab}:{sources[sid].source_code}" for sid in train_ids}
+    trained |= {e.source for e in examples if e.kind.startswith("review")}
+    return Material(examples, holdout, dict(counts), sorted(trained))
 
 
 def save_material(path: Path, m: Material) -> None:
     tmp = path.with_suffix(".tmp")
     with gzip.open(tmp, "wt") as fh:
-        fh.write(json.dumps({"counts": m.counts, "holdout": {str(k): v for k, v in m.holdout.items()}}) + "\n")
+        fh.write(json.dumps({"counts": m.counts, "holdout": {str(k): v for k, v in m.holdout.items()},
+                             "trained_keys": m.trained_keys}) + "\n")
         for e in m.train:
             fh.write(json.dumps(asdict(e)) + "\n")
     tmp.replace(path)
@@ -227,7 +233,7 @@ def load_material(path: Path) -> Material:
         head = json.loads(fh.readline())
         train = [Example(**json.loads(line)) for line in fh]
     holdout = {int(k): {**v, "candidates": [tuple(c) for c in v["candidates"]]} for k, v in head["holdout"].items()}
-    return Material(train, holdout, head["counts"])
+    return Material(train, holdout, head["counts"], list(head.get("trained_keys", [])))
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
@@ -543,6 +549,7 @@ def train(conn: psycopg.Connection, settings: Settings, opts: TrainOptions, *, o
         "finished": _now_stamp(), "options": asdict(opts),
     }
     (run_dir / "model_card.json").write_text(json.dumps(card, indent=1))
+    (run_dir / TRAINED_SOURCES).write_text(json.dumps({"sources": material.trained_keys}))
     (run_dir / "README.md").write_text(_readme(card))
     shutil.rmtree(state_dir, ignore_errors=True)
     point_latest(root, run_dir)
