@@ -64,12 +64,16 @@ def main() -> None:
     ap.add_argument("--icd10", type=int, default=500, help="ICD10 test-part sources (a seeded sample; 0: all)")
     ap.add_argument("--seed", type=int, default=13)
     ap.add_argument("--out", default="", help="write the figures as JSON here")
+    ap.add_argument("--config", action="append", choices=list(CONFIGS), help="only these configurations")
+    ap.add_argument("--sets", action="append", help="only the sets whose name starts with this")
     a = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     base = load_settings({"data_dir": a.data_dir, "retrieval_mode": "hybrid", "reranker": "none"})
     figures: dict[str, dict[str, dict[str, float]]] = {}
     with db.connect(base.database, autocommit=True) as conn:
         sets = prepare(conn, a.seed, a.icd10)
+        if a.sets:
+            sets = {k: v for k, v in sets.items() if any(k.startswith(p) for p in a.sets)}
         reg = KindRegistry.from_settings(base, conn)
         for name, rows in sets.items():
             kind = KINDS.get(name.split(" ")[0])
@@ -79,6 +83,8 @@ def main() -> None:
         print("sets:", ", ".join(f"{k} ({len(v)})" for k, v in sets.items()), flush=True)
         print(f"load before: {os.getloadavg()}", flush=True)
         for cfg_name, overrides in CONFIGS.items():
+            if a.config and cfg_name not in a.config:
+                continue
             s = load_settings({"data_dir": a.data_dir, "retrieval_mode": "hybrid", "reranker": "none", **overrides})
             t0 = time.perf_counter()
             with Pipeline.from_settings(conn, s) as pipe:

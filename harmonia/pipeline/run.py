@@ -145,7 +145,7 @@ class Pipeline:
         """Candidates per term as given; with the kind filter on, each kind's terms are searched in its domains and
         vocabularies only (retrievers still return K rows under a filter). A lab or drug term's candidates get
         its text's agreement features in `Candidate.scores` (lab_system, ..., drug_brand) for the classifier's
-        stacker."""
+        stacker, and those the text contradicts move behind the rest."""
         out: list[list[Candidate]] = [[] for _ in terms]
         groups: dict[SourceKind, list[int]] = {}
         for i, t in enumerate(terms):
@@ -161,10 +161,14 @@ class Pipeline:
                     term = terms[i]
                     original = SourceTerm(term.source_code, term.source_vocab,
                                           str(term.extra.get("original_text", term.source_text)), extra=term.extra)
-                    for c, f in zip(cands, term_features(original, kind, [c.concept_name for c in cands],
-                                                         lab_text=self.lab_text, drug_text=self.drug_text),
-                                    strict=True):
+                    feats = term_features(original, kind, [c.concept_name for c in cands], lab_text=self.lab_text,
+                                          drug_text=self.drug_text)
+                    for c, f in zip(cands, feats, strict=True):
                         c.scores.update(f)
+                    # A candidate the text contradicts more than it agrees with (another specimen, dose form,
+                    # strength) goes after the others; the order is kept otherwise, and so are the K rows.
+                    out[i] = [c for c, f in zip(cands, feats, strict=True) if sum(f.values()) >= 0] + \
+                        [c for c, f in zip(cands, feats, strict=True) if sum(f.values()) < 0]
         return out
 
     def ask_second_opinions(self, terms: Sequence[SourceTerm], candidate_lists: Sequence[Sequence[Candidate]],
