@@ -162,12 +162,7 @@ def test_rewritten_lab_text_reaches_the_encoder_and_features_the_candidates(
             assert all("lab_system" in c.scores for c in lab_cands)
             assert {c.scores["lab_system"] for c in lab_cands} <= {-1.0, 0.0, 1.0}
             assert any(c.scores["lab_system"] == 1.0 for c in lab_cands)
-            # candidates of another specimen come after the rest, the K rows kept
-            for d in decisions[:2]:
-                against = [sum(c.scores[f] for f in ("lab_system", "lab_scale", "lab_property", "lab_timing")) < 0
-                           for c in d.candidates]
-                assert against == sorted(against) and len(against) == s.retrieval.top_k
-            potassium = decisions[1].candidates  # 24-hour urine: serum and plasma potassium are found, and demoted
+            potassium = decisions[1].candidates  # 24-hour urine: serum and plasma potassium contradict
             assert any(c.scores["lab_system"] < 0 for c in potassium)
             assert "24 hour Urine" in potassium[0].concept_name
             assert "lab_system" not in decisions[2].candidates[0].scores   # diagnosis: no lab features
