@@ -23,7 +23,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("harmonia.store",),                                   # all SQL outside migrations/
     ("harmonia.db",),                                      # connections, the embedded server
     ("harmonia.groundtruth", "harmonia.vocabulary", "harmonia.sources", "harmonia.export",  # data in and out
-     "harmonia.kinds"),                                    # what each source set is (config + declarations)
+     "harmonia.kinds",                                     # what each source set is (config + declarations)
+     "harmonia.text"),                                     # lab names and drug strings read (pure text)
     ("harmonia.embedding",),
     ("harmonia.retrieval",),
     ("harmonia.rerank",),

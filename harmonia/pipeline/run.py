@@ -11,7 +11,7 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Generator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import TracebackType
 from typing import Self
 
@@ -27,6 +27,7 @@ from harmonia.pipeline.route import route
 from harmonia.rerank.base import Reranker
 from harmonia.retrieval.base import Retriever
 from harmonia.store import mapping as map_store
+from harmonia.text import query_text, term_features
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,8 @@ class Pipeline:
         self.calibration = calibration or Calibration.uncalibrated(reranker.model_version)
         self.kinds = kinds or KindRegistry()
         self.kind_filter = retrieval.kind_filter if retrieval is not None else True
+        self.lab_text = retrieval.lab_text if retrieval is not None else True
+        self.drug_text = retrieval.drug_text if retrieval is not None else True
         self.second_opinions = dict(second_opinions or {})
 
     @classmethod
@@ -110,18 +113,39 @@ class Pipeline:
             self.kinds.refresh_if_due()
         except psycopg.OperationalError as exc:  # the database is away: the kinds read last stay in force
             log.warning("kind refresh failed, keeping the declarations read last: %s", exc)
-        candidate_lists = self.retrieve(terms)
-        results = self.reranker.rerank_many(list(zip(terms, candidate_lists, strict=True)))
+        views = self.views(terms)
+        candidate_lists = self.retrieve_views(views)
+        results = self.reranker.rerank_many(list(zip(views, candidate_lists, strict=True)))
         results = [r if isinstance(r, RerankResult)  # defensive: a reranker bug must not lose the code
                    else RerankResult([], 0.0, self.reranker.model_version, error="reranker returned nothing",
                                      error_kind="reranker_exception") for r in results]
-        opinions = self.ask_second_opinions(terms, candidate_lists, results)
+        opinions = self.ask_second_opinions(views, candidate_lists, results)
         return [self.route(term, cands, result, opinions[i])
                 for i, (term, cands, result) in enumerate(zip(terms, candidate_lists, results, strict=True))]
 
+    def views(self, terms: Sequence[SourceTerm]) -> list[SourceTerm]:
+        """Each term as retrieval and the rerankers see it: a lab name's or drug string's text rewritten by
+        harmonia.text where `retrieval_lab_text` / `retrieval_drug_text` is on (the original text kept in
+        extra["original_text"]); decisions are routed and stored with the original term."""
+        if not (self.lab_text or self.drug_text):
+            return list(terms)
+        out = []
+        for t in terms:
+            text = query_text(t, self.kinds.kind_of(t.source_vocab), lab_text=self.lab_text,
+                              drug_text=self.drug_text)
+            out.append(t if text == t.source_text else
+                       replace(t, source_text=text, extra={**t.extra, "original_text": t.source_text}))
+        return out
+
     def retrieve(self, terms: Sequence[SourceTerm]) -> list[list[Candidate]]:
-        """Candidates per term; with the kind filter on, each kind's terms are searched in its domains and
-        vocabularies only (retrievers still return K rows under a filter)."""
+        """Candidates per term (its view's text, see `views`)."""
+        return self.retrieve_views(self.views(terms))
+
+    def retrieve_views(self, terms: Sequence[SourceTerm]) -> list[list[Candidate]]:
+        """Candidates per term as given; with the kind filter on, each kind's terms are searched in its domains and
+        vocabularies only (retrievers still return K rows under a filter). A lab or drug term's candidates get
+        its text's agreement features in `Candidate.scores` (lab_system, ..., drug_brand) for the classifier's
+        stacker."""
         out: list[list[Candidate]] = [[] for _ in terms]
         groups: dict[SourceKind, list[int]] = {}
         for i, t in enumerate(terms):
@@ -133,6 +157,16 @@ class Pipeline:
                                                vocabularies=vocabularies, source_keys=[terms[i].key for i in idx])
             for i, cands in zip(idx, found, strict=True):
                 out[i] = cands
+                if self.lab_text or self.drug_text:
+                    term = terms[i]
+                    original = SourceTerm(term.source_code, term.source_vocab,
+                                          str(term.extra.get("original_text", term.source_text)), extra=term.extra)
+                    feats = term_features(original, kind, [c.concept_name for c in cands], lab_text=self.lab_text,
+                                          drug_text=self.drug_text)
+                    # Features only, the order stays: moving contradicted candidates behind the rest was measured
+                    # and lost top-5 on the ICU drug set without gaining on the lab sets (docs/retrieval.md).
+                    for c, f in zip(cands, feats, strict=True):
+                        c.scores.update(f)
         return out
 
     def ask_second_opinions(self, terms: Sequence[SourceTerm], candidate_lists: Sequence[Sequence[Candidate]],
@@ -245,10 +279,10 @@ def stream_decisions(pipeline: Pipeline, terms: Sequence[SourceTerm], *,
             while i < len(terms) and len(pending) < workers + batch_size:
                 chunk = terms[i:i + batch_size]
                 i += len(chunk)
-                lists = pipeline.retriever.search_many([t.source_text for t in chunk],
-                                                       source_keys=[t.key for t in chunk])
-                for term, cands in zip(chunk, lists, strict=True):
-                    pending[pool.submit(pipeline.reranker.safe_rerank, term, cands)] = (term, list(cands))
+                views = pipeline.views(chunk)  # the kind filter and lab/drug text, as `decide` has them
+                lists = pipeline.retrieve_views(views)
+                for term, view, cands in zip(chunk, views, lists, strict=True):
+                    pending[pool.submit(pipeline.reranker.safe_rerank, view, cands)] = (term, list(cands))
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
             for fut in done:
                 term, cands = pending.pop(fut)

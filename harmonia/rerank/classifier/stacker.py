@@ -30,7 +30,14 @@ FEATURES: tuple[str, ...] = (
     "similarity", "log_rank", "vector", "lexical", "name", "synonym", "memory", "semantic", "rrf",
     "memory_votes", "memory_count", "memory_first", "memory_top", "memory_gap",
     "semantic_gap", "vector_gap", "lexical_gap", "logit", "logit_gap", "logit_log_rank", "memory_code",
+    # how a candidate agrees with the source's lab name or drug string (harmonia.text, with retrieval_lab_text /
+    # retrieval_drug_text on): +1 agrees, -1 contradicts, 0 unknown
+    "lab_system", "lab_scale", "lab_property", "lab_timing", "drug_strength", "drug_form", "drug_brand",
 )
+TEXT_FEATURES = ("lab_system", "lab_scale", "lab_property", "lab_timing", "drug_strength", "drug_form", "drug_brand")
+
+
+CONSTANT_SCALE = 1e12
 
 
 class StackerError(ValueError):
@@ -69,6 +76,7 @@ def features(cands: Sequence[Candidate], logits: np.ndarray) -> np.ndarray:
         "memory_gap": np.where(memory > 0, memory - top, -1.0), "semantic_gap": semantic - semantic.max(),
         "vector_gap": vector - vector.max(), "lexical_gap": lexical - lexical.max(), "logit": z,
         "logit_gap": z - z.max(), "logit_log_rank": np.log1p(_rank(z)), "memory_code": col("memory_code"),
+        **{f: col(f) for f in TEXT_FEATURES},
     }
     return np.column_stack([cols[f] for f in FEATURES])
 
@@ -102,7 +110,9 @@ class Stacker:
         if len(np.unique(y)) < 2:
             raise StackerError("the stacker needs both matching and non-matching candidates to learn from")
         sc = StandardScaler().fit(x)
-        scale = np.where(sc.scale_ > 0, sc.scale_, 1.0)
+        # A feature constant in fitting (the lab features of a stacker fit on ICD10 sources only) says nothing: a
+        # huge scale standardises it to 0 when it does vary later, so an untrained weight cannot act on it.
+        scale = np.where(sc.var_ > 0, sc.scale_, CONSTANT_SCALE)
         if hidden:
             # Early stopping on a validation tenth where there is data to spare; a small set trains to convergence.
             big = len(y) >= 20000
