@@ -131,6 +131,7 @@ def api_figures(conn: psycopg.Connection, settings: Settings, data_dir: Path, re
                     raise SystemExit("harmonia serve did not start") from None
                 time.sleep(0.2)
         latencies: list[float] = []
+        by_status: dict[int, list[float]] = {}
         wins: dict[str, list[str]] = {}
         conflicts = [0]
         lock = threading.Lock()
@@ -155,6 +156,7 @@ def api_figures(conn: psycopg.Connection, settings: Settings, data_dir: Path, re
                     dt = time.perf_counter() - t0
                     with lock:
                         latencies.append(dt)
+                        by_status.setdefault(r.status_code, []).append(dt)
                         if r.status_code == 200:
                             wins.setdefault(item["source_code"], []).append(token)
                         elif r.status_code == 409:
@@ -183,8 +185,12 @@ def api_figures(conn: psycopg.Connection, settings: Settings, data_dir: Path, re
     print(f"review API: {reviewers} reviewers (think time {think:g} s), {len(lat):,} decisions in {wall:.1f} s "
           f"({len(wins):,} won, "
           f"{conflicts[0]:,} got 409), decision latency p50 {statistics.median(lat) * 1000:.1f} ms, "
-          f"p95 {p95:.1f} ms (goal <= 50 ms); items left open {len(open_items)}; lost {lost}, doubled {doubled} "
-          "(goal 0, 0)", flush=True)
+          f"p95 {p95:.1f} ms (goal <= 50 ms), max {lat[-1] * 1000:.1f} ms; items left open {len(open_items)}; "
+          f"lost {lost}, doubled {doubled} (goal 0, 0)", flush=True)
+    for code, ts in sorted(by_status.items()):
+        ts.sort()
+        print(f"  {code}: {len(ts):,} decisions, p50 {statistics.median(ts) * 1000:.1f} ms, "
+              f"p95 {ts[int(0.95 * (len(ts) - 1))] * 1000:.1f} ms", flush=True)
 
 
 def main() -> int:
