@@ -138,7 +138,8 @@ def decide(conn: psycopg.Connection, item_id: int, reviewer_id: int, kind: Decis
     wanted = [i for i in (concept_id, *(t.concept_id for t in targets or ())) if i is not None]
     # The decision's reads go in one round trip (a pipeline): the item and its code's map, locked in that order;
     # a repeated request id; the concepts it may target; the declared kinds; the reviewer; the time; the history
-    # (for a 409's current state). Its writes take three more, the last one with the commit.
+    # (for a 409's current state). Its writes take two more: the map, its targets and the read-back; then the
+    # history row, the item's update and the commit.
     with conn.pipeline(), conn.transaction():
         item_l = store.get_item_later(conn, item_id, lock=True)
         seen_l = map_store.request_seen_later(conn, reviewer_id, request_id) if request_id else None

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from decimal import Decimal
 from typing import Any, TypedDict, get_args
 
 import psycopg
+from psycopg import pq
 
 from harmonia.domain import (
     Concept,
@@ -322,8 +324,9 @@ def write_map(conn: psycopg.Connection, new: MapState, *, expected_version: int 
     (`target_problem`); the foreign key is the last line. `old`: the code's state as the caller read it in this
     transaction with its row locked (None: it had no map), so it is not read again.
 
-    The writes and the read-back of the stored state go in one round trip, the history row in a second (a
-    pipeline): a decision's latency is mostly round trips."""
+    The writes and the read-back of the stored state go in one round trip (a pipeline); the history row goes in a
+    second, or, inside the caller's pipeline, with the caller's next one: a decision's latency is mostly round
+    trips."""
     key = new.key
     if isinstance(old, _Unread):
         old = get_state(conn, key, lock=True)
@@ -342,7 +345,10 @@ def write_map(conn: psycopg.Connection, new: MapState, *, expected_version: int 
     targets = [list(c) for c in zip(*rows, strict=True)] if rows else [[] for _ in range(6)]
     unnest = """unnest(%s::smallint[], %s::integer[], %s::text[], %s::text[], %s::text[], %s::timestamptz[])
                 AS x(p, c, t, e, b, a)"""
-    with conn.pipeline():
+    # In the caller's pipeline (a reviewer's decision) the history row goes out with the caller's next round trip;
+    # a nested pipeline block would end with a round trip of its own.
+    in_pipeline = conn.pgconn.pipeline_status != pq.PipelineStatus.OFF
+    with nullcontext() if in_pipeline else conn.pipeline():
         if old is None:
             # The map and its targets in one statement: if another transaction created the code's map since we
             # looked, nothing is written (no row comes back) and the change was made on nothing.
