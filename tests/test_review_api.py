@@ -246,7 +246,7 @@ def test_unknown_or_unfit_concepts_get_422_and_write_nothing(
         assert r.status_code == 422, (action, body, r.text)
         assert reason in r.text, (reason, r.text)
     # The FK is the last line: with the pre-check bypassed, its violation is still a 422, not a 500.
-    monkeypatch.setattr(svc, "check_concept", lambda conn, concept_id, mapping_type="MAPS_TO": {})
+    monkeypatch.setattr(svc, "check_concept", lambda known, concept_id, mapping_type="MAPS_TO": {})
     r = client.post(f"/api/review/items/{a}/choose", json={"concept_id": 999_999_998, "version": 0}, headers=h)
     assert r.status_code == 422 and "foreign key" in r.json()["detail"]
     assert client.post("/api/review/items/424242/choose", json={"concept_id": 5, "version": 0},

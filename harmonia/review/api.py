@@ -118,9 +118,11 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         service.open()
+        await service.aopen()
         try:
             yield
         finally:
+            await service.aclose()
             service.close()
 
     app = FastAPI(title="Harmonia review service", version=__version__, lifespan=lifespan, docs_url=None,
@@ -245,7 +247,7 @@ def create_app(settings: Settings) -> FastAPI:
     @app.get("/api/review/items/{item_id}", tags=["review"],
              summary="One item: source details, top-5 with scores and rationales, current map and version, history")
     def show_item(item_id: ItemId, user: User) -> dict[str, Any]:
-        with service.connection() as conn, conn.transaction():
+        with service.connection() as conn, conn.pipeline(), conn.transaction():  # one round trip, then the commit
             store.consistent_reads(conn)  # the item's status and its map's version from one moment
             return svc.item_detail(conn, item_id)
 

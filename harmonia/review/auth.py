@@ -11,19 +11,21 @@ from harmonia.store.users import User
 bearer = HTTPBearer(auto_error=False, description="An API token from `harmonia user add NAME`.")
 
 
-def current_user(request: Request, creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> User:
+async def current_user(request: Request, creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> User:
+    # Async, on the service's async pool: checked on the event loop, so a request makes one trip to a worker
+    # thread (its endpoint), not two. The token is looked up on every request: a revoked one stops at once.
     if creds is None or not creds.credentials:
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing API token (Authorization: Bearer <token>)",
                             headers={"WWW-Authenticate": "Bearer"})
-    with request.app.state.service.connection() as conn:
-        user = user_store.user_by_token(conn, creds.credentials)
+    async with request.app.state.service.aconnection() as conn:
+        user = await user_store.user_by_token_async(conn, creds.credentials)
     if user is None:
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "unknown or disabled API token",
                             headers={"WWW-Authenticate": "Bearer"})
     return user
 
 
-def writer(user: User = Depends(current_user)) -> User:
+async def writer(user: User = Depends(current_user)) -> User:
     if user["role"] not in user_store.WRITE_ROLES:
         raise HTTPException(status.HTTP_403_FORBIDDEN,
                             f"user {user['name']!r} has role {user['role']!r}; writing needs reviewer or admin")

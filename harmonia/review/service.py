@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import replace
 from typing import Any, Literal
 
 import psycopg
 from psycopg import errors as pg_errors
-from psycopg_pool import ConnectionPool
+from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 from harmonia import db
 from harmonia.config import DatabaseSettings, Settings
@@ -70,10 +70,10 @@ class Conflict(ReviewError):
         return out
 
 
-def check_concept(conn: psycopg.Connection, concept_id: int, mapping_type: str = "MAPS_TO") -> Concept:
-    """The concept, or Invalid naming why it cannot be a target of this mapping type (checked before the write;
-    the FK backs it)."""
-    c = concept_store.get_concepts(conn, [concept_id]).get(concept_id)
+def check_concept(known: Mapping[int, Concept], concept_id: int, mapping_type: str = "MAPS_TO") -> Concept:
+    """The concept (from `known`, the concepts read for the decision), or Invalid naming why it cannot be a target
+    of this mapping type (checked before the write; the FK backs it)."""
+    c = known.get(concept_id)
     problem = map_store.target_problem(c, concept_id, mapping_type)
     if problem or c is None:
         raise Invalid(problem or f"concept_id {concept_id} does not exist")
@@ -87,28 +87,33 @@ def _ranking(item: ReviewItem) -> RankingRecord:
             "review_item_id": item["id"]}
 
 
-def expected_domains(conn: psycopg.Connection, item: ReviewItem) -> tuple[str, ...]:
+def domains_for(item: ReviewItem, declared: Mapping[str, str]) -> tuple[str, ...]:
     """The domains a target of this source should be in: its kind's (built in or declared: ICD10 Condition,
-    Observation; labs Measurement), else the model's first suggestion's; none known: anything goes."""
-    domains = KindRegistry(declared=kinds_store.declared(conn)).kind_of(item["source_vocab"]).domains
+    Observation; labs Measurement), else the model's first suggestion's; none known: anything goes. `declared`:
+    the database's declared kinds, read with the rest of the request (never cached: a declaration counts at once)."""
+    domains = KindRegistry(declared=dict(declared)).kind_of(item["source_vocab"]).domains
     if domains:
         return domains
     return (item["top_domain"],) if item["top_domain"] else ()
 
 
-def _user_name(conn: psycopg.Connection, user_id: int) -> str:
-    u = user_store.get_user(conn, user_id)
-    return u["name"] if u else f"user {user_id}"
+def _detail(item: ReviewItem, state: map_store.MapState | None, declared: Mapping[str, str],
+            history: list[map_store.HistoryEntry]) -> dict[str, Any]:
+    return {**item, "map": state.to_dict() if state else None, "version": state.version if state else 0,
+            "expected_domains": list(domains_for(item, declared)), "history": history}
 
 
 def item_detail(conn: psycopg.Connection, item_id: int) -> dict[str, Any]:
-    item = store.get_item(conn, item_id)
-    if item is None:
-        raise NotFound(f"review item {item_id} not found")
-    key = (item["source_code"], item["source_vocab"])
-    state = map_store.get_state(conn, key)
-    return {**item, "map": state.to_dict() if state else None, "version": state.version if state else 0,
-            "expected_domains": list(expected_domains(conn, item)), "history": map_store.history(conn, *key)}
+    """One item with its code's map, version, expected domains and history, read in one round trip."""
+    with conn.pipeline():
+        item_l = store.get_item_later(conn, item_id)
+        state_l = map_store.get_state_later(conn, review_item_id=item_id)
+        declared_l = kinds_store.declared_later(conn)
+        history_l = map_store.history_later(conn, review_item_id=item_id)
+        item = item_l()
+        if item is None:
+            raise NotFound(f"review item {item_id} not found")
+        return _detail(item, state_l(), declared_l(), history_l())
 
 
 def _same_outcome(a: map_store.MapState, b: map_store.MapState) -> bool:
@@ -130,18 +135,31 @@ def decide(conn: psycopg.Connection, item_id: int, reviewer_id: int, kind: Decis
     with the current state, unless the code is already exactly as this decision would leave it by this reviewer (a
     repeated request: nothing is written). `request_id`: a request seen before from this reviewer is a no-op.
     A first MAPS_TO target outside the source's expected domains needs `confirm`."""
-    with conn.transaction():
-        item = store.get_item(conn, item_id, lock=True)
+    wanted = [i for i in (concept_id, *(t.concept_id for t in targets or ())) if i is not None]
+    # The decision's reads go in one round trip (a pipeline): the item and its code's map, locked in that order;
+    # a repeated request id; the concepts it may target; the declared kinds; the reviewer; the time; the history
+    # (for a 409's current state). Its writes take two more: the map, its targets and the read-back; then the
+    # history row, the item's update and the commit.
+    with conn.pipeline(), conn.transaction():
+        item_l = store.get_item_later(conn, item_id, lock=True)
+        seen_l = map_store.request_seen_later(conn, reviewer_id, request_id) if request_id else None
+        cur_l = map_store.get_state_later(conn, review_item_id=item_id, lock=True)
+        known_l = concept_store.concepts_of_decision_later(conn, wanted, item_id)
+        declared_l = kinds_store.declared_later(conn)
+        user_l = user_store.get_user_later(conn, reviewer_id)
+        now_l = map_store.db_now_later(conn)
+        history_l = map_store.history_later(conn, review_item_id=item_id)
+        item = item_l()
         if item is None:
             raise NotFound(f"review item {item_id} not found")
+        cur, known, declared, user, history = cur_l(), known_l(), declared_l(), user_l(), history_l()
         key = (item["source_code"], item["source_vocab"])
-        if request_id and map_store.request_seen(conn, reviewer_id, request_id):
-            return {"action": "unchanged", "repeated": True, **item_detail(conn, item_id)}
-        cur = map_store.get_state(conn, key, lock=True)
+        if seen_l is not None and seen_l():
+            return {"action": "unchanged", "repeated": True, **_detail(item, cur, declared, history)}
         suggested = [c.get("concept_id") for c in item["candidates"]]
-        new_targets, status, action = _targets_for(conn, item, cur, kind, suggested, concept_id=concept_id,
+        new_targets, status, action = _targets_for(known, item, cur, kind, suggested, concept_id=concept_id,
                                                    rank=rank, targets=targets, equivalence=equivalence)
-        name = _user_name(conn, reviewer_id)
+        name = user["name"] if user else f"user {reviewer_id}"
         base = cur or map_store.MapState(source_code=key[0], source_vocab=key[1], created_by=name)
         primary = next((t.concept_id for t in new_targets if t.mapping_type == "MAPS_TO"), 0)
         # The model's confidence belongs to its top-1; a reviewer's other choice carries none.
@@ -149,8 +167,7 @@ def decide(conn: psycopg.Connection, item_id: int, reviewer_id: int, kind: Decis
         new = replace(base, source_text=item["source_text"] or base.source_text, status=status,
                       targets=new_targets, equivalence="UNMATCHED" if kind == "no_match" else base.equivalence,
                       comment=comment if comment is not None else base.comment, status_set_by=name,
-                      status_set_at=None, decided_by="reviewer", reviewer_id=reviewer_id,
-                      reviewed_at=map_store.db_now(conn),
+                      status_set_at=None, decided_by="reviewer", reviewer_id=reviewer_id, reviewed_at=now_l(),
                       confidence=confidence, match_score=None if cur is None else base.match_score,
                       model_version=item["model_version"], source_frequency=item["source_frequency"],
                       auto_concept_ids=[int(c) for c in suggested if c is not None] or base.auto_concept_ids,
@@ -158,20 +175,21 @@ def decide(conn: psycopg.Connection, item_id: int, reviewer_id: int, kind: Decis
         current_version = cur.version if cur else 0
         if version is not None and version != current_version:
             if cur is not None and cur.reviewer_id == reviewer_id and _same_outcome(cur, new):
-                return {"action": "unchanged", "repeated": True, **item_detail(conn, item_id)}
+                return {"action": "unchanged", "repeated": True, **_detail(item, cur, declared, history)}
             raise Conflict(f"{key[1]}/{key[0]} changed while you looked (you decided on version {version}, it is "
                            f"at version {current_version}{f', set by {cur.status_set_by}' if cur else ''})",
-                           "stale", item_detail(conn, item_id))
+                           "stale", _detail(item, cur, declared, history))
         if kind in ("approve", "choose", "targets") and not confirm:
-            _check_domain(conn, item, new_targets)
+            _check_domain(item, new_targets, domains_for(item, declared), known)
         if kind == "approve" and cur is not None and cur.primary not in (0, primary):
             action = "correct"
         try:
             stored = map_store.write_map(conn, new, expected_version=current_version, action=action,
                                          reviewer_id=reviewer_id, note=note, request_id=request_id,
-                                         history_confidence=confidence)
+                                         history_confidence=confidence, old=cur)
         except map_store.StaleVersion as exc:
-            raise Conflict(str(exc), "stale", item_detail(conn, item_id)) from exc
+            raise Conflict(str(exc), "stale", _detail(item, exc.current, declared,
+                                                      map_store.history(conn, *key))) from exc
         except pg_errors.ForeignKeyViolation as exc:  # a concept deleted between the check and the insert
             raise Invalid(f"a target violates the concept map's foreign key: "
                           f"{exc.diag.message_detail or exc}") from exc
@@ -179,11 +197,12 @@ def decide(conn: psycopg.Connection, item_id: int, reviewer_id: int, kind: Decis
             store.flag_item(conn, item_id)
         else:
             store.resolve_item(conn, item_id, reviewer_id)
-        return {"action": action, "item": store.get_item(conn, item_id), "map": stored.to_dict(),
-                "version": stored.version}
+        after_l = store.get_item_later(conn, item_id)
+    # Read after the commit, which went out with the item's update.
+    return {"action": action, "item": after_l(), "map": stored.to_dict(), "version": stored.version}
 
 
-def _targets_for(conn: psycopg.Connection, item: ReviewItem, cur: map_store.MapState | None, kind: DecisionKind,
+def _targets_for(known: Mapping[int, Concept], item: ReviewItem, cur: map_store.MapState | None, kind: DecisionKind,
                  suggested: list[Any], *, concept_id: int | None, rank: int | None,
                  targets: Sequence[map_store.Target] | None, equivalence: Equivalence | None
                  ) -> tuple[list[map_store.Target], MapStatus, str]:
@@ -204,12 +223,12 @@ def _targets_for(conn: psycopg.Connection, item: ReviewItem, cur: map_store.MapS
             raise Invalid(f"concept_id {concept_id} is not one of review item {item_id}'s suggestions; "
                           "use choose for another concept")
         assert concept_id is not None
-        check_concept(conn, concept_id)
+        check_concept(known, concept_id)
         return [map_store.Target(concept_id, "MAPS_TO", eq)], "APPROVED", "approve"
     if kind == "choose":
         if concept_id is None:
             raise Invalid("choose needs concept_id")
-        check_concept(conn, concept_id)
+        check_concept(known, concept_id)
         action = "approve" if concept_id in suggested and (cur is None or cur.primary in (0, concept_id)) \
             else "correct"
         return [map_store.Target(concept_id, "MAPS_TO", eq)], "APPROVED", action
@@ -218,8 +237,7 @@ def _targets_for(conn: psycopg.Connection, item: ReviewItem, cur: map_store.MapS
             raise Invalid("targets needs at least one target (no match: use no-match)")
         seen: set[tuple[int, str]] = set()
         for i, t in enumerate(targets, 1):
-            problem = map_store.target_problem(concept_store.get_concepts(conn, [t.concept_id]).get(t.concept_id),
-                                               t.concept_id, t.mapping_type)
+            problem = map_store.target_problem(known.get(t.concept_id), t.concept_id, t.mapping_type)
             if problem:
                 raise Invalid(f"target {i}: {problem}")
             if (t.concept_id, t.mapping_type) in seen:
@@ -241,14 +259,14 @@ def _targets_for(conn: psycopg.Connection, item: ReviewItem, cur: map_store.MapS
     return keep, "FLAGGED", "flag"
 
 
-def _check_domain(conn: psycopg.Connection, item: ReviewItem, targets: Sequence[map_store.Target]) -> None:
-    expected = expected_domains(conn, item)
+def _check_domain(item: ReviewItem, targets: Sequence[map_store.Target], expected: Sequence[str],
+                  known: Mapping[int, Concept]) -> None:
     if not expected:
         return
     for t in targets:
         if t.mapping_type != "MAPS_TO":
             continue
-        c = concept_store.get_concepts(conn, [t.concept_id]).get(t.concept_id)
+        c = known.get(t.concept_id)
         if c is not None and c.domain_id not in expected:
             raise Conflict(f"concept_id {t.concept_id} ({c.concept_name}) is in domain {c.domain_id}; "
                            f"{item['source_vocab']}/{item['source_code']} is expected in "
@@ -316,13 +334,15 @@ RetrieverFactory = Callable[[psycopg.Connection], Retriever]
 
 
 class ReviewService:
-    """Shared state of one server process: a connection pool and the concept search (a retriever on its own
-    connection, built by `make_retriever` on first use)."""
+    """Shared state of one server process: a connection pool (the endpoints, in worker threads), an async one (the
+    token check of every request, on the event loop) and the concept search (a retriever on its own connection,
+    built by `make_retriever` on first use)."""
 
     def __init__(self, database: DatabaseSettings, make_retriever: RetrieverFactory) -> None:
         self.database = database
         self.make_retriever = make_retriever
         self._pool: ConnectionPool | None = None
+        self._apool: AsyncConnectionPool | None = None
         self._retriever: Retriever | None = None
         self._retriever_conn: psycopg.Connection | None = None
         self._search_lock = threading.Lock()
@@ -349,6 +369,26 @@ class ReviewService:
             self._pool.close()
             self._pool = None
         self._drop_retriever()
+
+    async def aopen(self) -> None:
+        """Open the async pool (in the event loop that will use it)."""
+        if self._apool is None:
+            self._apool = AsyncConnectionPool(db.database_url(self.database), min_size=1,
+                                              max_size=self.database.pool_size, kwargs={"autocommit": True},
+                                              open=False)
+            await self._apool.open()
+
+    async def aclose(self) -> None:
+        if self._apool is not None:
+            await self._apool.close()
+            self._apool = None
+
+    @asynccontextmanager
+    async def aconnection(self) -> AsyncIterator[psycopg.AsyncConnection]:
+        await self.aopen()
+        assert self._apool is not None
+        async with self._apool.connection() as conn:
+            yield conn
 
     def _drop_retriever(self) -> None:
         if self._retriever is not None:

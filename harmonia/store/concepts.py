@@ -3,7 +3,7 @@ valid standard concept, and the concept behind a source code."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import psycopg
@@ -58,6 +58,21 @@ def get_concepts(conn: psycopg.Connection, concept_ids: Iterable[int], *, valid_
         where += " AND " + filters(domains, vocabularies, params)
     rows = conn.execute(f"{_SELECT} WHERE {where}", params).fetchall()
     return {r[0]: _concept(r) for r in rows}
+
+
+def concepts_of_decision_later(conn: psycopg.Connection, concept_ids: Iterable[int], review_item_id: int
+                               ) -> Callable[[], dict[int, Concept]]:
+    """Send the query now, read when called: the concepts with these ids and those review item `review_item_id`
+    suggests (what a reviewer's decision on it may target), by id."""
+    cur = conn.execute(
+        f"""{_SELECT} WHERE c.concept_id IN (
+                SELECT unnest(%s::integer[])
+                UNION SELECT (e ->> 'concept_id')::integer FROM harmonia.review_queue q,
+                       jsonb_array_elements(CASE jsonb_typeof(q.candidates_json) WHEN 'array'
+                                                 THEN q.candidates_json ELSE '[]'::jsonb END) e
+                WHERE q.id = %s AND e ->> 'concept_id' ~ '^[0-9]{{1,9}}$')""",
+        (sorted({i for i in concept_ids if 0 <= i < 2**31}), review_item_id))  # others exist in no integer column
+    return lambda: {r[0]: _concept(r) for r in cur.fetchall()}
 
 
 def standard_concepts(conn: psycopg.Connection, vocabularies: Sequence[str] | None = None) -> list[Concept]:

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import psycopg
+
+
+def declared_later(conn: psycopg.Connection) -> Callable[[], dict[str, str]]:
+    """Send the query now, read the declarations when called (one round trip with the others of a pipeline)."""
+    cur = conn.execute("SELECT source_vocab, kind FROM harmonia.source_set")
+    return lambda: {str(v): str(k) for v, k in cur.fetchall()}
 
 
 def declared(conn: psycopg.Connection) -> dict[str, str]:
     """source_vocab -> declared kind name."""
-    return {str(v): str(k) for v, k in conn.execute("SELECT source_vocab, kind FROM harmonia.source_set")}
+    return declared_later(conn)()
 
 
 def declare(conn: psycopg.Connection, source_vocab: str, kind: str, declared_by: str = "") -> None:

@@ -12,13 +12,15 @@ for readers that know one target per code.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from decimal import Decimal
 from typing import Any, TypedDict, get_args
 
 import psycopg
+from psycopg import pq
 
 from harmonia.domain import (
     Concept,
@@ -202,6 +204,16 @@ def _state(r: Sequence[Any]) -> MapState:
                     created_by=r[21], created_at=r[22], updated_at=r[23], version=r[24])
 
 
+_TARGET_COLS = """t.map_id, t.concept_id, t.mapping_type, t.equivalence, t.created_by, t.created_at,
+    c.concept_name, c.domain_id, c.vocabulary_id, c.standard_concept = 'S' AND c.invalid_reason IS NULL"""
+_TARGET_FROM = "harmonia.concept_map_target t JOIN vocab.concept c ON c.concept_id = t.concept_id"
+
+
+def _target(r: Sequence[Any]) -> Target:
+    return Target(concept_id=r[1], mapping_type=r[2], equivalence=r[3], created_by=r[4], created_at=r[5],
+                  concept_name=r[6], domain_id=r[7], vocabulary_id=r[8], valid_standard=bool(r[9]))
+
+
 def targets_of(conn: psycopg.Connection, map_ids: Iterable[int]) -> dict[int, list[Target]]:
     """The targets of these maps, in order, with their concepts' names, domains and vocabularies."""
     ids = sorted(set(map_ids))
@@ -209,15 +221,10 @@ def targets_of(conn: psycopg.Connection, map_ids: Iterable[int]) -> dict[int, li
     if not ids:
         return out
     rows = conn.execute(
-        """SELECT t.map_id, t.concept_id, t.mapping_type, t.equivalence, t.created_by, t.created_at,
-                  c.concept_name, c.domain_id, c.vocabulary_id,
-                  c.standard_concept = 'S' AND c.invalid_reason IS NULL
-           FROM harmonia.concept_map_target t JOIN vocab.concept c ON c.concept_id = t.concept_id
-           WHERE t.map_id = ANY(%s) ORDER BY t.map_id, t.position""", (ids,)).fetchall()
+        f"SELECT {_TARGET_COLS} FROM {_TARGET_FROM} WHERE t.map_id = ANY(%s) ORDER BY t.map_id, t.position",
+        (ids,)).fetchall()
     for r in rows:
-        out[r[0]].append(Target(concept_id=r[1], mapping_type=r[2], equivalence=r[3], created_by=r[4],
-                                created_at=r[5], concept_name=r[6], domain_id=r[7], vocabulary_id=r[8],
-                                valid_standard=bool(r[9])))
+        out[r[0]].append(_target(r))
     return out
 
 
@@ -228,14 +235,42 @@ def _with_targets(conn: psycopg.Connection, states: list[MapState]) -> list[MapS
     return states
 
 
+def get_state_later(conn: psycopg.Connection, key: SourceKey | None = None, *, map_id: int | None = None,
+                    review_item_id: int | None = None, lock: bool = False) -> Callable[[], MapState | None]:
+    """Send the queries for a code's map (by key, by map id, or of a review item's code) and its targets now; read
+    them when called. In a pipeline (`conn.pipeline()`) they travel in one round trip with the queries around them;
+    the targets are read after the map row (and its lock, with `lock`), so they are the locked map's."""
+    params: tuple[Any, ...]
+    if map_id is not None:
+        cond, params = "m.id = %s", (map_id,)
+    elif review_item_id is not None:
+        cond, params = ("""(m.source_code, m.source_vocab) = (SELECT q.source_code, q.source_vocab
+                               FROM harmonia.review_queue q WHERE q.id = %s)"""), (review_item_id,)
+    else:
+        assert key is not None
+        cond, params = "m.source_code = %s AND m.source_vocab = %s", key
+    row_cur = conn.execute(f"SELECT {_COLS} FROM {_FROM} WHERE {cond} {'FOR UPDATE OF m' if lock else ''}", params)
+    targets_cur = conn.execute(
+        f"""SELECT {_TARGET_COLS} FROM {_TARGET_FROM}
+            WHERE t.map_id = (SELECT m.id FROM harmonia.concept_map m WHERE {cond}) ORDER BY t.position""", params)
+
+    def read() -> MapState | None:
+        row = row_cur.fetchone()
+        targets = [_target(r) for r in targets_cur.fetchall()]
+        if row is None:
+            return None
+        state = _state(row)
+        state.targets = targets
+        return state
+
+    return read
+
+
 def get_state(conn: psycopg.Connection, key: SourceKey | None = None, *, map_id: int | None = None,
               lock: bool = False) -> MapState | None:
     """A code's map with its targets (None: the code has none); `lock` holds the row until the transaction ends."""
-    cond, params = ("m.id = %s", (map_id,)) if map_id is not None else \
-        ("m.source_code = %s AND m.source_vocab = %s", key)
-    row = conn.execute(f"SELECT {_COLS} FROM {_FROM} WHERE {cond} {'FOR UPDATE OF m' if lock else ''}",
-                       params).fetchone()
-    return _with_targets(conn, [_state(row)])[0] if row else None
+    with conn.pipeline():
+        return get_state_later(conn, key, map_id=map_id, lock=lock)()
 
 
 def list_states(conn: psycopg.Connection, *, source_vocab: str | None = None,
@@ -270,65 +305,96 @@ def _history(conn: psycopg.Connection, key: SourceKey, action: str, old: MapStat
          request_id))
 
 
+class _Unread:
+    """write_map's `old` when the caller has not read the code's state."""
+
+
+UNREAD = _Unread()
+
+
 def write_map(conn: psycopg.Connection, new: MapState, *, expected_version: int | None, action: str,
               actor: str | None = None, reviewer_id: int | None = None, note: str | None = None,
-              request_id: str | None = None, history_confidence: float | None = None, stamp: bool = True
-              ) -> MapState:
+              request_id: str | None = None, history_confidence: float | None = None, stamp: bool = True,
+              old: MapState | None | _Unread = UNREAD) -> MapState:
     """Store a code's whole state (fields and targets) and append a history row; returns the stored state.
 
     `expected_version`: the version the change was made on (0: made when the code had no map); another one raises
     StaleVersion with the current state. None skips the check (the caller holds the row locked and decided on it).
     `stamp`: an empty status_set_at becomes now (an import keeps it empty). Targets are validated by the caller
-    (`target_problem`); the foreign key is the last line."""
+    (`target_problem`); the foreign key is the last line. `old`: the code's state as the caller read it in this
+    transaction with its row locked (None: it had no map), so it is not read again.
+
+    The writes and the read-back of the stored state go in one round trip (a pipeline); the history row goes in a
+    second, or, inside the caller's pipeline, with the caller's next one: a decision's latency is mostly round
+    trips."""
     key = new.key
-    old = get_state(conn, key, lock=True)
+    if isinstance(old, _Unread):
+        old = get_state(conn, key, lock=True)
     current = old.version if old else 0
     if expected_version is not None and expected_version != current:
         raise StaleVersion(expected_version, old)
     eq = new.targets[0].equivalence if new.targets else new.equivalence
-    set_at = new.status_set_at if new.status_set_at is not None or not stamp else scalar(conn.execute("SELECT now()"))
+    # status_set_at: as given; when empty, now (with stamp) or left empty (an import).
     vals = (new.source_text, new.status, eq, new.comment, new.assigned_reviewer, new.status_set_by,
-            set_at, new.decided_by, new.reviewer_id, new.reviewed_at,
+            new.status_set_at, stamp, new.decided_by, new.reviewer_id, new.reviewed_at,
             None if new.confidence is None else round(new.confidence, 4), new.match_score, new.model_version,
             new.source_frequency, new.auto_concept_ids, json.dumps(new.extra),
             None if new.ranking is None else json.dumps(new.ranking))
-    if old is None:
-        row = conn.execute(
-            """INSERT INTO harmonia.concept_map (source_code, source_vocab, omop_concept_id, source_text, status,
-                   equivalence, comment, assigned_reviewer, status_set_by, status_set_at, decided_by, reviewer_id,
-                   reviewed_at, confidence, match_score, model_version, source_frequency, auto_concept_ids, extra,
-                   candidate_ranking_json, created_by, created_at)
-               VALUES (%s, %s, 0, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s,
-                       %s, %s, coalesce(%s, now()))
-               ON CONFLICT (source_code, source_vocab) DO NOTHING RETURNING id""",
-            (key[0], key[1], *vals, new.created_by, new.created_at)).fetchone()
-        if row is None:  # created by another transaction since we looked: this change was made on nothing
-            raise StaleVersion(0, get_state(conn, key))
-        map_id = int(row[0])
-    else:
-        assert old.id is not None
-        map_id = old.id
-        conn.execute(
-            """UPDATE harmonia.concept_map SET source_text = %s, status = %s, equivalence = %s, comment = %s,
-                   assigned_reviewer = %s, status_set_by = %s, status_set_at = %s, decided_by = %s,
-                   reviewer_id = %s, reviewed_at = %s, confidence = %s, match_score = %s, model_version = %s,
-                   source_frequency = %s, auto_concept_ids = %s, extra = %s,
-                   candidate_ranking_json = coalesce(%s, candidate_ranking_json), version = version + 1,
-                   updated_at = now()
-               WHERE id = %s""", (*vals, map_id))
-    if old is None or [t.stored() for t in old.targets] != [t.stored() for t in new.targets] or \
-            any(a.created_at is None for a in new.targets):
-        conn.execute("DELETE FROM harmonia.concept_map_target WHERE map_id = %s", (map_id,))
-        with conn.cursor() as cur:
-            cur.executemany(
-                """INSERT INTO harmonia.concept_map_target (map_id, position, concept_id, mapping_type, equivalence,
-                       created_by, created_at) VALUES (%s, %s, %s, %s, %s, %s, coalesce(%s, now()))""",
-                [(map_id, i, t.concept_id, t.mapping_type, t.equivalence, t.created_by, t.created_at)
-                 for i, t in enumerate(new.targets)])
-    stored = get_state(conn, map_id=map_id)
-    assert stored is not None
-    _history(conn, key, action, old, stored, actor=actor, reviewer_id=reviewer_id, note=note,
-             request_id=request_id, confidence=history_confidence)
+    rows = [(i, t.concept_id, t.mapping_type, t.equivalence, t.created_by, t.created_at)
+            for i, t in enumerate(new.targets)]
+    targets = [list(c) for c in zip(*rows, strict=True)] if rows else [[] for _ in range(6)]
+    unnest = """unnest(%s::smallint[], %s::integer[], %s::text[], %s::text[], %s::text[], %s::timestamptz[])
+                AS x(p, c, t, e, b, a)"""
+    # In the caller's pipeline (a reviewer's decision) the history row goes out with the caller's next round trip;
+    # a nested pipeline block would end with a round trip of its own.
+    in_pipeline = conn.pgconn.pipeline_status != pq.PipelineStatus.OFF
+    with nullcontext() if in_pipeline else conn.pipeline():
+        if old is None:
+            # The map and its targets in one statement: if another transaction created the code's map since we
+            # looked, nothing is written (no row comes back) and the change was made on nothing.
+            write = conn.execute(
+                f"""WITH m AS (
+                        INSERT INTO harmonia.concept_map (source_code, source_vocab, omop_concept_id, source_text,
+                            status, equivalence, comment, assigned_reviewer, status_set_by, status_set_at,
+                            decided_by, reviewer_id, reviewed_at, confidence, match_score, model_version,
+                            source_frequency, auto_concept_ids, extra, candidate_ranking_json, created_by, created_at)
+                        VALUES (%s, %s, 0, %s, %s, %s, %s, %s, %s,
+                                coalesce(%s::timestamptz, CASE WHEN %s THEN now() END), %s, %s, %s, %s, %s, %s, %s,
+                                %s, %s, %s, %s, coalesce(%s, now()))
+                        ON CONFLICT (source_code, source_vocab) DO NOTHING RETURNING id),
+                    t AS (
+                        INSERT INTO harmonia.concept_map_target (map_id, position, concept_id, mapping_type,
+                            equivalence, created_by, created_at)
+                        SELECT m.id, x.p, x.c, x.t, x.e, x.b, coalesce(x.a, now()) FROM m, {unnest})
+                    SELECT id FROM m""",
+                (key[0], key[1], *vals, new.created_by, new.created_at, *targets))
+        else:
+            assert old.id is not None
+            write = conn.execute(
+                """UPDATE harmonia.concept_map SET source_text = %s, status = %s, equivalence = %s, comment = %s,
+                       assigned_reviewer = %s, status_set_by = %s,
+                       status_set_at = coalesce(%s::timestamptz, CASE WHEN %s THEN now() END), decided_by = %s,
+                       reviewer_id = %s, reviewed_at = %s, confidence = %s, match_score = %s, model_version = %s,
+                       source_frequency = %s, auto_concept_ids = %s, extra = %s,
+                       candidate_ranking_json = coalesce(%s, candidate_ranking_json), version = version + 1,
+                       updated_at = now()
+                   WHERE id = %s RETURNING id""", (*vals, old.id))
+            if [t.stored() for t in old.targets] != [t.stored() for t in new.targets] or \
+                    any(a.created_at is None for a in new.targets):
+                conn.execute("DELETE FROM harmonia.concept_map_target WHERE map_id = %s", (old.id,))
+                conn.execute(
+                    f"""INSERT INTO harmonia.concept_map_target (map_id, position, concept_id, mapping_type,
+                            equivalence, created_by, created_at)
+                        SELECT %s, x.p, x.c, x.t, x.e, x.b, coalesce(x.a, now()) FROM {unnest}""",
+                    (old.id, *targets))
+        read_back = get_state_later(conn, key)
+        written = write.fetchone()
+        stored = read_back()
+        if written is None:  # the code's map is another transaction's
+            raise StaleVersion(0, stored)
+        assert stored is not None
+        _history(conn, key, action, old, stored, actor=actor, reviewer_id=reviewer_id, note=note,
+                 request_id=request_id, confidence=history_confidence)
     return stored
 
 
@@ -556,10 +622,22 @@ def _entry(r: Sequence[Any]) -> HistoryEntry:
                         new_state=r[16])
 
 
+def history_later(conn: psycopg.Connection, key: SourceKey | None = None, *, review_item_id: int | None = None
+                  ) -> Callable[[], list[HistoryEntry]]:
+    """Send the query now, read the history of a code (or of a review item's code) when called (one round trip
+    with the others of a pipeline)."""
+    if review_item_id is not None:
+        cur = conn.execute(f"""{_HISTORY} WHERE (h.source_code, h.source_vocab) = (
+                                   SELECT q.source_code, q.source_vocab FROM harmonia.review_queue q WHERE q.id = %s)
+                               ORDER BY h.id""", (review_item_id,))
+    else:
+        assert key is not None
+        cur = conn.execute(f"{_HISTORY} WHERE h.source_code = %s AND h.source_vocab = %s ORDER BY h.id", key)
+    return lambda: [_entry(r) for r in cur.fetchall()]
+
+
 def history(conn: psycopg.Connection, source_code: str, source_vocab: str) -> list[HistoryEntry]:
-    rows = conn.execute(f"{_HISTORY} WHERE h.source_code = %s AND h.source_vocab = %s ORDER BY h.id",
-                        (source_code, source_vocab)).fetchall()
-    return [_entry(r) for r in rows]
+    return history_later(conn, (source_code, source_vocab))()
 
 
 def add_history(conn: psycopg.Connection, *, source_code: str, source_vocab: str, action: str,
@@ -575,10 +653,17 @@ def add_history(conn: psycopg.Connection, *, source_code: str, source_vocab: str
          None if confidence is None else round(confidence, 4), model_version, reviewer_id, note, status, status))
 
 
+def request_seen_later(conn: psycopg.Connection, reviewer_id: int, request_id: str) -> Callable[[], bool]:
+    """Send the query now; when called: this reviewer already made a change with this request id (a repeated
+    request: do nothing again)."""
+    cur = conn.execute("SELECT 1 FROM harmonia.concept_map_history WHERE reviewer_id = %s AND request_id = %s",
+                       (reviewer_id, request_id))
+    return lambda: cur.fetchone() is not None
+
+
 def request_seen(conn: psycopg.Connection, reviewer_id: int, request_id: str) -> bool:
     """This reviewer already made a change with this request id (a repeated request: do nothing again)."""
-    return conn.execute("SELECT 1 FROM harmonia.concept_map_history WHERE reviewer_id = %s AND request_id = %s",
-                        (reviewer_id, request_id)).fetchone() is not None
+    return request_seen_later(conn, reviewer_id, request_id)()
 
 
 def last_change_by(conn: psycopg.Connection, reviewer_id: int) -> HistoryEntry | None:
@@ -678,7 +763,12 @@ def enqueue_reviews(conn: psycopg.Connection, items: Sequence[dict[str, Any]]) -
               "confidence": None if i["confidence"] is None else round(i["confidence"], 4)} for i in items])
 
 
+def db_now_later(conn: psycopg.Connection) -> Callable[[], datetime]:
+    """Send the query now; when called: the transaction's time (what now() writes), for fields set in Python."""
+    cur = conn.execute("SELECT now()")
+    return lambda: scalar(cur)
+
+
 def db_now(conn: psycopg.Connection) -> datetime:
     """The transaction's time (what now() writes), for fields set in Python."""
-    at: datetime = scalar(conn.execute("SELECT now()"))
-    return at
+    return db_now_later(conn)()

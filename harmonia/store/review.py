@@ -4,7 +4,7 @@ transaction (harmonia.review.service runs each decision in one)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from decimal import Decimal
 from typing import Any, TypedDict
@@ -99,17 +99,27 @@ def list_items(conn: psycopg.Connection, *, statuses: Sequence[str] = ("open", "
         where.append("(q.assigned_to = %s OR (q.claimed_by = %s AND q.claim_expires_at > now()))")
         params += [viewer_id, viewer_id]
     cond = " AND ".join(where)
-    total = scalar(conn.execute(f"SELECT count(*) FROM harmonia.review_queue q WHERE {cond}", params))
-    rows = conn.execute(
-        f"""SELECT {_ITEM_COLS} FROM {_ITEM_FROM}
-            WHERE {cond} ORDER BY {ORDERS[order]} LIMIT %s OFFSET %s""", [*params, limit, offset]).fetchall()
+    with conn.pipeline():  # the count and the page in one round trip
+        count = conn.execute(f"SELECT count(*) FROM harmonia.review_queue q WHERE {cond}", params)
+        page = conn.execute(
+            f"""SELECT {_ITEM_COLS} FROM {_ITEM_FROM}
+                WHERE {cond} ORDER BY {ORDERS[order]} LIMIT %s OFFSET %s""", [*params, limit, offset])
+        total = scalar(count)
+        rows = page.fetchall()
     return total, [_item(r) for r in rows]
 
 
+def get_item_later(conn: psycopg.Connection, item_id: int, *, lock: bool = False
+                   ) -> Callable[[], ReviewItem | None]:
+    """Send the query for an item now and read it when called: in a pipeline (`conn.pipeline()`) the queries sent
+    before the first read travel in one round trip."""
+    cur = conn.execute(f"SELECT {_ITEM_COLS} FROM {_ITEM_FROM} WHERE q.id = %s {'FOR UPDATE OF q' if lock else ''}",
+                       (item_id,))
+    return lambda: _item(row) if (row := cur.fetchone()) else None
+
+
 def get_item(conn: psycopg.Connection, item_id: int, *, lock: bool = False) -> ReviewItem | None:
-    row = conn.execute(f"SELECT {_ITEM_COLS} FROM {_ITEM_FROM} WHERE q.id = %s {'FOR UPDATE OF q' if lock else ''}",
-                       (item_id,)).fetchone()
-    return _item(row) if row else None
+    return get_item_later(conn, item_id, lock=lock)()
 
 
 def item_by_key(conn: psycopg.Connection, key: SourceKey, *, lock: bool = False) -> ReviewItem | None:

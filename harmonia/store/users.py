@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any, TypedDict
 
@@ -79,13 +79,22 @@ def issue_token(conn: psycopg.Connection, user_id: int, *, kind: str = "api", ex
     return token
 
 
+_BY_TOKEN = f"""SELECT {', '.join('u.' + c for c in _COLS.split(', '))} FROM harmonia.api_token t
+    JOIN harmonia.users u ON u.id = t.user_id
+    WHERE t.token_hash = %s AND t.revoked_at IS NULL AND (t.expires_at IS NULL OR t.expires_at > now())
+      AND u.disabled_at IS NULL"""
+
+
 def user_by_token(conn: psycopg.Connection, token: str) -> User | None:
     """The user of a token that is neither revoked nor expired, of a user not disabled."""
-    row = conn.execute(
-        f"""SELECT {', '.join('u.' + c for c in _COLS.split(', '))} FROM harmonia.api_token t
-            JOIN harmonia.users u ON u.id = t.user_id
-            WHERE t.token_hash = %s AND t.revoked_at IS NULL AND (t.expires_at IS NULL OR t.expires_at > now())
-              AND u.disabled_at IS NULL""", (hash_token(token),)).fetchone()
+    row = conn.execute(_BY_TOKEN, (hash_token(token),)).fetchone()
+    return _row(row) if row else None
+
+
+async def user_by_token_async(conn: psycopg.AsyncConnection, token: str) -> User | None:
+    """user_by_token on an async connection (the API checks each request's token on its event loop)."""
+    cur = await conn.execute(_BY_TOKEN, (hash_token(token),))
+    row = await cur.fetchone()
     return _row(row) if row else None
 
 
@@ -105,9 +114,14 @@ def disable_user(conn: psycopg.Connection, name: str) -> bool:
     return row is not None
 
 
+def get_user_later(conn: psycopg.Connection, user_id: int) -> Callable[[], User | None]:
+    """Send the query now, read the user when called (one round trip with the others of a pipeline)."""
+    cur = conn.execute(f"SELECT {_COLS} FROM harmonia.users WHERE id = %s", (user_id,))
+    return lambda: _row(row) if (row := cur.fetchone()) else None
+
+
 def get_user(conn: psycopg.Connection, user_id: int) -> User | None:
-    row = conn.execute(f"SELECT {_COLS} FROM harmonia.users WHERE id = %s", (user_id,)).fetchone()
-    return _row(row) if row else None
+    return get_user_later(conn, user_id)()
 
 
 def user_by_name(conn: psycopg.Connection, name: str) -> User | None:
