@@ -305,6 +305,8 @@ def stage_lexical(s: Settings, conn: psycopg.Connection, a: argparse.Namespace) 
     icd = icd10_test(conn, s.embedding.vocabularies, a.n_icd, 13)
     labs, _ = lab_rows(conn, sample_dir() / "benchmark" / "finomop_lab.usagi.csv.gz", s.embedding.vocabularies,
                        "test")
+    if a.n_lab and len(labs) > a.n_lab:
+        labs = random.Random(13).sample(labs, a.n_lab)
     texts = [r.source_text for r in icd[:a.latency_n // 2]] + [r.source_text for r in labs[:a.latency_n // 2]]
     k = s.retrieval.lexical_k
     for gen in a.generators:
@@ -344,6 +346,8 @@ def stage_measure(s: Settings, conn: psycopg.Connection, a: argparse.Namespace) 
     icd = icd10_test(conn, s.embedding.vocabularies, a.n_icd, 13)
     labs, _ = lab_rows(conn, sample_dir() / "benchmark" / "finomop_lab.usagi.csv.gz", s.embedding.vocabularies,
                        "test")
+    if a.n_lab and len(labs) > a.n_lab:
+        labs = random.Random(13).sample(labs, a.n_lab)
     texts = [r.source_text for r in icd[:a.latency_n // 2]] + [r.source_text for r in labs[:a.latency_n // 2]]
     vecs = emb.encode_queries(texts)
     # Vector: top-50 by the index against exact search, with no filter and with the query's domain.
@@ -415,6 +419,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--generators", default="trigram,bm25", type=lambda v: v.split(","))
     ap.add_argument("--n-icd", type=int, default=1000)
+    ap.add_argument("--n-lab", type=int, default=0, help="lab test rows sampled (0: all)")
     ap.add_argument("--latency-n", type=int, default=200)
     ap.add_argument("--exact-n", type=int, default=50, help="queries checked against exact search")
     ap.add_argument("--real-vectors", type=Path, help="folder caching the real concepts' encoded vectors (reused "

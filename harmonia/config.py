@@ -79,6 +79,8 @@ class EmbeddingSettings:
                                         "instruction for BGE models, nothing otherwise.")
     batch_size: int = setting(256, "Concepts encoded and written per batch by `harmonia embed`.")
     device: str = setting("auto", "torch device for models: auto (cuda when present), cpu, cuda, mps.")
+    dtype: str = setting("float32", "Precision of the encoder's weights: float32, bfloat16, or auto (bfloat16 on a "
+                                    "GPU or a CPU with bfloat16 instructions).")
     vocabularies: list[str] = setting(DEFAULT_VOCABULARIES, "vocabulary_id values whose valid standard concepts are "
                                                             "embedded and retrieved.", key="vocabularies")
 
@@ -449,6 +451,8 @@ def validate(s: Settings) -> None:
                           "none, llm, classifier")
     if s.retrieval.mode not in ("vector", "lexical", "hybrid"):
         raise ConfigError(f"setting 'retrieval_mode': {s.retrieval.mode!r} is not vector, lexical or hybrid")
+    if s.embedding.dtype not in ("float32", "bfloat16", "auto"):
+        raise ConfigError(f"setting 'embedding_dtype': {s.embedding.dtype!r} is not float32, bfloat16 or auto")
     if s.retrieval.lexical_generator not in ("bm25", "trigram"):
         raise ConfigError(f"setting 'retrieval_lexical_generator': {s.retrieval.lexical_generator!r} is not bm25 or "
                           "trigram")
