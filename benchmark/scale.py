@@ -48,11 +48,11 @@ from _common import percentile  # sibling module: python puts the script's folde
 from harmonia import db
 from harmonia.config import Settings, load_settings
 from harmonia.paths import sample_dir
+from harmonia.store import sizes
 from harmonia.store.server import ensure_database
 
 SYN_BASE = 1_000_000_000  # synthetic concept ids: SYN_BASE + i (the sample has none there; its local ids are > 2e9)
 SYN_END = SYN_BASE + 100_000_000
-SYN_RANGE = f"concept_id BETWEEN {SYN_BASE} AND {SYN_END}"
 RELEASE_DATE, END_DATE = "20261201", "20991231"
 WORD = re.compile(r"^[A-Za-z][a-z]{3,}$")
 ROOT = Path(__file__).resolve().parent.parent
@@ -116,7 +116,7 @@ def make_release(out: Path, concepts: int, vocabularies: list[str], seed: int) -
             cid = SYN_BASE + i
             fc.write(f"{cid}\t{name}\t{t[2]}\t{t[3]}\t{t[4]}\tS\tHS{i}\t{RELEASE_DATE}\t{END_DATE}\t\n")
             fs.write(f"{cid}\t{synonym_of(name, rng)}\t4180186\n")
-    shutil.copy(src / "CONCEPT_RELATIONSHIP.csv.gz", out / "CONCEPT_RELATIONSHIP.csv.gz")
+    shutil.copyfile(src / "CONCEPT_RELATIONSHIP.csv.gz", out / "CONCEPT_RELATIONSHIP.csv.gz")
     (out / "VOCABULARY.csv").write_text(
         "vocabulary_id\tvocabulary_name\tvocabulary_reference\tvocabulary_version\tvocabulary_concept_id\n"
         f"None\tOMOP Standardized Vocabularies\tHarmonia\tHarmonia sample scaled to {concepts:,} "
@@ -228,22 +228,16 @@ def stage_embed(keep: Path, s: Settings, conn: psycopg.Connection, noise: float,
         print(f"FIGURE embed (real concepts, encoder): {len(todo):,} in {dt:.0f}s = {len(todo) / dt:,.0f} rows/s "
               f"({load_avg()})", flush=True)
     if cache and not cache.exists():
-        rows = conn.execute("SELECT concept_id, embedding::text FROM vocab.concept_embedding WHERE model = %s "
-                            f"AND NOT {SYN_RANGE} ORDER BY concept_id", (emb.key,)).fetchall()
+        ids_all, vecs_all = sizes.vectors_outside(conn, emb.key, SYN_BASE, SYN_END)
         cache.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(cache, ids=np.array([r[0] for r in rows], dtype=np.int64),
-                 vectors=np.array([json.loads(r[1]) for r in rows], dtype=np.float32))
+        np.savez(cache, ids=ids_all, vectors=vecs_all)
     templates = np.load(keep / "release" / "templates.npy")
-    have = {r[0] for r in conn.execute(f"SELECT concept_id FROM vocab.concept_embedding WHERE model = %s "
-                                       f"AND {SYN_RANGE}", (emb.key,)).fetchall()}
-    ids = conn.execute(f"SELECT concept_id, concept_name FROM vocab.concept WHERE {SYN_RANGE} "
-                       "ORDER BY concept_id").fetchall()
-    ids = [r for r in ids if r[0] not in have]
+    have = sizes.embedded_ids_in(conn, emb.key, SYN_BASE, SYN_END)
+    ids = [r for r in sizes.concept_names_in(conn, SYN_BASE, SYN_END) if r[0] not in have]
     if not ids:
         return
-    real = dict(conn.execute("SELECT concept_id, embedding::text FROM vocab.concept_embedding WHERE model = %s "
-                             f"AND NOT {SYN_RANGE}", (emb.key,)).fetchall())
-    real_vec = {k: np.array(json.loads(v), dtype=np.float32) for k, v in real.items()}
+    real_ids, real_vecs = sizes.vectors_outside(conn, emb.key, SYN_BASE, SYN_END)
+    real_vec = dict(zip(real_ids.tolist(), real_vecs, strict=True))
     rng = np.random.default_rng(seed)
     t0 = time.perf_counter()
     for i in range(0, len(ids), 50_000):
@@ -265,7 +259,7 @@ def stage_index(keep: Path, s: Settings, conn: psycopg.Connection, a: argparse.N
 
     emb = Embedder.from_settings(s)
     name = emb_store.index_name(emb.key)
-    if conn.execute("SELECT to_regclass(%s)", (f"vocab.{name}",)).fetchone()[0] is not None:
+    if sizes.relation_size(conn, f"vocab.{name}") is not None:
         return
     n = emb_store.count(conn, emb.key)
     t0 = time.perf_counter()
@@ -273,7 +267,7 @@ def stage_index(keep: Path, s: Settings, conn: psycopg.Connection, a: argparse.N
         emb_store.ensure_index(conn, emb.key, emb.dim, m=a.m, ef_construction=a.ef_construction,
                                maintenance_work_mem=a.maintenance_work_mem, workers=a.workers)
     dt = time.perf_counter() - t0
-    size = conn.execute("SELECT pg_relation_size(%s)", (f"vocab.{name}",)).fetchone()[0]
+    size = sizes.relation_size(conn, f"vocab.{name}") or 0
     print(f"FIGURE HNSW build: {n:,} vectors, m={a.m} ef_construction={a.ef_construction} "
           f"maintenance_work_mem={a.maintenance_work_mem} workers={a.workers}: {dt / 60:.1f} min, "
           f"peak server memory (USS sum) {gib(pm.peak)}, index {gib(size)} ({load_avg()})", flush=True)
@@ -402,7 +396,7 @@ def stage_measure(s: Settings, conn: psycopg.Connection, a: argparse.Namespace) 
                     m = score(pools, order)
                     print(f"FIGURE quality {gen} | {set_name} | {mode} | n={m['n']} | recall@50 {m['recall@50']:.3f}"
                           f" | top-1 {m['top-1']:.3f} | top-5 {m['top-5']:.3f}", flush=True)
-    size = conn.execute("SELECT pg_database_size(current_database())").fetchone()[0]
+    size = sizes.database_size(conn)
     print(f"FIGURE database size on disk: {gib(size)}; after measuring: {load_avg()}", flush=True)
 
 
@@ -442,8 +436,7 @@ def main() -> None:
     url = server.uri("bench")
     s = load_settings({"data_dir": str(data), "database_url": url})
     with psycopg.connect(url, autocommit=True) as conn:
-        loaded = conn.execute("SELECT to_regclass('vocab.release') IS NOT NULL").fetchone()[0] and conn.execute(
-            f"SELECT EXISTS (SELECT 1 FROM vocab.concept WHERE {SYN_RANGE})").fetchone()[0]
+        loaded = sizes.has_concepts_in(conn, SYN_BASE, SYN_END)
         if "load" in stages and not loaded:
             stage_load(keep, s, conn)
         if "embed" in stages:

@@ -37,6 +37,7 @@ STAMP = "release.json"
 # Index documents read per query before the trigram re-score: a few times the generator's k, as BM25 and the
 # trigram score rank somewhat differently.
 DEPTH_FACTOR = 3
+FILTERED_DEPTH = 2  # a filtered search reads this many times deeper (filters apply after the index)
 _TOKENIZER = "en_stem"  # lower case, split on non-alphanumerics, English stemming (fractures -> fractur)
 
 
@@ -120,6 +121,7 @@ class Bm25Index:
         self.index = tantivy.Index.open(str(path))
         self.schema = self.index.schema
         self.searcher = self.index.searcher()
+        self.filter_in_index = False
 
     @classmethod
     def for_release(cls, settings: Settings, stamp: tuple[int, str]) -> Bm25Index:
@@ -139,12 +141,21 @@ class Bm25Index:
             return []
         # Lower-case words only, so AND/OR/NOT in a source name are words, not operators; OR of all words.
         query = self.index.parse_query(" ".join(words), ["text"])
-        parts = [(tantivy.Occur.Must, query)]
-        if domains:
-            parts.append((tantivy.Occur.Must, self._any_of("domain", domains)))
-        if vocabularies:
-            parts.append((tantivy.Occur.Must, self._any_of("vocabulary", vocabularies)))
-        hits = self.searcher.search(tantivy.Query.boolean_query(parts), limit=depth, count=False).hits
+        if domains or vocabularies:
+            # A filter clause turns the pure disjunction, which block-max WAND answers reading few postings, into a
+            # conjunction that scores every document of every query word: 50-300 ms instead of 2-18 ms at 5M
+            # documents (measured). So filters apply after the search (here when asked, and always in SQL), over a
+            # deeper window.
+            if self.filter_in_index:
+                parts = [(tantivy.Occur.Must, query)]
+                if domains:
+                    parts.append((tantivy.Occur.Must, self._any_of("domain", domains)))
+                if vocabularies:
+                    parts.append((tantivy.Occur.Must, self._any_of("vocabulary", vocabularies)))
+                query = tantivy.Query.boolean_query(parts)
+            else:
+                depth *= FILTERED_DEPTH
+        hits = self.searcher.search(query, limit=depth, count=False).hits
         ids = self.searcher.fast_field_values("concept_id", [addr for _, addr in hits])
         out: list[int] = []
         seen: set[int] = set()
