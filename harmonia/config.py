@@ -79,6 +79,8 @@ class EmbeddingSettings:
                                         "instruction for BGE models, nothing otherwise.")
     batch_size: int = setting(256, "Concepts encoded and written per batch by `harmonia embed`.")
     device: str = setting("auto", "torch device for models: auto (cuda when present), cpu, cuda, mps.")
+    dtype: str = setting("float32", "Precision of the encoder's weights: float32, bfloat16, or auto (bfloat16 on a "
+                                    "GPU or a CPU with bfloat16 instructions).")
     vocabularies: list[str] = setting(DEFAULT_VOCABULARIES, "vocabulary_id values whose valid standard concepts are "
                                                             "embedded and retrieved.", key="vocabularies")
 
@@ -93,6 +95,11 @@ class RetrievalSettings:
     hnsw_ef_construction: int = setting(128, "HNSW ef_construction used when the index is built.",
                                         key="hnsw_ef_construction")
     maintenance_work_mem: str = setting("1GB", "maintenance_work_mem for index builds.", key="maintenance_work_mem")
+    hnsw_workers: int = setting(2, "max_parallel_maintenance_workers for HNSW builds (the build's extra processes).",
+                                key="hnsw_workers")
+    lexical_generator: str = setting("trigram", "Lexical candidate generator: bm25 (a Tantivy index of the release's "
+                                                "names and synonyms, built by `harmonia vocab load`; candidates "
+                                                "then get the trigram score) or trigram (pg_trgm over the tables).")
     lexical_k: int = setting(100, "Candidates the lexical generator returns before fusion.")
     vector_k: int = setting(100, "Candidates the vector generator returns before fusion.")
     # The fusion defaults are what `harmonia retrieve tune` found on the bundled sample's development part
@@ -451,6 +458,11 @@ def validate(s: Settings) -> None:
                           "none, llm, classifier")
     if s.retrieval.mode not in ("vector", "lexical", "hybrid"):
         raise ConfigError(f"setting 'retrieval_mode': {s.retrieval.mode!r} is not vector, lexical or hybrid")
+    if s.embedding.dtype not in ("float32", "bfloat16", "auto"):
+        raise ConfigError(f"setting 'embedding_dtype': {s.embedding.dtype!r} is not float32, bfloat16 or auto")
+    if s.retrieval.lexical_generator not in ("bm25", "trigram"):
+        raise ConfigError(f"setting 'retrieval_lexical_generator': {s.retrieval.lexical_generator!r} is not bm25 or "
+                          "trigram")
     if not 0.0 <= s.router.auto_approve_threshold <= 1.0:
         raise ConfigError(f"setting 'auto_approve_threshold': {s.router.auto_approve_threshold} is outside 0..1")
     if s.retrieval.top_k < 1:

@@ -84,6 +84,10 @@ def test_every_flat_key_works_as_env_var_override_and_toml_key(tmp_path: Path) -
             value = "llm"
         elif spec.key == "retrieval_mode":
             value = "lexical"
+        elif spec.key == "embedding_dtype":
+            value = "bfloat16"
+        elif spec.key == "retrieval_lexical_generator":
+            value = "bm25"
         expected = spec.coerce(value, "test")
         from_env = load_settings(env={"HARMONIA_CONFIG": "", spec.env: value})
         assert getattr(getattr(from_env, spec.section), spec.name) == expected, spec.key

@@ -72,6 +72,15 @@ def test_vectors_are_normalised_and_model_is_offline(embedder: Embedder) -> None
     assert v.shape == (1, 384) and abs(float(np.linalg.norm(v[0])) - 1.0) < 1e-4
 
 
+def test_bfloat16_encoder_gives_unit_float32_vectors_close_to_float32(embedder: Embedder) -> None:
+    texts = ["Type 2 diabetes mellitus", "Hemoglobin A1c/Hemoglobin.total in Blood", "Fracture of neck of femur"]
+    bf = Embedder(name_or_path=embedder.name_or_path, device="cpu", dtype="bfloat16")
+    a, b = embedder.encode_documents(texts), bf.encode_documents(texts)
+    assert b.dtype == np.float32 and np.allclose(np.linalg.norm(b, axis=1), 1.0, atol=1e-5)
+    assert np.all(np.sum(a * b, axis=1) > 0.99)
+    assert bf.key == embedder.key  # the same model: its vectors are interchangeable
+
+
 def test_bge_models_get_their_query_instruction() -> None:
     from harmonia.config import EmbeddingSettings, Settings
 

@@ -336,6 +336,11 @@ def quickstart(n: int = typer.Option(200, help="How many sample ICD10 terms to m
         if counts["concept"] == 0 or reload:
             r = load_vocabulary(conn, sample_dir() / "vocab")
             console.print(f"loaded {r.total_rows:,} rows in {r.seconds:.1f}s from {r.directory}")
+            if s.retrieval.lexical_generator == "bm25":
+                from harmonia.retrieval.bm25 import build_index
+
+                ix = build_index(conn, s)
+                console.print(f"BM25 lexical index: {ix.documents:,} names and synonyms in {ix.seconds:.1f}s")
         else:
             console.print(f"vocabulary already loaded ({counts['concept']:,} concepts); --reload to load again")
         console.rule("3. embeddings")

@@ -21,7 +21,17 @@ if TYPE_CHECKING:
 console = Console()
 
 
-def _load(conn: psycopg.Connection, directory: Path, progress: bool) -> None:
+def _lexical_index(conn: psycopg.Connection, s: Settings, *, always: bool = False) -> None:
+    """The release's BM25 index, where the settings choose that generator (or `always`)."""
+    if s.retrieval.lexical_generator != "bm25" and not always:
+        return
+    from harmonia.retrieval.bm25 import build_index
+
+    r = build_index(conn, s)
+    console.print(f"BM25 lexical index: {r.documents:,} names and synonyms in {r.seconds:.1f}s ({r.path})")
+
+
+def _load(conn: psycopg.Connection, directory: Path, progress: bool, s: Settings) -> None:
     from harmonia.vocabulary import VocabLoadError, load_vocabulary
 
     try:
@@ -32,6 +42,7 @@ def _load(conn: psycopg.Connection, directory: Path, progress: bool) -> None:
     console.print(f"loaded release [bold]{report.release_label}[/] (#{report.release_id}): {report.total_rows:,} "
                   f"rows in {report.seconds:.1f}s ({rate:,.0f} rows/s): "
                   + ", ".join(f"{t}={n:,}" for t, n in report.rows.items() if n))
+    _lexical_index(conn, s)
     if report.missing:
         console.print(f"optional files not present: {', '.join(report.missing)}")
     if report.kept:
@@ -77,7 +88,7 @@ def vocab_load(directory: Path = typer.Argument(..., help="Folder of an Athena d
     """Load an Athena release beside the current one and swap it in atomically; then re-check every map."""
     s = settings()
     with connect(s) as conn:
-        _load(conn, directory, progress)
+        _load(conn, directory, progress, s)
         if recheck:
             _recheck(conn, None)
     console.print("next: `harmonia embed` re-embeds only new and renamed concepts (`harmonia vocab upgrade` does "
@@ -97,7 +108,7 @@ def vocab_upgrade(directory: Path = typer.Argument(..., help="Folder of the new 
 
     s = settings()
     with connect(s) as conn:
-        _load(conn, directory, progress)
+        _load(conn, directory, progress, s)
         embedder = Embedder.from_settings(s)
         r = embed_concepts(conn, embedder, vocabularies=s.embedding.vocabularies,
                            batch_size=s.embedding.batch_size, progress=progress, retrieval=s.retrieval)
@@ -178,6 +189,15 @@ def vocab_recheck(retrieve: bool = typer.Option(False, help="Fresh retrieve + re
             _recheck(conn, s if retrieve else None)
         except ValueError as exc:
             fail(str(exc))
+
+
+@vocab_app.command("index")
+def vocab_index() -> None:
+    """(Re)build the current release's BM25 lexical index in the data dir (`vocab load` does it when
+    retrieval_lexical_generator is bm25; each machine that searches needs its own copy)."""
+    s = settings()
+    with connect(s) as conn:
+        _lexical_index(conn, s, always=True)
 
 
 @vocab_app.command("status")

@@ -24,9 +24,9 @@ def make_retriever(conn: psycopg.Connection, embedder: Embedder, settings: Setti
     if mode == "lexical":
         from harmonia.retrieval.lexical import LexicalRetriever
 
-        return LexicalRetriever(conn, cfg, settings.embedding.vocabularies, embedder=embedder)
+        return LexicalRetriever.from_settings(conn, embedder, settings)
     if mode == "hybrid":
         from harmonia.retrieval.hybrid import HybridRetriever
 
-        return HybridRetriever(conn, embedder, cfg, settings.embedding.vocabularies)
+        return HybridRetriever.from_settings(conn, embedder, settings)
     raise RetrievalError(f"retrieval_mode {mode!r} is not available")

@@ -35,7 +35,8 @@ from harmonia.config import RetrievalSettings, Settings
 from harmonia.domain import Candidate, SourceKey
 from harmonia.embedding.model import Embedder
 from harmonia.retrieval.base import Retriever
-from harmonia.retrieval.lexical import LEXICAL_THRESHOLD, LexicalRetriever
+from harmonia.retrieval.bm25 import Bm25Generator
+from harmonia.retrieval.lexical import LEXICAL_THRESHOLD, LexicalRetriever, bm25_of
 from harmonia.retrieval.vector import VectorRetriever
 from harmonia.store import concepts as concept_store
 from harmonia.store import lexical as lex_store
@@ -173,9 +174,10 @@ class HybridRetriever(Retriever):
 
     def __init__(self, conn: psycopg.Connection, embedder: Embedder, cfg: RetrievalSettings,
                  vocabularies: Sequence[str], *, threshold: float = LEXICAL_THRESHOLD,
-                 weights: FusionWeights | None = None) -> None:
+                 weights: FusionWeights | None = None, bm25: Bm25Generator | None = None) -> None:
         self.vector_retriever = VectorRetriever(conn, embedder, cfg)  # checks the model's embeddings exist
-        self.lexical_retriever = LexicalRetriever(conn, cfg, vocabularies, embedder=embedder, threshold=threshold)
+        self.lexical_retriever = LexicalRetriever(conn, cfg, vocabularies, embedder=embedder, threshold=threshold,
+                                                  bm25=bm25)
         self.conn = conn
         self.embedder: Embedder = embedder
         self.cfg = cfg
@@ -192,7 +194,7 @@ class HybridRetriever(Retriever):
     def from_settings(cls, conn: psycopg.Connection, embedder: Embedder, settings: Settings, *,
                       threshold: float = LEXICAL_THRESHOLD, weights: FusionWeights | None = None) -> HybridRetriever:
         return cls(conn, embedder, settings.retrieval, settings.embedding.vocabularies, threshold=threshold,
-                   weights=weights)
+                   weights=weights, bm25=bm25_of(settings))
 
     def _side_connection(self) -> psycopg.Connection | None:
         """A second connection for the lexical query, so that it runs while this one does the vector and memory

@@ -107,11 +107,11 @@ def delete_orphans(conn: psycopg.Connection, model_key: str, vocabularies: Seque
 
 
 def create_hnsw(conn: psycopg.Connection, table: str, name: str, model_key: str, dim: int, *, m: int = 16,
-                ef_construction: int = 128, maintenance_work_mem: str = "1GB") -> None:
+                ef_construction: int = 128, maintenance_work_mem: str = "1GB", workers: int = 2) -> None:
     """A partial HNSW cosine index on `table`'s rows of one model (inside the caller's transaction)."""
     conn.execute(sql.SQL("SET LOCAL maintenance_work_mem = {}").format(sql.Literal(maintenance_work_mem)))
     # pgvector builds HNSW in parallel; the encoder is idle by now, so let the build use the cores.
-    conn.execute("SET LOCAL max_parallel_maintenance_workers = 2")
+    conn.execute(sql.SQL("SET LOCAL max_parallel_maintenance_workers = {}").format(sql.Literal(workers)))
     conn.execute(sql.SQL(
         "CREATE INDEX IF NOT EXISTS {} ON {} USING hnsw "
         "((embedding::public.vector({})) public.vector_cosine_ops) WITH (m = {}, ef_construction = {}) "
@@ -120,12 +120,12 @@ def create_hnsw(conn: psycopg.Connection, table: str, name: str, model_key: str,
 
 
 def ensure_index(conn: psycopg.Connection, model_key: str, dim: int, *, m: int = 16, ef_construction: int = 128,
-                 maintenance_work_mem: str = "1GB") -> str:
+                 maintenance_work_mem: str = "1GB", workers: int = 2) -> str:
     """The model's partial HNSW cosine index; built once, kept up to date by later inserts."""
     name = index_name(model_key)
     with conn.transaction():
         create_hnsw(conn, "concept_embedding", name, model_key, dim, m=m, ef_construction=ef_construction,
-                    maintenance_work_mem=maintenance_work_mem)
+                    maintenance_work_mem=maintenance_work_mem, workers=workers)
         conn.execute("UPDATE vocab.embedding_model SET index_name = %s WHERE model = %s", (name, model_key))
     conn.execute("ANALYZE vocab.concept_embedding")
     return name

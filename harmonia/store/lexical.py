@@ -8,7 +8,7 @@ operators are schema-qualified so a search_path without `public` works.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import psycopg
@@ -53,6 +53,50 @@ def lexical_search(conn: psycopg.Connection, text: str, k: int, *, domains: Sequ
         rows = conn.execute(q, params).fetchall()
     return [candidate(r, float(r[6]), {"lexical": float(r[6]), "name": float(r[7]), "synonym": float(r[8])})
             for r in rows]
+
+
+def rescore(conn: psycopg.Connection, text: str, concept_ids: Sequence[int], k: int, *,
+            domains: Sequence[str] | None = None, vocabularies: Sequence[str] | None = None,
+            boost_name: float = 1.0, boost_synonym: float = 0.8) -> list[Candidate]:
+    """lexical_search's top-k and scores, computed only over the given concepts (another index's candidates): the
+    same trigram score, so fusion sees the same numbers whichever generator found the concepts."""
+    if not concept_ids:
+        return []
+    params: dict[str, object] = {"q": text, "bn": boost_name, "bs": boost_synonym, "k": k, "ids": list(concept_ids)}
+    where = filters(domains, vocabularies, params)
+    # The query is normalised once (not once per row and score, as lexical_search's index scan allows).
+    one = ("(public.word_similarity(qn.q, vocab.lexnorm({col})) + public.similarity(qn.q, vocab.lexnorm({col}))) "
+           "/ 2")
+    name_score = one.format(col="c.concept_name")
+    syn_score = one.format(col="s.concept_synonym_name")
+    q = f"""
+        WITH qn AS MATERIALIZED (SELECT vocab.lexnorm(%(q)s) AS q), b AS (
+            SELECT c.concept_id, {name_score} AS ns,
+                   coalesce((SELECT max({syn_score}) FROM vocab.concept_synonym s
+                             WHERE s.concept_id = c.concept_id), 0)::float8 AS ss
+            FROM vocab.concept c CROSS JOIN qn WHERE c.concept_id = ANY(%(ids)s) AND {where}
+        )
+        SELECT {CANDIDATE_COLUMNS}, greatest(%(bn)s * b.ns, %(bs)s * b.ss) AS score, b.ns, b.ss
+        FROM b JOIN vocab.concept c ON c.concept_id = b.concept_id
+        ORDER BY score DESC, c.concept_id LIMIT %(k)s"""
+    rows = conn.execute(q, params).fetchall()
+    return [candidate(r, float(r[6]), {"lexical": float(r[6]), "name": float(r[7]), "synonym": float(r[8])})
+            for r in rows]
+
+
+def index_rows(conn: psycopg.Connection, batch: int = 50_000) -> Iterator[list[tuple[int, str, str, str]]]:
+    """Every name and synonym of the valid standard concepts as (concept_id, text, domain_id, vocabulary_id), in
+    batches, read in one snapshot (a server-side cursor inside one transaction): what a BM25 index holds."""
+    with conn.transaction(), conn.cursor(name="harmonia_lexical_index_rows") as cur:
+        cur.itersize = batch
+        cur.execute(f"""SELECT c.concept_id, c.concept_name, c.domain_id, c.vocabulary_id FROM vocab.concept c
+                        WHERE {VALID_STANDARD}
+                        UNION ALL
+                        SELECT c.concept_id, s.concept_synonym_name, c.domain_id, c.vocabulary_id
+                        FROM vocab.concept_synonym s JOIN vocab.concept c ON c.concept_id = s.concept_id
+                        WHERE {VALID_STANDARD}""")
+        while rows := cur.fetchmany(batch):
+            yield rows
 
 
 def lexical_scores(conn: psycopg.Connection, text: str, concept_ids: Sequence[int]) -> dict[int, tuple[float, float]]:

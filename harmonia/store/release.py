@@ -46,6 +46,12 @@ def current(conn: psycopg.Connection) -> Release | None:
     return _release(row) if row else None
 
 
+def current_stamp(conn: psycopg.Connection) -> tuple[int, str] | None:
+    """(id, content sha256 or '') of the current release: cheap enough to ask before every search."""
+    row = conn.execute("SELECT id, coalesce(content_sha256, '') FROM vocab.release WHERE is_current").fetchone()
+    return (int(row[0]), str(row[1])) if row else None
+
+
 def get(conn: psycopg.Connection, release_id: int) -> Release | None:
     row = conn.execute(f"SELECT {_COLS} FROM vocab.release WHERE id = %s", (release_id,)).fetchone()
     return _release(row) if row else None
