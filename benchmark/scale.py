@@ -37,6 +37,7 @@ import subprocess
 import sys
 import threading
 import time
+import typing
 from collections import defaultdict
 from pathlib import Path
 
@@ -179,6 +180,20 @@ def load_avg() -> str:
 # ---------------------------------------------------------------------------------------------------- stages
 
 
+
+def measured_sets(conn: typing.Any, s: typing.Any, a: argparse.Namespace) -> tuple[list, list, list[str]]:
+    """The ICD10 and lab test rows every measuring stage scores, and the texts its latency is timed on."""
+    from retrieval_figures import icd10_test, lab_rows
+
+    print(f"before measuring: {load_avg()}", flush=True)
+    icd = icd10_test(conn, s.embedding.vocabularies, a.n_icd, 13)
+    labs, _ = lab_rows(conn, sample_dir() / "benchmark" / "finomop_lab.usagi.csv.gz", s.embedding.vocabularies,
+                       "test")
+    if a.n_lab and len(labs) > a.n_lab:
+        labs = random.Random(13).sample(labs, a.n_lab)
+    texts = [r.source_text for r in icd[:a.latency_n // 2]] + [r.source_text for r in labs[:a.latency_n // 2]]
+    return icd, labs, texts
+
 def stage_load(keep: Path, s: Settings, conn: psycopg.Connection) -> None:
     from harmonia.retrieval import bm25
     from harmonia.store import migrations
@@ -290,18 +305,10 @@ def stage_lexical(s: Settings, conn: psycopg.Connection, a: argparse.Namespace) 
     """Lexical only (no vectors needed): each generator's latency and its own recall@50 / top-1."""
     import dataclasses
 
-    from retrieval_figures import icd10_test, lab_rows
-
     from harmonia.metrics import aggregate, score_row
     from harmonia.retrieval.lexical import LexicalRetriever
 
-    print(f"before measuring: {load_avg()}", flush=True)
-    icd = icd10_test(conn, s.embedding.vocabularies, a.n_icd, 13)
-    labs, _ = lab_rows(conn, sample_dir() / "benchmark" / "finomop_lab.usagi.csv.gz", s.embedding.vocabularies,
-                       "test")
-    if a.n_lab and len(labs) > a.n_lab:
-        labs = random.Random(13).sample(labs, a.n_lab)
-    texts = [r.source_text for r in icd[:a.latency_n // 2]] + [r.source_text for r in labs[:a.latency_n // 2]]
+    icd, labs, texts = measured_sets(conn, s, a)
     k = s.retrieval.lexical_k
     for gen in a.generators:
         sg = dataclasses.replace(s, retrieval=dataclasses.replace(s.retrieval, lexical_generator=gen))
@@ -327,7 +334,7 @@ def stage_lexical(s: Settings, conn: psycopg.Connection, a: argparse.Namespace) 
 def stage_measure(s: Settings, conn: psycopg.Connection, a: argparse.Namespace) -> None:
     import dataclasses
 
-    from retrieval_figures import icd10_test, lab_rows, score
+    from retrieval_figures import score
 
     from harmonia.embedding.model import Embedder
     from harmonia.retrieval.hybrid import FusionWeights, HybridRetriever, fused_ranking
@@ -336,13 +343,7 @@ def stage_measure(s: Settings, conn: psycopg.Connection, a: argparse.Namespace) 
     emb = Embedder.from_settings(s)
     dim = emb_store.model_dim(conn, emb.key)
     assert dim
-    print(f"before measuring: {load_avg()}", flush=True)
-    icd = icd10_test(conn, s.embedding.vocabularies, a.n_icd, 13)
-    labs, _ = lab_rows(conn, sample_dir() / "benchmark" / "finomop_lab.usagi.csv.gz", s.embedding.vocabularies,
-                       "test")
-    if a.n_lab and len(labs) > a.n_lab:
-        labs = random.Random(13).sample(labs, a.n_lab)
-    texts = [r.source_text for r in icd[:a.latency_n // 2]] + [r.source_text for r in labs[:a.latency_n // 2]]
+    icd, labs, texts = measured_sets(conn, s, a)
     vecs = emb.encode_queries(texts)
     # Vector: top-50 by the index against exact search, with no filter and with the query's domain.
     for label, domains in (("no filter", None), ("domain filter", ["Measurement"])):
