@@ -301,18 +301,33 @@ def stage_memory(s: Settings, conn: psycopg.Connection) -> None:
     print(f"memory: {r.rows:,} sources in {r.seconds:.0f}s", flush=True)
 
 
-def stage_lexical(s: Settings, conn: psycopg.Connection, a: argparse.Namespace) -> None:
-    """Lexical only (no vectors needed): each generator's latency and its own recall@50 / top-1."""
+def lexical_retriever(s: Settings, conn: psycopg.Connection, gen: str) -> typing.Any:
+    """The lexical retriever of a generator: trigram, bm25, or bm25-words (BM25 without the trigram field for
+    words no name contains: what bm25 was before it)."""
     import dataclasses
 
-    from harmonia.metrics import aggregate, score_row
     from harmonia.retrieval.lexical import LexicalRetriever
+
+    sg = dataclasses.replace(s, retrieval=dataclasses.replace(s.retrieval, lexical_generator=gen.split("-")[0]))
+    return variant(LexicalRetriever.from_settings(conn, None, sg), conn, gen)
+
+
+def variant(lex: typing.Any, conn: psycopg.Connection, gen: str) -> typing.Any:
+    if gen == "bm25-words":
+        ix = lex.bm25.index_for(conn) if lex.bm25 is not None else None
+        assert ix is not None, "no BM25 index of this release"
+        ix.use_grams = False
+    return lex
+
+
+def stage_lexical(s: Settings, conn: psycopg.Connection, a: argparse.Namespace) -> None:
+    """Lexical only (no vectors needed): each generator's latency and its own recall@50 / top-1."""
+    from harmonia.metrics import aggregate, score_row
 
     icd, labs, texts = measured_sets(conn, s, a)
     k = s.retrieval.lexical_k
     for gen in a.generators:
-        sg = dataclasses.replace(s, retrieval=dataclasses.replace(s.retrieval, lexical_generator=gen))
-        lex = LexicalRetriever.from_settings(conn, None, sg)
+        lex = lexical_retriever(s, conn, gen)
         for t in texts[:10]:
             lex.rows(t, k)
         ll = []
@@ -366,9 +381,9 @@ def stage_measure(s: Settings, conn: psycopg.Connection, a: argparse.Namespace) 
     w = FusionWeights.of(s.retrieval)
     w0 = dataclasses.replace(w, boost_memory=0.0)
     for gen in a.generators:
-        sg = dataclasses.replace(s, retrieval=dataclasses.replace(s.retrieval, lexical_generator=gen))
+        sg = dataclasses.replace(s, retrieval=dataclasses.replace(s.retrieval, lexical_generator=gen.split("-")[0]))
         with HybridRetriever.from_settings(conn, emb, sg) as r:
-            lex = r.lexical_retriever
+            lex = variant(r.lexical_retriever, conn, gen)
             for t in texts[:10]:
                 lex.rows(t, s.retrieval.lexical_k)
             ll = []
@@ -412,7 +427,8 @@ def main() -> None:
     ap.add_argument("--ef-construction", type=int, default=64)
     ap.add_argument("--maintenance-work-mem", default="4GB")
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--generators", default="trigram,bm25", type=lambda v: v.split(","))
+    ap.add_argument("--generators", default="trigram,bm25", type=lambda v: v.split(","),
+                    help="of trigram, bm25, bm25-words (BM25 without the trigram field for unknown words)")
     ap.add_argument("--n-icd", type=int, default=1000)
     ap.add_argument("--n-lab", type=int, default=0, help="lab test rows sampled (0: all)")
     ap.add_argument("--latency-n", type=int, default=200)

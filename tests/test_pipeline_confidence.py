@@ -133,6 +133,21 @@ def test_fixed_sequence_stops_at_the_first_failure() -> None:
     assert bad.threshold is None and "lower bound below 0.98" in bad.reason
 
 
+def test_the_walk_starts_above_where_an_overconfident_calibrator_would_fail() -> None:
+    # 600 rows the calibrator calls near-certain, 8 errors among the first 644 but only 3 among the first 494: read
+    # at face value the probabilities start the walk at 644 rows (bound 0.978, nothing certified); with their
+    # errors doubled the start is higher, passes, and the walk goes down from there.
+    conf = np.concatenate([np.linspace(0.99995, 0.995, 600), np.linspace(0.995, 0.5, 2400)])
+    right = np.ones(3000, dtype=bool)
+    right[[100, 250, 400]] = False
+    right[500:505] = False
+    right[700:] = np.arange(2300) % 3 > 0
+    face_value = choose_threshold(conf, right, target=0.98, start_error_factor=1.0)
+    assert face_value.threshold is None and "636 of 644 right" in face_value.reason
+    c = choose_threshold(conf, right, target=0.98)
+    assert c.threshold is not None and c.bound >= 0.98 and 479 <= c.rows < 500 and c.rows - c.correct == 3
+
+
 def test_evidence_of_a_decision() -> None:
     term = SourceTerm("E11.9", "ICD10", "Type 2 diabetes mellitus")
     cands = [Candidate(1, "Type 2 diabetes mellitus", "Condition", "SNOMED", "Clinical Finding", "1", 0.9,

@@ -380,3 +380,59 @@ def test_grouped_order_keeps_each_source_together_and_follows_the_seed() -> None
     sources = [ex[i].source for i in order]
     assert sum(1 for j, s in enumerate(sources) if j == 0 or sources[j - 1] != s) == 10  # one run per source
     assert (grouped_order(ex, 5) == order).all() and not (grouped_order(ex, 6) == order).all()
+
+
+def _lab_file(tmp: Path, name: str, n: int = 60) -> tuple[Path, list]:
+    """The first n rows of the bundled lab Usagi set, written as a new file `name` (its set name is its source
+    vocabulary)."""
+    import csv
+    import gzip
+
+    from harmonia.paths import sample_dir
+
+    src = sample_dir() / "benchmark" / "finomop_lab.usagi.csv.gz"
+    with gzip.open(src, "rt", newline="") as fh:
+        reader = csv.DictReader(fh)
+        header, rows = reader.fieldnames, [r for _, r in zip(range(n), reader, strict=False)]
+    path = tmp / name
+    with path.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=header)
+        w.writeheader()
+        w.writerows(rows)
+    return path, rows
+
+
+def test_mapping_file_rows_train_as_their_kind_sees_them(conn: psycopg.Connection, settings: Settings,
+                                                          tmp_path: Path) -> None:
+    """`reranker train --pairs-from FILE --pairs-kind labs`: the file's development-part rows become pairs, with the
+    query text the pipeline gives a lab name and negatives from the kind's domains; no test-part row is used."""
+    from harmonia.rerank.classifier.train import TrainError, build_material
+
+    path, rows = _lab_file(tmp_path, "mylabs.usagi.csv")
+    opts = TrainOptions(**{**TINY, "max_sources": 0, "holdout": 0.3}, source_vocabularies=["NO_SUCH_VOCAB"],
+                        pairs_from=[str(path)], pairs_kind="labs", include_reviews=False)
+    m = build_material(conn, settings, opts, progress=False)
+    dev = {r["sourceCode"] for r in rows if part_of(f"mylabs:{r['sourceCode']}") == "dev"}
+    test = {r["sourceCode"] for r in rows} - dev
+    assert dev and test
+    trained = {k.split(":", 1)[1] for k in m.trained_keys}
+    held = {v["text"] for v in m.holdout.values()}
+    assert trained and held and trained <= dev and not trained & test
+    assert m.counts["file_sources"] == len(trained) + len(m.holdout) <= len(dev)
+    # each row is trained on as the pipeline shows a lab name: "S -Albumin" as "Albumin in Serum"
+    from harmonia.kinds import BUILTIN_KINDS
+    from harmonia.text import query_text
+
+    views = {query_text(SourceTerm(r["sourceCode"], "mylabs", r["sourceName"]), BUILTIN_KINDS["labs"])
+             for r in rows if r["sourceCode"] in dev}
+    queries = {e.query for e in m.train} | held
+    assert queries <= views and "Albumin in Serum" in queries
+    assert not any(q.startswith(("P -", "S -", "U -")) for q in queries)
+    # negatives come from the labs kind's domain, as at run time
+    hard = [e for e in m.train if e.kind == "hard"]
+    assert hard and all("| Measurement |" in e.doc for e in hard)
+    assert all(m.holdout[s]["candidates"] for s in m.holdout)
+    # a file whose kind nobody declared is refused, naming it
+    with pytest.raises(TrainError, match="mylabs.*unknown"):
+        build_material(conn, settings, TrainOptions(**{**TINY, "max_sources": 0}, source_vocabularies=["NONE"],
+                                                    pairs_from=[str(path)]), progress=False)

@@ -58,6 +58,25 @@ def test_build_then_search_finds_names_and_synonyms_with_the_trigram_score(conn,
     assert syn[0].concept_id == target and syn[0].scores["synonym"] == pytest.approx(1.0)
 
 
+def test_a_word_no_name_contains_is_searched_by_its_trigrams(conn, bm25_settings) -> None:
+    """A Finnish-style compound ("Alaninaminotransferase") matches no indexed word; its trigrams still find
+    "Alanine aminotransferase ..." as pg_trgm would, while known words are searched as words only."""
+    report = bm25.build_index(conn, bm25_settings)
+    ix = bm25.Bm25Index(report.path)
+    assert ix.unknown_words(["alaninaminotransferase", "plasma", "alt"]) == ["alaninaminotransferase"]
+    alt = _id(conn, "Alanine aminotransferase [Enzymatic activity/volume] in Serum or Plasma")
+    assert ix.search("alanine aminotransferase", 50) and alt in ix.search("P -Alaninaminotransferase", 50)
+    r = LexicalRetriever.from_settings(conn, None, bm25_settings)
+    got = [c.concept_id for c in r.search("Alaninaminotransferase plasma", 20)]
+    trgm = [c.concept_id for c in lex_store.lexical_search(conn, "Alaninaminotransferase plasma", 20)]
+    assert alt in got and alt in trgm
+    # an index written before the gram field (format 1) is never searched: pg_trgm answers until it is rebuilt
+    stamp = json.loads((report.path / bm25.STAMP).read_text())
+    (report.path / bm25.STAMP).write_text(json.dumps({k: v for k, v in stamp.items() if k != "format"}))
+    with pytest.raises(bm25.IndexMissing, match="format 1"):
+        bm25.Bm25Index.for_release(bm25_settings, release_store.current_stamp(conn))
+
+
 def test_filters_by_domain_and_vocabulary_and_validity(conn, fresh_db, tmp_path) -> None:
     s = make_settings(fresh_db, tmp_path, retrieval_lexical_generator="bm25", vocabularies=["LOINC"])
     bm25.build_index(conn, s)

@@ -35,6 +35,10 @@ def reranker_train(
     save_every: int = typer.Option(200, "--save-every", help="Save resumable state every N steps."),
     seed: int = typer.Option(13, "--seed"),
     no_reviews: bool = typer.Option(False, "--no-reviews", help="Leave reviewers' decisions out."),
+    pairs_from: list[Path] = typer.Option([], "--pairs-from", help="Also train on the development-part rows of "
+                                          "this mapping file (a Usagi export or a benchmark set; repeatable)."),
+    pairs_kind: str = typer.Option("", "--pairs-kind", help="The kind of those files' sources (labs, drugs, ...; "
+                                   "default: each source vocabulary's declared kind)."),
     loss: str = typer.Option("bce", "--loss", help="bce, or listwise (BCE plus a softmax over each source's "
                              "candidates: trains the ranking within a source)."),
 ) -> None:
@@ -48,7 +52,8 @@ def reranker_train(
                         hard_negatives=hard_negatives, random_negatives=random_negatives, max_sources=max_sources,
                         source_vocabularies=list(source_vocab), save_every=save_every, holdout=holdout,
                         holdout_max=holdout_max,
-                        include_reviews=not no_reviews, loss=loss)
+                        include_reviews=not no_reviews, loss=loss,
+                        pairs_from=[str(p) for p in pairs_from], pairs_kind=pairs_kind)
     if loss not in ("bce", "listwise"):
         fail(f"--loss must be bce or listwise, not {loss!r}")
     if opts.batch_size < 1 or opts.epochs < 0 or opts.max_steps < 0:

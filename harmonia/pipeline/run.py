@@ -11,7 +11,7 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Generator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Self
 
@@ -25,9 +25,9 @@ from harmonia.pipeline import guards
 from harmonia.pipeline.confidence import Calibration
 from harmonia.pipeline.route import route
 from harmonia.rerank.base import Reranker
+from harmonia.retrieval import by_kind
 from harmonia.retrieval.base import Retriever
 from harmonia.store import mapping as map_store
-from harmonia.text import query_text, term_features
 
 log = logging.getLogger(__name__)
 
@@ -124,50 +124,18 @@ class Pipeline:
                 for i, (term, cands, result) in enumerate(zip(terms, candidate_lists, results, strict=True))]
 
     def views(self, terms: Sequence[SourceTerm]) -> list[SourceTerm]:
-        """Each term as retrieval and the rerankers see it: a lab name's or drug string's text rewritten by
-        harmonia.text where `retrieval_lab_text` / `retrieval_drug_text` is on (the original text kept in
-        extra["original_text"]); decisions are routed and stored with the original term."""
-        if not (self.lab_text or self.drug_text):
-            return list(terms)
-        out = []
-        for t in terms:
-            text = query_text(t, self.kinds.kind_of(t.source_vocab), lab_text=self.lab_text,
-                              drug_text=self.drug_text)
-            out.append(t if text == t.source_text else
-                       replace(t, source_text=text, extra={**t.extra, "original_text": t.source_text}))
-        return out
+        """Each term as retrieval and the rerankers see it (harmonia.retrieval.by_kind.views); decisions are
+        routed and stored with the original term."""
+        return by_kind.views(terms, self.kinds, lab_text=self.lab_text, drug_text=self.drug_text)
 
     def retrieve(self, terms: Sequence[SourceTerm]) -> list[list[Candidate]]:
         """Candidates per term (its view's text, see `views`)."""
         return self.retrieve_views(self.views(terms))
 
     def retrieve_views(self, terms: Sequence[SourceTerm]) -> list[list[Candidate]]:
-        """Candidates per term as given; with the kind filter on, each kind's terms are searched in its domains and
-        vocabularies only (retrievers still return K rows under a filter). A lab or drug term's candidates get
-        its text's agreement features in `Candidate.scores` (lab_system, ..., drug_brand) for the classifier's
-        stacker."""
-        out: list[list[Candidate]] = [[] for _ in terms]
-        groups: dict[SourceKind, list[int]] = {}
-        for i, t in enumerate(terms):
-            groups.setdefault(self.kinds.kind_of(t.source_vocab), []).append(i)
-        for kind, idx in groups.items():
-            domains = kind.retrieve_domains if self.kind_filter and kind.retrieve_domains else None
-            vocabularies = kind.vocabularies if self.kind_filter and kind.vocabularies else None
-            found = self.retriever.search_many([terms[i].source_text for i in idx], domains=domains,
-                                               vocabularies=vocabularies, source_keys=[terms[i].key for i in idx])
-            for i, cands in zip(idx, found, strict=True):
-                out[i] = cands
-                if self.lab_text or self.drug_text:
-                    term = terms[i]
-                    original = SourceTerm(term.source_code, term.source_vocab,
-                                          str(term.extra.get("original_text", term.source_text)), extra=term.extra)
-                    feats = term_features(original, kind, [c.concept_name for c in cands], lab_text=self.lab_text,
-                                          drug_text=self.drug_text)
-                    # Features only, the order stays: moving contradicted candidates behind the rest was measured
-                    # and lost top-5 on the ICU drug set without gaining on the lab sets (docs/retrieval.md).
-                    for c, f in zip(cands, feats, strict=True):
-                        c.scores.update(f)
-        return out
+        """Candidates per term as given, searched as its kind asks (harmonia.retrieval.by_kind.search)."""
+        return by_kind.search(self.retriever, terms, self.kinds, kind_filter=self.kind_filter,
+                              lab_text=self.lab_text, drug_text=self.drug_text)
 
     def ask_second_opinions(self, terms: Sequence[SourceTerm], candidate_lists: Sequence[Sequence[Candidate]],
                             results: Sequence[RerankResult]) -> list[dict[str, int | None]]:

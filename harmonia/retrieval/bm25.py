@@ -39,6 +39,18 @@ STAMP = "release.json"
 DEPTH_FACTOR = 3
 FILTERED_DEPTH = 2  # a filtered search reads this many times deeper (filters apply after the index)
 _TOKENIZER = "en_stem"  # lower case, split on non-alphanumerics, English stemming (fractures -> fractur)
+# Index format: 2 added the `grams` field. An index of another format is never searched (rebuilt by
+# `harmonia vocab index`), so a new version never reads an old folder wrongly.
+FORMAT = 2
+# A query word no name of the release contains ("Alaninaminotransferase", "Kalium", a typo) matches nothing by
+# words; pg_trgm would still find "Alanine aminotransferase" through shared trigrams. Such words are searched by
+# their trigrams in the `grams` field, at this weight relative to a word match.
+GRAM = 3
+GRAM_BOOST = 0.5
+GRAM_MIN_WORD = 4  # shorter unknown words (abbreviations, "xq") carry too few trigrams to find anything useful
+# Only each unknown word's rarest trigrams are searched: they say the most and have the shortest posting lists (all
+# of a 20-letter word's trigrams doubled the p95 at 1M concepts, measured).
+GRAM_MAX = 8
 
 
 class IndexMissing(RuntimeError):
@@ -52,10 +64,19 @@ def normalise(text: str) -> str:
     return "".join(ch if ch.isalnum() else " " for ch in t)
 
 
+def grams(words: Sequence[str]) -> list[str]:
+    """Each word's trigrams, within the word (a word shorter than a trigram is its own gram)."""
+    out: list[str] = []
+    for w in words:
+        out += [w[i:i + GRAM] for i in range(len(w) - GRAM + 1)] if len(w) >= GRAM else [w]
+    return out
+
+
 def _schema() -> tantivy.Schema:
     b = tantivy.SchemaBuilder()
     b.add_integer_field("concept_id", stored=False, fast=True, indexed=False)
     b.add_text_field("text", stored=False, tokenizer_name=_TOKENIZER, index_option="freq")
+    b.add_text_field("grams", stored=False, tokenizer_name="raw", index_option="freq")
     b.add_text_field("domain", stored=False, tokenizer_name="raw", index_option="basic")
     b.add_text_field("vocabulary", stored=False, tokenizer_name="raw", index_option="basic")
     return b.build()
@@ -96,12 +117,15 @@ def build_index(conn: psycopg.Connection, settings: Settings, *, threads: int = 
     n = 0
     for rows in lex_store.index_rows(conn):
         for cid, text, domain, vocabulary in rows:
-            writer.add_document(tantivy.Document(concept_id=int(cid), text=normalise(text), domain=domain,
-                                                 vocabulary=vocabulary))
+            norm = normalise(text)
+            # raw-tokenised list: one term per distinct gram (a gram's count within a name says little)
+            writer.add_document(tantivy.Document(concept_id=int(cid), text=norm, grams=sorted(set(grams(norm.split()))),
+                                                 domain=domain, vocabulary=vocabulary))
         n += len(rows)
     writer.commit()
     writer.wait_merging_threads()
-    (tmp / STAMP).write_text(json.dumps({"release_id": stamp[0], "content_sha256": stamp[1], "documents": n}))
+    (tmp / STAMP).write_text(json.dumps({"release_id": stamp[0], "content_sha256": stamp[1], "documents": n,
+                                         "format": FORMAT}))
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     for other in root.iterdir():
@@ -122,12 +146,24 @@ class Bm25Index:
         self.schema = self.index.schema
         self.searcher = self.index.searcher()
         self.filter_in_index = False
+        self.use_grams = True  # benchmark/scale.py measures without (generator "bm25-words")
+        self._stem = tantivy.TextAnalyzerBuilder(tantivy.Tokenizer.simple()).filter(
+            tantivy.Filter.lowercase()).filter(tantivy.Filter.stemmer("english")).build()  # what en_stem does
+
+    def unknown_words(self, words: Sequence[str]) -> list[str]:
+        """The query words (long enough) that no indexed name contains."""
+        return [w for w in words if len(w) >= GRAM_MIN_WORD and w.isalpha()
+                and all(self.searcher.doc_freq("text", t) == 0 for t in self._stem.analyze(w))]
 
     @classmethod
     def for_release(cls, settings: Settings, stamp: tuple[int, str]) -> Bm25Index:
         path = index_root(settings) / _folder_name(stamp)
         if not (path / STAMP).exists():
             raise IndexMissing(f"no BM25 index of release #{stamp[0]} in {path.parent}: run `harmonia vocab index`")
+        fmt = json.loads((path / STAMP).read_text()).get("format", 1)
+        if fmt != FORMAT:
+            raise IndexMissing(f"the BM25 index in {path} has format {fmt}, this version reads {FORMAT}: run "
+                               "`harmonia vocab index`")
         return cls(path)
 
     def _any_of(self, field: str, values: Sequence[str]) -> tantivy.Query:
@@ -141,6 +177,17 @@ class Bm25Index:
             return []
         # Lower-case words only, so AND/OR/NOT in a source name are words, not operators; OR of all words.
         query = self.index.parse_query(" ".join(words), ["text"])
+        unknown = self.unknown_words(words) if self.use_grams else []
+        if unknown:
+            picked: set[str] = set()
+            for w in unknown:
+                df = {g: self.searcher.doc_freq("grams", g) for g in set(grams([w]))}
+                picked |= {g for g in sorted(df, key=lambda g: (df[g], g))[:GRAM_MAX] if df[g]}
+            if picked:
+                gram_query = tantivy.Query.boolean_query(
+                    [(tantivy.Occur.Should, tantivy.Query.term_query(self.schema, "grams", g)) for g in sorted(picked)])
+                query = tantivy.Query.boolean_query([(tantivy.Occur.Should, query), (
+                    tantivy.Occur.Should, tantivy.Query.boost_query(gram_query, GRAM_BOOST))])
         if domains or vocabularies:
             # A filter clause turns the pure disjunction, which block-max WAND answers reading few postings, into a
             # conjunction that scores every document of every query word: 50-300 ms instead of 2-18 ms at 5M

@@ -36,7 +36,7 @@ import psycopg
 
 from harmonia.config import Settings
 from harmonia.domain import Candidate, Concept, SourceTargets
-from harmonia.groundtruth import maps_to_sources, part_of
+from harmonia.groundtruth import GroundTruthError, maps_to_sources, part_of, read_mapping_file
 from harmonia.metrics import aggregate, score_row
 from harmonia.rerank.classifier.checkpoint import TRAINED_SOURCES, Calibration, reranker_root, weights_hash
 from harmonia.rerank.classifier.scorer import (
@@ -86,6 +86,8 @@ class TrainOptions:
     save_every: int = 200
     retrieval_batch: int = 256
     include_reviews: bool = True
+    pairs_from: list[str] = field(default_factory=list)  # mapping files (Usagi, benchmark sets): their dev rows too
+    pairs_kind: str = ""             # the kind of those files' sources (empty: each source vocabulary's own kind)
     loss: str = "bce"                # bce | listwise (BCE plus a softmax over each source's pairs in the batch)
 
 
@@ -105,6 +107,25 @@ def dev_sources(conn: psycopg.Connection, vocabularies: Sequence[str] | None = N
     """Development-part 'Maps to' sources (of these source vocabularies, if given), by source concept_id."""
     return {st.source_concept_id: st for st in maps_to_sources(conn, vocabularies, part="dev")
             if st.source_concept_id is not None}
+
+
+def file_sources(conn: psycopg.Connection, paths: Sequence[str | Path], first_id: int = -1) -> dict[int, SourceTargets]:
+    """Development-part rows of mapping files (a team's Usagi export, a benchmark set), by a made-up negative id
+    (they are no vocabulary concepts); targets kept where they are valid standard concepts of the loaded
+    vocabulary. The split rule is the benchmark's and the memory's, so a test-part row is never trained on."""
+    rows: list[SourceTargets] = []
+    for path in paths:
+        try:
+            rows += [st for st in read_mapping_file(Path(path)) if part_of(st.split_key) == "dev"]
+        except GroundTruthError as exc:
+            raise TrainError(str(exc)) from exc
+    found = concept_store.get_concepts(conn, {t for st in rows for t in st.targets})
+    out: dict[int, SourceTargets] = {}
+    for st in rows:
+        st.targets = sorted(t for t in st.targets if t in found and found[t].is_valid_standard)
+        if st.targets and st.source_text.strip():
+            out[first_id - len(out)] = st
+    return out
 
 
 def review_examples(conn: psycopg.Connection, texts: dict[int, Concept] | None = None) -> list[Example]:
@@ -155,11 +176,17 @@ def build_material(conn: psycopg.Connection, settings: Settings, opts: TrainOpti
                    progress: bool = True) -> Material:
     from tqdm import tqdm
 
+    from harmonia.domain import SourceTerm
     from harmonia.embedding.model import Embedder
-    from harmonia.retrieval import make_retriever
+    from harmonia.kinds import KindError, KindRegistry
+    from harmonia.retrieval import by_kind, make_retriever
 
     rng = random.Random(opts.seed)
     sources = dev_sources(conn, opts.source_vocabularies)
+    extra = file_sources(conn, opts.pairs_from)
+    if opts.pairs_from and not extra:
+        raise TrainError(f"no development-part rows with a valid standard target in {', '.join(opts.pairs_from)}")
+    sources.update(extra)
     ids = sorted(sources)
     rng.shuffle(ids)
     if opts.max_sources:
@@ -173,23 +200,42 @@ def build_material(conn: psycopg.Connection, settings: Settings, opts: TrainOpti
     missing = {t for i in ids for t in sources[i].targets} - set(texts)
     texts.update(concept_store.get_concepts(conn, missing))
 
+    kinds = KindRegistry.from_settings(settings, conn)
+    if opts.pairs_kind:
+        try:
+            kind = kinds.kind_named(opts.pairs_kind)
+        except KindError as exc:
+            raise TrainError(str(exc)) from exc
+        for vocab in {st.source_vocab for st in extra.values()}:
+            kinds.configured[vocab] = kind  # for this run only: nothing is declared in the database
+    unknown = sorted({st.source_vocab for st in extra.values() if kinds.kind_of(st.source_vocab).name == "unknown"})
+    if unknown:
+        raise TrainError(f"the kind of {', '.join(unknown)} is unknown: give --pairs-kind (labs, drugs, ...) or "
+                         f"declare it (`harmonia kinds set {unknown[0]} labs`)")
+    terms = {sid: SourceTerm(sources[sid].source_code, sources[sid].source_vocab, sources[sid].source_text)
+             for sid in ids}
     retrieved: dict[int, list[Candidate]] = {}
+    query: dict[int, str] = {}
+    # Mined as a decision is made: each source's view (lab- and drug-aware text), its kind's retrieval filter and
+    # the text features the stacker reads; the mapping memory never hands a source its own targets (leave-one-out).
+    rs = settings.retrieval
     with make_retriever(conn, Embedder.from_settings(settings), settings) as retriever, \
             tqdm(total=len(ids), unit="source", desc="mine negatives", disable=not progress) as bar:
         for start in range(0, len(ids), opts.retrieval_batch):
             chunk = ids[start:start + opts.retrieval_batch]
-            # source_keys: a mapping memory must not hand a source its own targets (leave-one-out).
-            cands_lists = retriever.search_many([sources[s].source_text for s in chunk],
-                                                source_keys=[sources[s].key for s in chunk])
-            for sid, cands in zip(chunk, cands_lists, strict=True):
+            views = by_kind.views([terms[s] for s in chunk], kinds, lab_text=rs.lab_text, drug_text=rs.drug_text)
+            found = by_kind.search(retriever, views, kinds, kind_filter=rs.kind_filter, lab_text=rs.lab_text,
+                                   drug_text=rs.drug_text)
+            for sid, cands, view in zip(chunk, found, views, strict=True):
                 retrieved[sid] = cands
+                query[sid] = view.source_text
             bar.update(len(chunk))
 
     examples: list[Example] = []
     counts: dict[str, int] = defaultdict(int)
     for sid in train_ids:
         src = sources[sid]
-        q, targets = src.source_text, set(src.targets)
+        q, targets = query[sid], set(src.targets)
         for t in sorted(targets)[: opts.max_positives]:
             if t in texts:
                 examples.append(Example(q, candidate_text(texts[t]), 1.0, str(sid), "positive"))
@@ -209,7 +255,8 @@ def build_material(conn: psycopg.Connection, settings: Settings, opts: TrainOpti
     counts["train_sources"] = len(train_ids)
     counts["holdout_sources"] = len(hold_ids)
     counts["pairs"] = len(examples)
-    holdout = {sid: {"text": sources[sid].source_text, "targets": sorted(sources[sid].targets),
+    counts["file_sources"] = len(extra)
+    holdout = {sid: {"text": query[sid], "targets": sorted(sources[sid].targets),
                      "candidates": [(c.concept_id, candidate_text(c), c.similarity, c.scores)
                                     for c in retrieved[sid]]}
                for sid in hold_ids}
