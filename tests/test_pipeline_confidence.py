@@ -167,6 +167,14 @@ def test_evidence_of_a_decision() -> None:
     ev3 = confidence.evidence(term, cands, RerankResult([RankedCandidate(3, 0.99)], 0.99, "llm"), ("Condition",))
     assert ev3 is not None and ev3["domain_fit"] == 0.0 and ev3["agree_vec"] == 0.0
     assert ev3["log_ret_rank"] == pytest.approx(math.log(3)) and ev3["raw_logit"] > 4
+    assert ev["text_agree"] == ev["text_conflict"] == 0.0  # a diagnosis carries no specimen or strength
+    # a lab name's hints: the first choice agrees on specimen and scale, contradicts the property
+    lab = Candidate(4, "Potassium [Moles/volume] in Serum or Plasma", "Measurement", "LOINC", "Lab Test", "4", 0.8,
+                    scores={"semantic": 0.8, "lab_system": 1.0, "lab_scale": 1.0, "lab_property": -1.0,
+                            "lab_timing": 0.0})
+    ev_lab = confidence.evidence(SourceTerm("K", "LAB", "P -Kalium"), [lab], RerankResult(
+        [RankedCandidate(4, 0.8)], 0.8, "none"), ("Measurement",))
+    assert ev_lab is not None and ev_lab["text_agree"] == 2.0 and ev_lab["text_conflict"] == 1.0
     # nothing to vouch for: no first choice, or one that is not a candidate
     assert confidence.evidence(term, cands, RerankResult([], 0.0, "none", no_match=True)) is None
     assert confidence.evidence(term, cands, RerankResult([RankedCandidate(99, 1.0)], 1.0, "llm")) is None

@@ -5,10 +5,11 @@ what the model says about itself). The calibrator is a logistic regression (scik
 carries: the reranker's own score (one input among several, never the decision alone), its margin to the runner-up,
 whether the generators agree (vector, lexical and mapping-memory first choices, memory votes, code kinship, the
 retrieval rank of the reranker's choice), an exact normalised name match, whether the candidate's domain fits the
-source's kind, and the kind itself. Evidence features carry a sign (more agreement never lowers the probability):
-a feature whose fitted weight has the wrong sign is dropped and the model refitted, so the probability is monotone
-in each of them. It is fitted on development rows only, cross-fitted (`cross_fit`: no row is scored by a model that
-saw it) for the thresholds, and stored as plain JSON under `<data_dir>/calibration/<reranker>.json`; the hash of
+source's kind, how many of a lab name's or drug string's hints it agrees with and contradicts, and the kind
+itself. Evidence features carry a sign (more agreement never lowers the probability): a feature whose fitted weight
+has the wrong sign is dropped and the model refitted, so the probability is monotone in each of them. It is fitted
+on development rows only, cross-fitted (`cross_fit`: no row is scored by a model that saw it) for the thresholds,
+and stored as plain JSON under `<data_dir>/calibration/<reranker>.json`; the hash of
 that JSON is part of each decision's model_version and of each stored threshold, so a refit calibrator is
 uncalibrated until its thresholds are chosen again.
 """
@@ -49,8 +50,13 @@ EVIDENCE: dict[str, int] = {
     "log_ret_rank": -1,   # log of the first choice's retrieval rank (0 for `none`)
     "exact_name": +1,     # normalised source text == the first choice's name
     "domain_fit": +1,     # the first choice's domain is one the source's kind expects
+    "text_agree": +1,     # what a lab name or drug string says that the first choice agrees with (specimen, scale,
+    "text_conflict": -1,  # property, timing; strength, form, brand: harmonia.text) ... and contradicts
     "log_len": 0,         # log length of the source text
 }
+# Candidate.scores keys of the text agreement features (harmonia.retrieval.by_kind puts them there)
+TEXT_FEATURES = frozenset({"lab_system", "lab_scale", "lab_property", "lab_timing", "drug_strength", "drug_form",
+                           "drug_brand"})
 # The reranker's own score says little for `none` beyond sem1 (it IS sem1); keep the rest.
 FEATURES: dict[str, list[str]] = {
     "none": [f for f in EVIDENCE if f not in ("raw_logit", "log_ret_rank")],
@@ -91,6 +97,7 @@ def evidence(term: SourceTerm, candidates: Sequence[Candidate], result: RerankRe
     raw = float(raw) if isinstance(raw, int | float) else float(result.confidence)
     scores = [r.score for r in result.ranked]
     c1 = candidates[i]
+    text = [float(v) for k, v in c1.scores.items() if k in TEXT_FEATURES]
     return {
         "raw_logit": _logit(raw),
         "margin": float(scores[0] - scores[1]) if len(scores) > 1 else 1.0,
@@ -105,6 +112,8 @@ def evidence(term: SourceTerm, candidates: Sequence[Candidate], result: RerankRe
         "log_ret_rank": math.log(i + 1),
         "exact_name": float(_norm(c1.concept_name) == _norm(term.source_text)),
         "domain_fit": float(c1.domain_id in expected_domains) if expected_domains else 1.0,
+        "text_agree": float(sum(v > 0 for v in text)),
+        "text_conflict": float(sum(v < 0 for v in text)),
         "log_len": math.log1p(len(term.source_text)),
     }
 
