@@ -64,8 +64,8 @@ SET_KINDS: dict[str, str] = {
     "mimiciv_micro_organism": "microbiology", "UCUM": "units", "mimiciv_meas_unit": "units",
     "mimiciv_proc_datetimeevents": "procedure", "mimiciv_proc_itemid": "procedure", "mimiciv_drug_route": "routes",
 }
-CALIBRATION_ONLY = ("ICD10_dev",)
-TEST_PART_ONLY = ("finomop_lab.usagi.csv.gz",)  # development rows: calibrate with them, never measure on them
+CALIBRATION_ONLY = ("ICD10_dev",)  # development rows: calibrate with them, never measure on them
+TEST_PART_ONLY = ("finomop_lab.usagi.csv.gz",)  # its development part trained the embedder (and the classifier)
 USAGI = ("finomop_lab.usagi.csv.gz", "amstel_lab.dev.usagi.csv.gz", "amstel_drug.dev.usagi.csv.gz",
          "amstel_admission.dev.usagi.csv.gz")
 

@@ -242,6 +242,31 @@ def maps_to_sources(conn: psycopg.Connection, source_vocabularies: Sequence[str]
     return group_edges(e for e in edges if part is None or part_of(e.source_concept_id) == part)
 
 
+def file_mappings(conn: psycopg.Connection, paths: Sequence[Path | str], vocabularies: Sequence[str] | None, *,
+                  all_parts: bool = False) -> list[SourceTargets]:
+    """The rows of mapping files (benchmark sets or Usagi exports) of the development part unless `all_parts`,
+    targets kept where they are valid standard concepts of `vocabularies` (None: any); rows left without a target
+    or a text dropped."""
+    out = [st for path in paths for st in read_mapping_file(Path(path)) if all_parts or part_of(st.split_key) == "dev"]
+    for st in out:
+        st.origin = "file"
+    return _with_valid_targets(conn, out, vocabularies)
+
+
+def _with_valid_targets(conn: psycopg.Connection, rows: list[SourceTargets],
+                        vocabularies: Sequence[str] | None) -> list[SourceTargets]:
+    concepts = concept_store.get_concepts(conn, {t for st in rows for t in st.targets})
+    wanted = set(vocabularies) if vocabularies else None
+
+    def ok(cid: int) -> bool:
+        c = concepts.get(cid)
+        return c is not None and c.is_valid_standard and (wanted is None or c.vocabulary_id in wanted)
+
+    for st in rows:
+        st.targets = sorted({t for t in st.targets if ok(t)})
+    return [st for st in rows if st.targets and st.source_text.strip()]
+
+
 def known_mappings(conn: psycopg.Connection, vocabularies: Sequence[str] | None, *,
                    extra_sets: Sequence[Path] = (), include_reviews: bool = True,
                    all_parts: bool = False) -> list[SourceTargets]:
@@ -260,11 +285,7 @@ def known_mappings(conn: psycopg.Connection, vocabularies: Sequence[str] | None,
         if wanted_part(st.split_key):
             st.origin = "vocabulary"
             out.append(st)
-    for path in extra_sets:
-        for st in read_mapping_file(Path(path)):
-            if wanted_part(st.split_key):
-                st.origin = "file"
-                out.append(st)
+    out += file_mappings(conn, extra_sets, vocabularies, all_parts=all_parts)
     if include_reviews:
         approvals = map_store.reviewer_approvals(conn)
         as_concept = concept_store.concept_ids_by_code(conn, [(r.source_code, r.source_vocab) for r in approvals])
@@ -274,13 +295,4 @@ def known_mappings(conn: psycopg.Connection, vocabularies: Sequence[str] | None,
                                source_concept_id=as_concept.get((r.source_code, r.source_vocab)), origin="review")
             if wanted_part(st.split_key):
                 out.append(st)
-    concepts = concept_store.get_concepts(conn, {t for st in out for t in st.targets})
-    wanted = set(vocabularies) if vocabularies else None
-
-    def ok(cid: int) -> bool:
-        c = concepts.get(cid)
-        return c is not None and c.is_valid_standard and (wanted is None or c.vocabulary_id in wanted)
-
-    for st in out:
-        st.targets = sorted({t for t in st.targets if ok(t)})
-    return [st for st in out if st.targets and st.source_text.strip()]
+    return _with_valid_targets(conn, out, vocabularies)

@@ -36,7 +36,7 @@ import psycopg
 
 from harmonia.config import Settings
 from harmonia.domain import Candidate, Concept, SourceTargets
-from harmonia.groundtruth import GroundTruthError, maps_to_sources, part_of, read_mapping_file
+from harmonia.groundtruth import GroundTruthError, file_mappings, maps_to_sources, part_of
 from harmonia.metrics import aggregate, score_row
 from harmonia.rerank.classifier.checkpoint import TRAINED_SOURCES, Calibration, reranker_root, weights_hash
 from harmonia.rerank.classifier.scorer import (
@@ -109,23 +109,16 @@ def dev_sources(conn: psycopg.Connection, vocabularies: Sequence[str] | None = N
             if st.source_concept_id is not None}
 
 
-def file_sources(conn: psycopg.Connection, paths: Sequence[str | Path], first_id: int = -1) -> dict[int, SourceTargets]:
-    """Development-part rows of mapping files (a team's Usagi export, a benchmark set), by a made-up negative id
-    (they are no vocabulary concepts); targets kept where they are valid standard concepts of the loaded
-    vocabulary. The split rule is the benchmark's and the memory's, so a test-part row is never trained on."""
-    rows: list[SourceTargets] = []
-    for path in paths:
-        try:
-            rows += [st for st in read_mapping_file(Path(path)) if part_of(st.split_key) == "dev"]
-        except GroundTruthError as exc:
-            raise TrainError(str(exc)) from exc
-    found = concept_store.get_concepts(conn, {t for st in rows for t in st.targets})
-    out: dict[int, SourceTargets] = {}
-    for st in rows:
-        st.targets = sorted(t for t in st.targets if t in found and found[t].is_valid_standard)
-        if st.targets and st.source_text.strip():
-            out[first_id - len(out)] = st
-    return out
+def file_sources(conn: psycopg.Connection, paths: Sequence[str | Path], vocabularies: Sequence[str] | None,
+                 first_id: int = -1) -> dict[int, SourceTargets]:
+    """Development-part rows of mapping files (a team's Usagi export, a benchmark set; the split rule of the
+    benchmark and the memory, so a test-part row is never trained on), by a made-up negative id: they are no
+    vocabulary concepts."""
+    try:
+        rows = file_mappings(conn, paths, vocabularies)
+    except GroundTruthError as exc:
+        raise TrainError(str(exc)) from exc
+    return {first_id - i: st for i, st in enumerate(rows)}
 
 
 def review_examples(conn: psycopg.Connection, texts: dict[int, Concept] | None = None) -> list[Example]:
@@ -183,7 +176,7 @@ def build_material(conn: psycopg.Connection, settings: Settings, opts: TrainOpti
 
     rng = random.Random(opts.seed)
     sources = dev_sources(conn, opts.source_vocabularies)
-    extra = file_sources(conn, opts.pairs_from)
+    extra = file_sources(conn, opts.pairs_from, settings.embedding.vocabularies)
     if opts.pairs_from and not extra:
         raise TrainError(f"no development-part rows with a valid standard target in {', '.join(opts.pairs_from)}")
     sources.update(extra)
