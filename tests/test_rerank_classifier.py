@@ -124,7 +124,7 @@ def test_pipeline_with_classifier_routes_and_persists(conn: psycopg.Connection, 
 
     _, run_dir = tiny_run
     s = make_settings(settings.database.url, settings.data_path, reranker="classifier",
-                      classifier_checkpoint=str(run_dir), auto_approve_threshold=0.0)
+                      classifier_checkpoint=str(run_dir), auto_approve_threshold=0.0, classifier_kinds=["*"])
     test_sources = {e.source_concept_id: e for e in vocab_store.maps_to_edges(conn, ["ICD10"])
                     if part_of(e.source_concept_id) == "test"}
     rows = list(test_sources.values())
@@ -291,6 +291,53 @@ def test_the_stacker_learns_the_retrievers_evidence_out_of_fold() -> None:
     assert np.allclose(again.logits(x), ev.stacker.logits(x))
 
 
+def test_a_kind_is_ranked_only_where_its_held_out_sources_show_a_gain() -> None:
+    from harmonia.rerank.classifier.trust import KindTrust
+
+    rng = np.random.default_rng(3)
+    kinds, none_right, clf_right = [], [], []
+    for kind, n, p_none, p_clf in (("diagnosis", 200, 0.70, 0.80), ("labs", 200, 0.62, 0.62),
+                                    ("drugs", 12, 0.2, 0.9), ("admission", 150, 0.40, 0.35)):
+        for _ in range(n):
+            kinds.append(kind)
+            a = bool(rng.random() < p_none)
+            none_right.append(a)
+            # mostly the same first choice; where they differ the better ranker tends to be right
+            clf_right.append(a if rng.random() < 0.6 else bool(rng.random() < p_clf))
+    t = KindTrust.fit(kinds, none_right, clf_right)
+    assert t.trusted_kinds == ["diagnosis"], t.to_dict()
+    assert not t.ranks("labs") and not t.ranks("drugs")  # no gain; too few sources to tell
+    assert not t.ranks("admission") and not t.ranks("unknown")  # a loss; never seen
+    f = t.figures["diagnosis"]
+    assert f.wins > f.losses and f.p_value < 0.05 and f.sources == 200
+    again = KindTrust.from_dict(json.loads(json.dumps(t.to_dict())))
+    assert again.trusted_kinds == ["diagnosis"] and (again.figures["labs"].wins, again.figures["labs"].losses) == (
+        t.figures["labs"].wins, t.figures["labs"].losses)
+    assert KindTrust.from_dict(t.to_dict(), configured=["labs"]).ranks("labs")
+    assert KindTrust.from_dict(t.to_dict(), configured=["*"]).ranks("admission")
+    assert KindTrust().trusted_kinds == [] and not KindTrust().ranks("diagnosis")  # nothing held out: no kind
+
+
+def test_evaluation_trusts_the_kinds_the_stacker_ranks_better_out_of_fold() -> None:
+    from harmonia.rerank.classifier.train import evaluate
+
+    class Scorer:  # a cross-encoder that knows nothing: the stacker learns the memory's votes
+        def logits(self, queries: list[str], docs: list[str]) -> np.ndarray:
+            return np.zeros(len(docs))
+
+    holdout = _holdout_where_memory_votes_decide(120)
+    for sid, src in holdout.items():
+        src["kind"] = "diagnosis" if sid % 2 else "labs"
+    for sid in [s for s in holdout if s % 2 == 0]:  # labs: the target is retrieval's first and gets no votes
+        src = holdout[sid]
+        cands = [(cid, text, 0.95 if cid == src["targets"][0] else sim, {**sc, "memory_votes": 0.0,
+                  "memory_count": 0.0, "memory_rank": 0.0}) for cid, text, sim, sc in src["candidates"]]
+        src["candidates"] = sorted(cands, key=lambda c: -c[2])
+    ev = evaluate(Scorer(), holdout)  # type: ignore[arg-type]  # a duck-typed stand-in scorer
+    assert ev.trust.ranks("diagnosis"), ev.trust.to_dict()
+    assert not ev.trust.ranks("labs"), ev.trust.to_dict()  # retrieval order is already right there
+
+
 def test_a_stacker_for_other_features_is_refused() -> None:
     from harmonia.rerank.classifier.stacker import FEATURES, Stacker, StackerError
 
@@ -323,7 +370,7 @@ def test_checkpoint_stacker_ranks_by_the_memory_votes(tiny_run: tuple[Settings, 
                        scores={"vector": sim, "memory_votes": votes, "memory_count": votes})
              for i, (name, sim, votes) in enumerate([("Fever", 0.9, 0.0), ("Asthma", 0.5, 2.0),
                                                      ("Fracture of femur", 0.2, 1.0)])]
-    r = ClassifierReranker(ck, top_n=3)
+    r = ClassifierReranker(ck, top_n=3, rank_kinds=["*"])
     out = r.rerank(SourceTerm("A", "X", "fever"), cands)
     assert [c.concept_id for c in out.ranked] == [1, 2, 0] and out.details["stacker"] is True
     assert "2 similar mapped sources map here" in out.ranked[0].rationale
@@ -331,6 +378,46 @@ def test_checkpoint_stacker_ranks_by_the_memory_votes(tiny_run: tuple[Settings, 
     (ck / "stacker.json").write_text("{}")
     with pytest.raises(CheckpointError, match="stacker.json"):
         ClassifierReranker(ck)
+
+
+@pytest.mark.slow
+def test_a_kind_the_checkpoint_was_not_validated_on_keeps_retrieval_order(tiny_run: tuple[Settings, Path],
+                                                                         tmp_path: Path) -> None:
+    import shutil
+
+    from harmonia.domain import Candidate
+    from harmonia.kinds import KindRegistry
+    from harmonia.rerank.classifier.stacker import FEATURES, Stacker
+    from harmonia.rerank.classifier.trust import KindTrust
+
+    _, run_dir = tiny_run
+    ck = tmp_path / "ck"
+    shutil.copytree(run_dir, ck)
+    (ck / "model_card.json").unlink()  # the hash is computed, and covers kinds.json
+    w = np.zeros((len(FEATURES), 1))
+    w[FEATURES.index("memory_votes"), 0] = 5.0
+    (ck / "stacker.json").write_text(json.dumps(Stacker(list(FEATURES), np.zeros(len(FEATURES)),
+                                                        np.ones(len(FEATURES)), [w], [np.zeros(1)]).to_dict()))
+    trust = KindTrust.fit(["diagnosis"] * 40 + ["labs"] * 40, [False] * 80, [True] * 40 + [False] * 40)
+    (ck / "kinds.json").write_text(json.dumps(trust.to_dict()))
+    cands = [Candidate(i, name, "Condition", "SNOMED", "Clinical Finding", str(i), sim,
+                       scores={"vector": sim, "memory_votes": votes, "memory_count": votes})
+             for i, (name, sim, votes) in enumerate([("Fever", 0.9, 0.0), ("Asthma", 0.5, 2.0),
+                                                     ("Fracture of femur", 0.2, 1.0)])]
+    kinds = KindRegistry()
+    kinds.configured["LOCAL_LAB"] = kinds.kind_named("labs")
+    r = ClassifierReranker(ck, top_n=3, kinds=kinds)
+    diag = r.rerank(SourceTerm("R50.9", "ICD10", "fever"), cands)
+    assert [c.concept_id for c in diag.ranked] == [1, 2, 0] and diag.details["ranked_by"] == "classifier"
+    lab = r.rerank(SourceTerm("K1", "LOCAL_LAB", "fever"), cands)
+    assert [c.concept_id for c in lab.ranked] == [0, 1, 2] and lab.details["ranked_by"] == "retrieval order"
+    assert "not validated on kind labs" in lab.ranked[0].rationale
+    assert lab.ranked[1].score > lab.ranked[0].score  # its probabilities are kept for the calibrator
+    assert ClassifierReranker(ck, top_n=3, kinds=kinds, rank_kinds=["labs"]).rerank(
+        SourceTerm("K1", "LOCAL_LAB", "fever"), cands).ranked[0].concept_id == 1
+    before = r.model_version
+    (ck / "kinds.json").write_text(json.dumps(KindTrust.fit(["labs"] * 40, [False] * 40, [True] * 40).to_dict()))
+    assert ClassifierReranker(ck).model_version != before  # which kinds it ranks is part of model_version
 
 
 @pytest.mark.slow
@@ -348,11 +435,11 @@ def test_checkpoint_retrieval_weight_is_applied_when_reranking(tiny_run: tuple[S
     term = SourceTerm("A", "X", "fever")
     cal = json.loads((ck / "calibration.json").read_text())
     (ck / "calibration.json").write_text(json.dumps({**cal, "retrieval_weight": 1000.0}))
-    heavy = ClassifierReranker(ck, top_n=3).rerank(term, cands)
+    heavy = ClassifierReranker(ck, top_n=3, rank_kinds=["*"]).rerank(term, cands)
     assert [r.concept_id for r in heavy.ranked] == [1, 2, 0]  # the retrieval score decides
     assert heavy.details["retrieval_weight"] == 1000.0
     (ck / "calibration.json").write_text(json.dumps({**cal, "retrieval_weight": 0.0}))
-    alone = ClassifierReranker(ck, top_n=3)
+    alone = ClassifierReranker(ck, top_n=3, rank_kinds=["*"])
     p = alone.scorer.probs([term.source_text] * 3, [candidate_text(c) for c in cands])
     assert [r.concept_id for r in alone.rerank(term, cands).ranked] == list(np.argsort(-p, kind="stable"))
 

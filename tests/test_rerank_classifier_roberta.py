@@ -74,10 +74,14 @@ def test_tiny_roberta_trains_through_the_cli_and_reranks_in_the_pipeline(
     assert model_cfg["model_type"] == "roberta" and model_cfg["architectures"] == ["RobertaForSequenceClassification"]
     assert model_cfg["num_hidden_layers"] == 1  # --layers cut the base's 2 layers to 1
     assert card["holdout_metrics"]["sources"] == 30  # half of the 60 sources: the stacker's and card's figures
+    assert card["kinds"]["kinds"]["diagnosis"]["sources"] == 30 and (run_dir / "kinds.json").exists()
+    assert "kind diagnosis: 30 held-out sources" in r.output
 
     # Rerank ICD10 test-part sources with it, end to end: retrieval on the real database, the RoBERTa cross-encoder,
     # the router; every code gets a ranking of the retrieved candidates.
-    s = make_settings(fresh_db, data, reranker="classifier", classifier_max_length=48)
+    # every kind ranked: 6 steps on random weights earn no kind of their own (kinds.json), which would keep
+    # retrieval order
+    s = make_settings(fresh_db, data, reranker="classifier", classifier_max_length=48, classifier_kinds=["*"])
     edges = [e for e in vocab_store.maps_to_edges(conn, ["ICD10"]) if part_of(e.source_concept_id) == "test"][:5]
     terms = [SourceTerm(e.source_code, e.source_vocab, e.source_text) for e in edges]
     with Pipeline.from_settings(conn, s) as pipe:

@@ -76,6 +76,10 @@ def reranker_train(
             if f"{name}_top1" in m:
                 typer.echo(f"  {label:<42} {m[name + '_top1']:.3f} / {m[name + '_top5']:.3f} / "
                            f"{m[name + '_mrr']:.3f}")
+    for kind, f in r.trust.figures.items():
+        typer.echo(f"  kind {kind}: {f.sources} held-out sources, top-1 {f.none_top1:.3f} (retrieval order) -> "
+                   f"{f.classifier_top1:.3f}, {f.wins} won / {f.losses} lost, p={f.p_value:.3g}: "
+                   + ("ranks it" if f.trusted else "keeps retrieval order for it"))
     typer.echo(f"checkpoint classifier:{r.checkpoint_hash} at {r.run_dir} (now latest)")
 
 

@@ -10,6 +10,7 @@ probability is what the router compares with auto_approve_threshold, as for ever
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Sequence
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import psycopg
 
 from harmonia.domain import Candidate, RankedCandidate, RerankResult, SourceTerm
 from harmonia.rerank.base import Reranker
@@ -30,11 +32,12 @@ from harmonia.rerank.classifier.checkpoint import (
 )
 from harmonia.rerank.classifier.scorer import PairScorer, candidate_text, fused_logits, sigmoid
 from harmonia.rerank.classifier.stacker import Stacker, StackerError
+from harmonia.rerank.classifier.trust import FILE as TRUST_FILE
+from harmonia.rerank.classifier.trust import KindTrust
 
 if TYPE_CHECKING:
-    import psycopg
-
     from harmonia.config import Settings
+    from harmonia.kinds import KindRegistry
 
 
 def _memory_note(c: Candidate) -> str:
@@ -49,7 +52,10 @@ class ClassifierReranker(Reranker):
     name = "classifier"
 
     def __init__(self, checkpoint: str | Path, *, top_n: int = 5, batch_size: int = 64, max_length: int = 64,
-                 device: str = "cpu", dtype: str = "float32") -> None:
+                 device: str = "cpu", dtype: str = "float32", kinds: KindRegistry | None = None,
+                 rank_kinds: Sequence[str] = ()) -> None:
+        from harmonia.kinds import KindRegistry
+
         self.checkpoint = resolve_checkpoint(checkpoint)
         self.scorer = PairScorer(self.checkpoint / "model", device=device, max_length=max_length,
                                  batch_size=batch_size, dtype=dtype)
@@ -65,9 +71,17 @@ class ClassifierReranker(Reranker):
             self.stacker = Stacker.from_dict(json.loads(st.read_text())) if st.exists() else None
         except (StackerError, KeyError, ValueError) as exc:
             raise CheckpointError(f"{st}: {exc}") from exc
+        # The kinds it ranks better than retrieval order (.trust); a checkpoint from before kinds.json ranks all.
+        tf = self.checkpoint / TRUST_FILE
+        try:
+            self.trust = (KindTrust.from_dict(json.loads(tf.read_text()), configured=rank_kinds) if tf.exists()
+                          else KindTrust(rank_all=True))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{tf}: {exc}") from exc
+        self.kinds = kinds or KindRegistry()
         card = self.checkpoint / "model_card.json"
         meta = json.loads(card.read_text()) if card.exists() else {}
-        self.hash = meta.get("checkpoint_hash") or weights_hash(self.checkpoint / "model", st)
+        self.hash = meta.get("checkpoint_hash") or weights_hash(self.checkpoint / "model", st, tf)
         self.base_model = meta.get("base_model", "")
         self.top_n = top_n
         self._trained = trained_sources(self.checkpoint)
@@ -79,10 +93,12 @@ class ClassifierReranker(Reranker):
     @classmethod
     def from_settings(cls, settings: Settings, conn: psycopg.Connection | None = None) -> ClassifierReranker:
         from harmonia.embedding.model import resolve_device
+        from harmonia.kinds import KindRegistry
 
         return cls(checkpoint_from_settings(settings), top_n=settings.rerank.top_n,
                    batch_size=settings.classifier.batch_size, max_length=settings.classifier.max_length,
-                   device=resolve_device(settings.embedding.device), dtype=settings.classifier.dtype)
+                   device=resolve_device(settings.embedding.device), dtype=settings.classifier.dtype,
+                   kinds=KindRegistry.from_settings(settings, conn), rank_kinds=settings.classifier.kinds)
 
     @property
     def model_version(self) -> str:
@@ -110,15 +126,21 @@ class ClassifierReranker(Reranker):
                                  error=f"{type(exc).__name__}: {exc}", error_kind="reranker_exception")
                     for _ in items]
         ms = (time.perf_counter() - t0) * 1000 / max(len(items), 1)
+        with contextlib.suppress(psycopg.OperationalError):  # the database is away: the kinds read last hold
+            self.kinds.refresh_if_due()
         results, at = [], 0
-        for _term, cands in items:
+        for term, cands in items:
             zi = z[at:at + len(cands)]
             p, p_pair = sigmoid(zi), sigmoid(logits[at:at + len(cands)])
             at += len(cands)
-            order = np.argsort(-zi, kind="stable")[: self.top_n]
+            kind = self.kinds.kind_of(term.source_vocab).name
+            ranks = self.trust.ranks(kind)
+            # A kind it was not shown to rank better: retrieval order, the probabilities kept for the calibrator.
+            order = (np.argsort(-zi, kind="stable") if ranks else np.arange(len(cands)))[: self.top_n]
+            note = "" if ranks else f"; retrieval order kept: not validated on kind {kind}"
             ranked = [RankedCandidate(cands[i].concept_id, float(p[i]),
                                       f"classifier p={p[i]:.3f} (cross-encoder {p_pair[i]:.3f}, retrieval rank "
-                                      f"{i + 1}{_memory_note(cands[i])})")
+                                      f"{i + 1}{_memory_note(cands[i])}{note})")
                       for i in order]
             conf = float(self.calibration(float(p[order[0]]))) if len(order) else 0.0
             results.append(RerankResult(
@@ -127,6 +149,7 @@ class ClassifierReranker(Reranker):
                 details={"checkpoint": str(self.checkpoint), "checkpoint_hash": self.hash,
                          "top_probability": round(float(p[order[0]]), 4) if len(order) else None,
                          "retrieval_weight": self.retrieval_weight, "dtype": self.scorer.dtype,
-                         "stacker": self.stacker is not None,
+                         "stacker": self.stacker is not None, "kind": kind, "ranked_by": "classifier" if ranks
+                         else "retrieval order",
                          "calibration": self.calibration.method}))
         return results

@@ -50,6 +50,8 @@ from harmonia.rerank.classifier.scorer import (
 )
 from harmonia.rerank.classifier.stacker import Stacker
 from harmonia.rerank.classifier.stacker import features as stacker_features
+from harmonia.rerank.classifier.trust import FILE as TRUST_FILE
+from harmonia.rerank.classifier.trust import KindTrust
 from harmonia.store import concepts as concept_store
 from harmonia.store import mapping as map_store
 
@@ -250,6 +252,7 @@ def build_material(conn: psycopg.Connection, settings: Settings, opts: TrainOpti
     counts["pairs"] = len(examples)
     counts["file_sources"] = len(extra)
     holdout = {sid: {"text": query[sid], "targets": sorted(sources[sid].targets),
+                     "kind": kinds.kind_of(sources[sid].source_vocab).name,
                      "candidates": [(c.concept_id, candidate_text(c), c.similarity, c.scores)
                                     for c in retrieved[sid]]}
                for sid in hold_ids}
@@ -307,6 +310,7 @@ class Evaluation:
     right: list[bool]           # whether its top-1 is a target
     retrieval_weight: float     # the fallback fusion's weight (used when there is no stacker)
     stacker: Stacker | None
+    trust: KindTrust = field(default_factory=KindTrust)  # the kinds it ranks better than retrieval order
 
 
 def evaluate(scorer: PairScorer, holdout: dict[int, dict], *, seed: int = 13,
@@ -364,7 +368,9 @@ def evaluate(scorer: PairScorer, holdout: dict[int, dict], *, seed: int = 13,
         metrics.update({f"{name}_{k}": round(v, 4) for k, v in _rank_metrics(r, truths).items()})
     metrics["sources"] = len(srcs)
     right = [bool(r) and r[0] in t for r, t in zip(rankings, truths, strict=True)]
-    return Evaluation(metrics, top_p, right, best, stacker)
+    none_right = [bool(r) and r[0] in t for r, t in zip(results["none"], truths, strict=True)]
+    trust = KindTrust.fit([s.get("kind", "unknown") for s in srcs], none_right, right)
+    return Evaluation(metrics, top_p, right, best, stacker, trust)
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -403,6 +409,7 @@ class TrainReport:
     resumed_from: int = 0
     retrieval_weight: float = 0.0
     stacked: bool = False            # a stacker was fit (enough held-out sources)
+    trust: KindTrust = field(default_factory=KindTrust)
 
 
 def _load_base(name: str, num_labels: int = 1, layers: int = 0) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
@@ -569,7 +576,8 @@ def train(conn: psycopg.Connection, settings: Settings, opts: TrainOptions, *, o
     (run_dir / "stacker.json").unlink(missing_ok=True)
     if ev.stacker is not None:
         (run_dir / "stacker.json").write_text(json.dumps(ev.stacker.to_dict()))
-    digest = weights_hash(model_dir, run_dir / "stacker.json")
+    (run_dir / TRUST_FILE).write_text(json.dumps(ev.trust.to_dict(), indent=1))
+    digest = weights_hash(model_dir, run_dir / "stacker.json", run_dir / TRUST_FILE)
     card = {
         "checkpoint_hash": digest, "base_model": opts.base_model, "task": "binary (source, concept) equivalence, "
         f"one logit, {opts.loss}", "candidate_text": "name | domain | vocabulary | class", "steps": step,
@@ -582,6 +590,7 @@ def train(conn: psycopg.Connection, settings: Settings, opts: TrainOptions, *, o
         "embedding_model_for_negatives": settings.embedding.model or "bundled all-MiniLM-L6-v2",
         "retrieval_mode": settings.retrieval.mode,  # the stacker learnt this retriever's scores
         "holdout_metrics": metrics, "calibration": {"method": cal.method, "n": cal.n},
+        "kinds": ev.trust.to_dict(),
         "retrieval_weight": fusion_weight,
         "stacker": ({"file": "stacker.json", "features": ev.stacker.features, "hidden": [w.shape[1] for w in
                      ev.stacker.weights[:-1]], "fit_on_sources": len(material.holdout), "folds": STACKER_FOLDS}
@@ -594,7 +603,7 @@ def train(conn: psycopg.Connection, settings: Settings, opts: TrainOptions, *, o
     shutil.rmtree(state_dir, ignore_errors=True)
     point_latest(root, run_dir)
     return TrainReport(run_dir, step, train_seconds, material.counts, metrics, digest, resumed_from, fusion_weight,
-                       ev.stacker is not None)
+                       ev.stacker is not None, ev.trust)
 
 
 def _readme(card: dict[str, Any]) -> str:
@@ -614,5 +623,13 @@ def _readme(card: dict[str, Any]) -> str:
                   f"{m.get('fused_top5')} | {m.get('fused_mrr')} |",
                   f"| classifier ({'stacker, out of fold' if card.get('stacker') else 'the line above'}) | "
                   f"{m['classifier_top1']} | {m['classifier_top5']} | {m['classifier_mrr']} |", ""]
+    kinds = card.get("kinds", {})
+    if kinds.get("kinds"):
+        lines += ["Kinds it ranks (the others keep retrieval order): " + (", ".join(kinds["trusted"]) or "none")
+                  + f"; {kinds['rule']}.", "", "| kind | held-out sources | none top-1 | classifier top-1 | wins | "
+                  "losses | p | ranks |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+        lines += [f"| {k} | {v['sources']} | {v['none_top1']} | {v['classifier_top1']} | {v['wins']} | {v['losses']} "
+                  f"| {v['p_value']:.3g} | {'yes' if v['trusted'] else 'no'} |" for k, v in kinds["kinds"].items()]
+        lines.append("")
     lines.append(f"Confidence: {card['calibration']['method']} calibration on {card['calibration']['n']} sources.")
     return "\n".join(lines) + "\n"
