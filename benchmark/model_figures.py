@@ -107,7 +107,9 @@ def main() -> None:
             card = card_of(checkpoint) if checkpoint else {}
             row["card"] = {k: card.get(k) for k in ("base_model", "layers", "steps", "train_seconds_this_session",
                                                     "holdout_metrics")}
-            training = (f"{Path(card.get('base_model') or 'bundled MiniLM').name}, {card.get('layers')} layers, "
+            base_name = str(card.get("base_model") or "")
+            base_name = "all-MiniLM-L6-v2" if not base_name or "minilm_l6" in base_name else Path(base_name).name
+            training = (f"{base_name}, {card.get('layers')} layers, "
                         f"{card.get('steps')} steps, {card.get('train_seconds_this_session')} s" if card else "-")
             results.append(row)
             i, b = row["icd10"], row["labs"]

@@ -80,6 +80,42 @@ def test_calibrator_is_plain_json_with_a_stable_hash(tmp_path: Path) -> None:
     assert confidence.fit(rows2, ok2, kinds2, "classifier").hash != cal.hash
 
 
+def test_a_well_covered_kind_gets_a_model_of_its_own(tmp_path: Path) -> None:
+    from sklearn.metrics import roc_auc_score
+
+    # Diagnoses: the margin decides. Labs (many rows too): the margin says nothing, the name match decides. One
+    # shared weight per feature blurs both; a model per kind ranks each kind's rows by what matters there.
+    rng = np.random.default_rng(11)
+    rows, ok, kinds = [], [], []
+    for i in range(3000):
+        kind = "diagnosis" if i % 3 else "labs"
+        margin, exact = rng.uniform(0, 1), float(rng.random() < 0.5)
+        z = (8 * margin - 4) if kind == "diagnosis" else (4 * exact - 2)
+        rows.append({"margin": margin, "exact_name": exact, "sem1": rng.uniform(0.5, 1)})
+        ok.append(bool(rng.random() < 1 / (1 + math.exp(-z))))
+        kinds.append(kind)
+    rows += [{"margin": rng.uniform(0, 1), "exact_name": 0.0, "sem1": 0.7} for _ in range(60)]
+    ok += [bool(rng.random() < 0.5) for _ in range(60)]
+    kinds += ["drugs"] * 60  # too few rows for a model of its own
+    cal = confidence.fit(rows, ok, kinds, "none")
+    shared = confidence.fit(rows, ok, kinds, "none", own_kinds=False)
+    assert sorted(cal.own) == ["diagnosis", "labs"] and not shared.own
+    diag = [i for i, k in enumerate(kinds) if k == "diagnosis"]
+    y = [ok[i] for i in diag]
+    auc_own = roc_auc_score(y, cal.probabilities([rows[i] for i in diag], ["diagnosis"] * len(diag)))
+    auc_shared = roc_auc_score(y, shared.probabilities([rows[i] for i in diag], ["diagnosis"] * len(diag)))
+    assert auc_own > auc_shared + 0.02, (auc_own, auc_shared)
+    # a kind without its own model is scored by the pooled one, exactly as without per-kind models
+    drugs = [rows[i] for i, k in enumerate(kinds) if k == "drugs"]
+    pooled_only = confidence.Calibrator.from_json({**cal.to_json(), "own": {}})
+    assert np.allclose(cal.probabilities(drugs, ["drugs"] * 60), pooled_only.probabilities(drugs, ["drugs"] * 60))
+    # stored as plain JSON with the per-kind models inside; they are part of the hash
+    again = confidence.load(tmp_path, "none") if confidence.save(cal, tmp_path) else None
+    assert again is not None and again.hash == cal.hash and sorted(again.own) == ["diagnosis", "labs"]
+    assert np.allclose(again.probabilities(rows[:90], kinds[:90]), cal.probabilities(rows[:90], kinds[:90]))
+    assert shared.hash != cal.hash
+
+
 def test_cross_fit_scores_each_source_without_itself() -> None:
     rows, ok, kinds = synthetic(600, seed=3)
     # a feature that memorises the label: in-sample it would look perfect; out of fold it cannot, because the
