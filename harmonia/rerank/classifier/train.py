@@ -424,7 +424,7 @@ def _load_base(name: str, num_labels: int = 1, layers: int = 0) -> tuple[PreTrai
     hf_logging.set_verbosity_error()
     try:
         tok = AutoTokenizer.from_pretrained(name)
-        extra = {"num_hidden_layers": layers} if layers else {}
+        extra: dict[str, Any] = {"num_hidden_layers": layers} if layers else {}
         model = AutoModelForSequenceClassification.from_pretrained(name, num_labels=num_labels, **extra)
     except OSError as exc:
         raise TrainError(f"cannot load base model {name!r}: {exc}") from exc
