@@ -350,26 +350,36 @@ def test_a_stacker_for_other_features_is_refused() -> None:
         Stacker.from_dict({**good, "weights": [np.ones((3, 1)).tolist()]})
 
 
-@pytest.mark.slow
-def test_checkpoint_stacker_ranks_by_the_memory_votes(tiny_run: tuple[Settings, Path], tmp_path: Path) -> None:
+def _copy_of(run_dir: Path, tmp_path: Path) -> Path:
     import shutil
 
+    ck = tmp_path / "ck"
+    shutil.copytree(run_dir, ck)
+    return ck
+
+
+def _memory_only_stacker(ck: Path) -> list:
+    """Give the checkpoint a stacker that only listens to the memory's votes; three candidates where the votes and
+    retrieval order disagree (retrieval: 0, 1, 2; votes: 1, 2, 0)."""
     from harmonia.domain import Candidate
     from harmonia.rerank.classifier.stacker import FEATURES, Stacker
 
-    _, run_dir = tiny_run
-    ck = tmp_path / "ck"
-    shutil.copytree(run_dir, ck)
-    before = ClassifierReranker(ck).model_version
     w = np.zeros((len(FEATURES), 1))
-    w[FEATURES.index("memory_votes"), 0] = 5.0  # a stacker that only listens to the memory
+    w[FEATURES.index("memory_votes"), 0] = 5.0
     (ck / "stacker.json").write_text(json.dumps(Stacker(list(FEATURES), np.zeros(len(FEATURES)),
                                                         np.ones(len(FEATURES)), [w], [np.zeros(1)]).to_dict()))
+    return [Candidate(i, name, "Condition", "SNOMED", "Clinical Finding", str(i), sim,
+                      scores={"vector": sim, "memory_votes": votes, "memory_count": votes})
+            for i, (name, sim, votes) in enumerate([("Fever", 0.9, 0.0), ("Asthma", 0.5, 2.0),
+                                                    ("Fracture of femur", 0.2, 1.0)])]
+
+
+@pytest.mark.slow
+def test_checkpoint_stacker_ranks_by_the_memory_votes(tiny_run: tuple[Settings, Path], tmp_path: Path) -> None:
+    ck = _copy_of(tiny_run[1], tmp_path)
+    before = ClassifierReranker(ck).model_version
+    cands = _memory_only_stacker(ck)
     (ck / "model_card.json").unlink()  # the hash is then computed, and covers the stacker
-    cands = [Candidate(i, name, "Condition", "SNOMED", "Clinical Finding", str(i), sim,
-                       scores={"vector": sim, "memory_votes": votes, "memory_count": votes})
-             for i, (name, sim, votes) in enumerate([("Fever", 0.9, 0.0), ("Asthma", 0.5, 2.0),
-                                                     ("Fracture of femur", 0.2, 1.0)])]
     r = ClassifierReranker(ck, top_n=3, rank_kinds=["*"])
     out = r.rerank(SourceTerm("A", "X", "fever"), cands)
     assert [c.concept_id for c in out.ranked] == [1, 2, 0] and out.details["stacker"] is True
@@ -383,27 +393,14 @@ def test_checkpoint_stacker_ranks_by_the_memory_votes(tiny_run: tuple[Settings, 
 @pytest.mark.slow
 def test_a_kind_the_checkpoint_was_not_validated_on_keeps_retrieval_order(tiny_run: tuple[Settings, Path],
                                                                          tmp_path: Path) -> None:
-    import shutil
-
-    from harmonia.domain import Candidate
     from harmonia.kinds import KindRegistry
-    from harmonia.rerank.classifier.stacker import FEATURES, Stacker
     from harmonia.rerank.classifier.trust import KindTrust
 
-    _, run_dir = tiny_run
-    ck = tmp_path / "ck"
-    shutil.copytree(run_dir, ck)
+    ck = _copy_of(tiny_run[1], tmp_path)
     (ck / "model_card.json").unlink()  # the hash is computed, and covers kinds.json
-    w = np.zeros((len(FEATURES), 1))
-    w[FEATURES.index("memory_votes"), 0] = 5.0
-    (ck / "stacker.json").write_text(json.dumps(Stacker(list(FEATURES), np.zeros(len(FEATURES)),
-                                                        np.ones(len(FEATURES)), [w], [np.zeros(1)]).to_dict()))
+    cands = _memory_only_stacker(ck)
     trust = KindTrust.fit(["diagnosis"] * 40 + ["labs"] * 40, [False] * 80, [True] * 40 + [False] * 40)
     (ck / "kinds.json").write_text(json.dumps(trust.to_dict()))
-    cands = [Candidate(i, name, "Condition", "SNOMED", "Clinical Finding", str(i), sim,
-                       scores={"vector": sim, "memory_votes": votes, "memory_count": votes})
-             for i, (name, sim, votes) in enumerate([("Fever", 0.9, 0.0), ("Asthma", 0.5, 2.0),
-                                                     ("Fracture of femur", 0.2, 1.0)])]
     kinds = KindRegistry()
     kinds.configured["LOCAL_LAB"] = kinds.kind_named("labs")
     r = ClassifierReranker(ck, top_n=3, kinds=kinds)
@@ -423,13 +420,9 @@ def test_a_kind_the_checkpoint_was_not_validated_on_keeps_retrieval_order(tiny_r
 @pytest.mark.slow
 def test_checkpoint_retrieval_weight_is_applied_when_reranking(tiny_run: tuple[Settings, Path],
                                                                tmp_path: Path) -> None:
-    import shutil
-
     from harmonia.domain import Candidate
 
-    _, run_dir = tiny_run
-    ck = tmp_path / "ck"
-    shutil.copytree(run_dir, ck)
+    ck = _copy_of(tiny_run[1], tmp_path)
     cands = [Candidate(i, name, "Condition", "SNOMED", "Clinical Finding", str(i), sim)
              for i, (name, sim) in enumerate([("Fracture of femur", 0.2), ("Fever", 0.9), ("Asthma", 0.5)])]
     term = SourceTerm("A", "X", "fever")
