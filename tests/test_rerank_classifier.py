@@ -132,6 +132,7 @@ def test_pipeline_with_classifier_routes_and_persists(conn: psycopg.Connection, 
              for r in rows[:6]]
     pipe = Pipeline.from_settings(conn, s)
     assert isinstance(pipe.reranker, ClassifierReranker)
+    assert pipe.reranker.kinds is pipe.kinds  # one registry of source kinds, kept fresh by the pipeline
     # calibrated as it is, threshold 0: every first choice approved
     calibrate_as_is(conn, s.data_path, "classifier", pipe.reranker.model_version, threshold=0.0)
     pipe.calibration = Calibration.load(conn, s.data_path, "classifier", pipe.reranker.model_version)

@@ -68,13 +68,13 @@ class Pipeline:
         retriever = make_retriever(conn, Embedder.from_settings(settings), settings)
         opened: list[Reranker] = []
         try:
-            reranker = make_reranker(settings, conn)
+            reranker = make_reranker(settings, conn, source_kinds=kinds)
             opened.append(reranker)
             calibration = Calibration.load(conn, settings.data_path, reranker.name, reranker.model_version)
             second: dict[str, Reranker] = {}
             for name in settings.router.approve_requires:
                 if name in ("classifier", "llm") and name != reranker.name:
-                    second[name] = make_reranker(settings, conn, kind=name)
+                    second[name] = make_reranker(settings, conn, kind=name, source_kinds=kinds)
                     opened.append(second[name])
                 elif name not in guards.RETRIEVAL_VOTERS and name not in ("classifier", "llm"):
                     from harmonia.config import ConfigError

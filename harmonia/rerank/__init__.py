@@ -15,12 +15,15 @@ from harmonia.rerank.base import NoneReranker, Reranker
 if TYPE_CHECKING:
     import psycopg
 
+    from harmonia.kinds import KindRegistry
 
-def make_reranker(settings: Settings, conn: psycopg.Connection | None = None, *, kind: str | None = None
-                  ) -> Reranker:
+
+def make_reranker(settings: Settings, conn: psycopg.Connection | None = None, *, kind: str | None = None,
+                  source_kinds: KindRegistry | None = None) -> Reranker:
     """The reranker the settings name, or `kind` (a second opinion; the caller closes it). Swapping providers or
     kinds is configuration, never code. `conn` only says a database is in use (the LLM reranker then logs and
-    caches on its own connection)."""
+    caches on its own connection). `source_kinds`: the caller's registry of source kinds (the pipeline's, which it
+    keeps fresh), for the classifier's per-kind ranking."""
     kind = kind or settings.rerank.kind
     if kind == "none":
         return NoneReranker(settings.rerank.top_n)
@@ -31,5 +34,5 @@ def make_reranker(settings: Settings, conn: psycopg.Connection | None = None, *,
     if kind == "classifier":
         from harmonia.rerank.classifier.reranker import ClassifierReranker
 
-        return ClassifierReranker.from_settings(settings, conn=conn)
+        return ClassifierReranker.from_settings(settings, conn=conn, kinds=source_kinds)
     raise ValueError(f"unknown reranker {kind!r}")

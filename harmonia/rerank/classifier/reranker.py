@@ -10,7 +10,6 @@ probability is what the router compares with auto_approve_threshold, as for ever
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from collections.abc import Sequence
@@ -18,7 +17,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import psycopg
 
 from harmonia.domain import Candidate, RankedCandidate, RerankResult, SourceTerm
 from harmonia.rerank.base import Reranker
@@ -36,6 +34,8 @@ from harmonia.rerank.classifier.trust import FILE as TRUST_FILE
 from harmonia.rerank.classifier.trust import KindTrust
 
 if TYPE_CHECKING:
+    import psycopg
+
     from harmonia.config import Settings
     from harmonia.kinds import KindRegistry
 
@@ -91,14 +91,18 @@ class ClassifierReranker(Reranker):
         return self._trained
 
     @classmethod
-    def from_settings(cls, settings: Settings, conn: psycopg.Connection | None = None) -> ClassifierReranker:
+    def from_settings(cls, settings: Settings, conn: psycopg.Connection | None = None, *,
+                      kinds: KindRegistry | None = None) -> ClassifierReranker:
+        """`kinds`: a registry its owner keeps fresh (the pipeline's); else one read now from the settings and the
+        database."""
         from harmonia.embedding.model import resolve_device
         from harmonia.kinds import KindRegistry
 
         return cls(checkpoint_from_settings(settings), top_n=settings.rerank.top_n,
                    batch_size=settings.classifier.batch_size, max_length=settings.classifier.max_length,
                    device=resolve_device(settings.embedding.device), dtype=settings.classifier.dtype,
-                   kinds=KindRegistry.from_settings(settings, conn), rank_kinds=settings.classifier.kinds)
+                   kinds=kinds or KindRegistry.from_settings(settings, conn),
+                   rank_kinds=settings.classifier.kinds)
 
     @property
     def model_version(self) -> str:
@@ -126,8 +130,6 @@ class ClassifierReranker(Reranker):
                                  error=f"{type(exc).__name__}: {exc}", error_kind="reranker_exception")
                     for _ in items]
         ms = (time.perf_counter() - t0) * 1000 / max(len(items), 1)
-        with contextlib.suppress(psycopg.OperationalError):  # the database is away: the kinds read last hold
-            self.kinds.refresh_if_due()
         results, at = [], 0
         for term, cands in items:
             zi = z[at:at + len(cands)]
