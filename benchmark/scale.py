@@ -360,24 +360,29 @@ def stage_measure(s: Settings, conn: psycopg.Connection, a: argparse.Namespace) 
     assert dim
     icd, labs, texts = measured_sets(conn, s, a)
     vecs = emb.encode_queries(texts)
-    # Vector: top-50 by the index against exact search, with no filter and with the query's domain.
+    # Vector: top-50 by the index against exact search, with no filter and with the query's domain, at each
+    # ef_search of --ef-search (the exact top-50 is computed once per query and filter).
+    efs = a.ef_search or [s.retrieval.hnsw_ef_search]
+    nq = min(len(vecs), a.exact_n)
     for label, domains in (("no filter", None), ("domain filter", ["Measurement"])):
-        lat, hit, short = [], 0, 0
-        for v in vecs[:10]:
-            emb_store.vector_search(conn, emb.key, dim, v, 50, ef_search=s.retrieval.hnsw_ef_search, domains=domains)
-        nq = min(len(vecs), a.exact_n)
-        for j, v in enumerate(vecs):
-            t = time.perf_counter()
-            got = emb_store.vector_search(conn, emb.key, dim, v, 50, ef_search=s.retrieval.hnsw_ef_search,
-                                          domains=domains)
-            lat.append((time.perf_counter() - t) * 1000)
-            short += len(got) < 50
-            if j < nq:
-                exact = emb_store.vector_search(conn, emb.key, dim, v, 50, exact=True, domains=domains)
-                hit += len({c.concept_id for c in got} & {c.concept_id for c in exact})
-        print(f"FIGURE vector top-50, {label}, ef_search={s.retrieval.hnsw_ef_search}: p50 {percentile(lat, 50):.1f} "
-              f"ms, p95 {percentile(lat, 95):.1f} ms (n={len(lat)}); recall vs exact {hit / (50 * nq):.4f} "
-              f"(n={nq}); queries with < 50 rows: {short}", flush=True)
+        exact_ids = [{c.concept_id for c in emb_store.vector_search(conn, emb.key, dim, v, 50, exact=True,
+                                                                    domains=domains)} for v in vecs[:nq]]
+        for ef in efs:
+            lat, hit, short = [], 0, 0
+            for v in vecs[:10]:
+                emb_store.vector_search(conn, emb.key, dim, v, 50, ef_search=ef, domains=domains)
+            for j, v in enumerate(vecs):
+                t = time.perf_counter()
+                got = emb_store.vector_search(conn, emb.key, dim, v, 50, ef_search=ef, domains=domains)
+                lat.append((time.perf_counter() - t) * 1000)
+                short += len(got) < 50
+                if j < nq:
+                    hit += len({c.concept_id for c in got} & exact_ids[j])
+            print(f"FIGURE vector top-50, {label}, ef_search={ef}: p50 {percentile(lat, 50):.1f} "
+                  f"ms, p95 {percentile(lat, 95):.1f} ms (n={len(lat)}); recall vs exact {hit / (50 * nq):.4f} "
+                  f"(n={nq}); queries with < 50 rows: {short}", flush=True)
+    if "vector-only" in a.skip:
+        return
     w = FusionWeights.of(s.retrieval)
     w0 = dataclasses.replace(w, boost_memory=0.0)
     for gen in a.generators:
@@ -435,6 +440,11 @@ def main() -> None:
     ap.add_argument("--exact-n", type=int, default=50, help="queries checked against exact search")
     ap.add_argument("--real-vectors", type=Path, help="folder caching the real concepts' encoded vectors (reused "
                     "by runs at other sizes; the first run encodes and writes them)")
+    ap.add_argument("--ef-search", type=lambda v: [int(x) for x in v.split(",")], default=[],
+                    help="hnsw.ef_search values to measure the vector search at, e.g. 100,200,400,800 (default: "
+                         "the hnsw_ef_search setting)")
+    ap.add_argument("--skip", type=lambda v: v.split(","), default=[],
+                    help="vector-only: the measure stage stops after the vector figures")
     ap.add_argument("--stop", action="store_true", help="stop the embedded server at the end")
     a = ap.parse_args()
     stages = a.stages.split(",")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import sys
 
 # Importing a command module registers its commands, in this order (the order `harmonia --help` lists them).
-from harmonia.cli import core, vocab, llm, bench, calibrate, kinds, reranker, worker, review, retrieval, usagi  # noqa: F401  # isort: skip
+from harmonia.cli import core, vocab, llm, bench, calibrate, kinds, reranker, worker, review, retrieval, local, usagi  # noqa: F401  # isort: skip
 from harmonia.cli.app import app
 
 __all__ = ["app", "main"]
