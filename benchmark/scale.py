@@ -273,17 +273,17 @@ def stage_index(keep: Path, s: Settings, conn: psycopg.Connection, a: argparse.N
     from harmonia.store import embeddings as emb_store
 
     emb = Embedder.from_settings(s)
-    name = emb_store.index_name(emb.key)
+    name = emb_store.index_name(emb.key, a.storage)
     if sizes.relation_size(conn, f"vocab.{name}") is not None:
         return
     n = emb_store.count(conn, emb.key)
     t0 = time.perf_counter()
     with PeakMemory(keep / "pgdata") as pm:
         emb_store.ensure_index(conn, emb.key, emb.dim, m=a.m, ef_construction=a.ef_construction,
-                               maintenance_work_mem=a.maintenance_work_mem, workers=a.workers)
+                               maintenance_work_mem=a.maintenance_work_mem, workers=a.workers, storage=a.storage)
     dt = time.perf_counter() - t0
     size = sizes.relation_size(conn, f"vocab.{name}") or 0
-    print(f"FIGURE HNSW build: {n:,} vectors, m={a.m} ef_construction={a.ef_construction} "
+    print(f"FIGURE HNSW build: {n:,} vectors ({a.storage}), m={a.m} ef_construction={a.ef_construction} "
           f"maintenance_work_mem={a.maintenance_work_mem} workers={a.workers}: {dt / 60:.1f} min, "
           f"peak server memory (USS sum) {gib(pm.peak)}, index {gib(size)} ({load_avg()})", flush=True)
 
@@ -370,15 +370,17 @@ def stage_measure(s: Settings, conn: psycopg.Connection, a: argparse.Namespace) 
         for ef in efs:
             lat, hit, short = [], 0, 0
             for v in vecs[:10]:
-                emb_store.vector_search(conn, emb.key, dim, v, 50, ef_search=ef, domains=domains)
+                emb_store.vector_search(conn, emb.key, dim, v, 50, ef_search=ef, domains=domains,
+                                        storage=a.storage)
             for j, v in enumerate(vecs):
                 t = time.perf_counter()
-                got = emb_store.vector_search(conn, emb.key, dim, v, 50, ef_search=ef, domains=domains)
+                got = emb_store.vector_search(conn, emb.key, dim, v, 50, ef_search=ef, domains=domains,
+                                              storage=a.storage)
                 lat.append((time.perf_counter() - t) * 1000)
                 short += len(got) < 50
                 if j < nq:
                     hit += len({c.concept_id for c in got} & exact_ids[j])
-            print(f"FIGURE vector top-50, {label}, ef_search={ef}: p50 {percentile(lat, 50):.1f} "
+            print(f"FIGURE vector top-50 ({a.storage}), {label}, ef_search={ef}: p50 {percentile(lat, 50):.1f} "
                   f"ms, p95 {percentile(lat, 95):.1f} ms (n={len(lat)}); recall vs exact {hit / (50 * nq):.4f} "
                   f"(n={nq}); queries with < 50 rows: {short}", flush=True)
     if "vector-only" in a.skip:
@@ -432,6 +434,8 @@ def main() -> None:
     ap.add_argument("--ef-construction", type=int, default=64)
     ap.add_argument("--maintenance-work-mem", default="4GB")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--storage", default="vector", choices=["vector", "halfvec"],
+                    help="what the HNSW index keeps (index stage builds it, dropping the other; measure uses it)")
     ap.add_argument("--generators", default="trigram,bm25", type=lambda v: v.split(","),
                     help="of trigram, bm25, bm25-words (BM25 without the trigram field for unknown words)")
     ap.add_argument("--n-icd", type=int, default=1000)
@@ -461,7 +465,7 @@ def main() -> None:
     with psycopg.connect(server.uri("postgres"), autocommit=True) as c:
         ensure_database(c, "bench")
     url = server.uri("bench")
-    s = load_settings({"data_dir": str(data), "database_url": url})
+    s = load_settings({"data_dir": str(data), "database_url": url, "hnsw_storage": a.storage})
     with psycopg.connect(url, autocommit=True) as conn:
         loaded = sizes.has_concepts_in(conn, SYN_BASE, SYN_END)
         if "load" in stages and not loaded:

@@ -85,6 +85,9 @@ class EmbeddingSettings:
                                                             "embedded and retrieved.", key="vocabularies")
 
 
+STORAGES = ("vector", "halfvec")  # pgvector types the HNSW index can keep the vectors in
+
+
 @dataclass
 class RetrievalSettings:
     top_k: int = setting(50, "Candidates retrieved per source term.")
@@ -94,6 +97,10 @@ class RetrievalSettings:
     hnsw_m: int = setting(16, "HNSW m (graph degree) used when the index is built.", key="hnsw_m")
     hnsw_ef_construction: int = setting(128, "HNSW ef_construction used when the index is built.",
                                         key="hnsw_ef_construction")
+    hnsw_storage: str = setting("vector", "vector | halfvec: the precision the HNSW index keeps the vectors in "
+                                          "(halfvec: half the index's size and memory; the table keeps full "
+                                          "precision, and exact search uses it). A change rebuilds the index at "
+                                          "the next `harmonia embed`.", key="hnsw_storage")
     maintenance_work_mem: str = setting("1GB", "maintenance_work_mem for index builds.", key="maintenance_work_mem")
     hnsw_workers: int = setting(2, "max_parallel_maintenance_workers for HNSW builds (the build's extra processes).",
                                 key="hnsw_workers")
@@ -463,6 +470,8 @@ def validate(s: Settings) -> None:
         raise ConfigError(f"setting 'retrieval_mode': {s.retrieval.mode!r} is not vector, lexical or hybrid")
     if s.embedding.dtype not in ("float32", "bfloat16", "auto"):
         raise ConfigError(f"setting 'embedding_dtype': {s.embedding.dtype!r} is not float32, bfloat16 or auto")
+    if s.retrieval.hnsw_storage not in STORAGES:
+        raise ConfigError(f"setting 'hnsw_storage': {s.retrieval.hnsw_storage!r} is not vector or halfvec")
     if s.retrieval.lexical_generator not in ("bm25", "trigram"):
         raise ConfigError(f"setting 'retrieval_lexical_generator': {s.retrieval.lexical_generator!r} is not bm25 or "
                           "trigram")

@@ -141,6 +141,43 @@ def test_index_is_used_and_agrees_with_exact_search(conn, settings, embedder: Em
     assert emb_store.index_name(embedder.key) in plan
 
 
+def test_a_halfvec_index_replaces_the_float_one_and_keeps_its_results(conn, settings, embedder: Embedder) -> None:
+    import dataclasses
+
+    hs = dataclasses.replace(settings, retrieval=dataclasses.replace(settings.retrieval, hnsw_storage="halfvec"))
+    queries = ["Acute myocardial infarction", "Glucose in serum", "Urinary tract infection", "milligram per liter",
+               "Iron deficiency anemia", "Hypertensive heart disease"]
+    before = VectorRetriever.from_settings(conn, embedder, settings)
+    floats = {q: before.search(q, 50) for q in queries}
+    # `harmonia embed` with the setting builds the halfvec index and drops the float one
+    embed_concepts(conn, embedder, vocabularies=settings.embedding.vocabularies, progress=False,
+                   retrieval=hs.retrieval)
+    names = {r[0] for r in conn.execute("SELECT indexname FROM pg_indexes WHERE schemaname = 'vocab'")}
+    assert emb_store.index_name(embedder.key, "halfvec") in names and emb_store.index_name(embedder.key) not in names
+    half = VectorRetriever.from_settings(conn, embedder, hs)
+    overlap = 0
+    for q in queries:
+        got = half.search(q, 50)
+        overlap += len({c.concept_id for c in got} & {c.concept_id for c in floats[q]})
+        # the similarity is computed in full precision whatever the index keeps
+        by_id = {c.concept_id: c.similarity for c in floats[q]}
+        assert all(abs(c.similarity - by_id[c.concept_id]) < 1e-6 for c in got if c.concept_id in by_id)
+    assert overlap / (50 * len(queries)) >= 0.95
+    vec = embedder.encode_queries(["Asthma"])[0]
+    lit = emb_store.vector_literal(vec)
+    plan = "\n".join(r[0] for r in conn.execute(
+        f"""EXPLAIN SELECT e.concept_id FROM vocab.concept_embedding e WHERE e.model = '{embedder.key}'
+            ORDER BY (e.embedding::public.halfvec(384)) OPERATOR(public.<=>) '{lit}'::public.halfvec(384) LIMIT 50"""))
+    assert emb_store.index_name(embedder.key, "halfvec") in plan
+
+
+def test_an_unknown_index_storage_is_refused() -> None:
+    from harmonia.config import ConfigError, load_settings
+
+    with pytest.raises(ConfigError, match="'hnsw_storage': 'float16' is not vector or halfvec"):
+        load_settings({"hnsw_storage": "float16"}, env={"HARMONIA_CONFIG": ""})
+
+
 def test_retriever_without_embeddings_says_what_to_do(empty_db: str, tmp_path: Path, embedder: Embedder) -> None:
     from harmonia.store import migrations
     from tests.conftest import make_settings

@@ -65,7 +65,7 @@ def embed_concepts(conn: psycopg.Connection, embedder: Embedder, *, vocabularies
     s = retrieval or RetrievalSettings()  # the HNSW build parameters
     t_index = time.perf_counter()
     emb_store.ensure_index(conn, embedder.key, embedder.dim, m=s.hnsw_m, ef_construction=s.hnsw_ef_construction,
-                           maintenance_work_mem=s.maintenance_work_mem, workers=s.hnsw_workers)
+                           maintenance_work_mem=s.maintenance_work_mem, workers=s.hnsw_workers, storage=s.hnsw_storage)
     t_end = time.perf_counter()
     changed = sum(1 for r in todo if r[2])
     return EmbedReport(model=embedder.key, dim=embedder.dim, todo=len(todo), written=written, batches=batches,

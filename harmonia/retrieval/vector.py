@@ -46,4 +46,4 @@ class VectorRetriever(Retriever):
         """The top-k for an already encoded query."""
         return emb_store.vector_search(self.conn, self.embedder.key, self.dim, vector, k,
                                        ef_search=self.cfg.hnsw_ef_search, domains=domains,
-                                       vocabularies=vocabularies, exact=exact)
+                                       vocabularies=vocabularies, exact=exact, storage=self.cfg.hnsw_storage)

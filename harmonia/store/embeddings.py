@@ -19,8 +19,17 @@ from harmonia.store.concepts import candidate
 # (WHERE model = '<key>') is only usable when the planner sees the constant, and a cached generic plan would not.
 
 
-def index_name(model_key: str) -> str:
-    return "concept_embedding_hnsw_" + hashlib.sha1(model_key.encode()).hexdigest()[:12]
+def index_name(model_key: str, storage: str = "vector") -> str:
+    """The model's HNSW index; a halfvec one has its own name, so a change of storage builds a new index."""
+    base = "concept_embedding_hnsw_" + hashlib.sha1(model_key.encode()).hexdigest()[:12]
+    return base if storage == "vector" else f"{base}_{storage}"
+
+
+def _typed(storage: str, dim: int) -> sql.Composable:
+    """The pgvector type of an index expression: vector(dim) or halfvec(dim)."""
+    if storage not in ("vector", "halfvec"):
+        raise ValueError(f"storage {storage!r}: vector or halfvec")
+    return sql.SQL("public.{}({})").format(sql.Identifier(storage), sql.Literal(dim))
 
 
 def register_model(conn: psycopg.Connection, model_key: str, model_name: str, dim: int) -> None:
@@ -107,25 +116,32 @@ def delete_orphans(conn: psycopg.Connection, model_key: str, vocabularies: Seque
 
 
 def create_hnsw(conn: psycopg.Connection, table: str, name: str, model_key: str, dim: int, *, m: int = 16,
-                ef_construction: int = 128, maintenance_work_mem: str = "1GB", workers: int = 2) -> None:
+                ef_construction: int = 128, maintenance_work_mem: str = "1GB", workers: int = 2,
+                storage: str = "vector") -> None:
     """A partial HNSW cosine index on `table`'s rows of one model (inside the caller's transaction)."""
     conn.execute(sql.SQL("SET LOCAL maintenance_work_mem = {}").format(sql.Literal(maintenance_work_mem)))
     # pgvector builds HNSW in parallel; the encoder is idle by now, so let the build use the cores.
     conn.execute(sql.SQL("SET LOCAL max_parallel_maintenance_workers = {}").format(sql.Literal(workers)))
     conn.execute(sql.SQL(
         "CREATE INDEX IF NOT EXISTS {} ON {} USING hnsw "
-        "((embedding::public.vector({})) public.vector_cosine_ops) WITH (m = {}, ef_construction = {}) "
-        "WHERE model = {}").format(sql.Identifier(name), sql.Identifier("vocab", table), sql.Literal(dim),
+        "((embedding::{}) {}) WITH (m = {}, ef_construction = {}) "
+        "WHERE model = {}").format(sql.Identifier(name), sql.Identifier("vocab", table), _typed(storage, dim),
+                                   sql.SQL("public.{}").format(sql.Identifier(f"{storage}_cosine_ops")),
                                    sql.Literal(m), sql.Literal(ef_construction), sql.Literal(model_key)))
 
 
 def ensure_index(conn: psycopg.Connection, model_key: str, dim: int, *, m: int = 16, ef_construction: int = 128,
-                 maintenance_work_mem: str = "1GB", workers: int = 2) -> str:
-    """The model's partial HNSW cosine index; built once, kept up to date by later inserts."""
-    name = index_name(model_key)
+                 maintenance_work_mem: str = "1GB", workers: int = 2, storage: str = "vector") -> str:
+    """The model's partial HNSW cosine index in `storage`; built once, kept up to date by later inserts. The
+    model's index of the other storage, if any, is dropped with the build (one index per model in memory)."""
+    name = index_name(model_key, storage)
     with conn.transaction():
         create_hnsw(conn, "concept_embedding", name, model_key, dim, m=m, ef_construction=ef_construction,
-                    maintenance_work_mem=maintenance_work_mem, workers=workers)
+                    maintenance_work_mem=maintenance_work_mem, workers=workers, storage=storage)
+        for other in ("vector", "halfvec"):
+            if other != storage:
+                conn.execute(sql.SQL("DROP INDEX IF EXISTS {}").format(
+                    sql.Identifier("vocab", index_name(model_key, other))))
         conn.execute("UPDATE vocab.embedding_model SET index_name = %s WHERE model = %s", (name, model_key))
     conn.execute("ANALYZE vocab.concept_embedding")
     return name
@@ -138,9 +154,11 @@ def count(conn: psycopg.Connection, model_key: str) -> int:
 
 def vector_search(conn: psycopg.Connection, model_key: str, dim: int, query: np.ndarray, k: int, *,
                   ef_search: int = 200, domains: Sequence[str] | None = None,
-                  vocabularies: Sequence[str] | None = None, exact: bool = False) -> list[Candidate]:
+                  vocabularies: Sequence[str] | None = None, exact: bool = False,
+                  storage: str = "vector") -> list[Candidate]:
     """Top-k valid standard concepts by cosine similarity (best first; scores["vector"] is the similarity too).
-    `exact` skips the index (for recall checks)."""
+    `storage`: the type the model's index keeps (the query is cast to it, or the index goes unused); `exact` skips
+    the index and compares in full precision (for recall checks)."""
     filters = [sql.SQL("c.standard_concept = 'S'"), sql.SQL("c.invalid_reason IS NULL")]
     params: list = []
     if domains:
@@ -149,14 +167,18 @@ def vector_search(conn: psycopg.Connection, model_key: str, dim: int, query: np.
     if vocabularies:
         filters.append(sql.SQL("c.vocabulary_id = ANY(%s)"))
         params.append(list(vocabularies))
-    dist = sql.SQL("(e.embedding::public.vector({dim})) OPERATOR(public.<=>) %s::public.vector({dim})").format(
-        dim=sql.Literal(dim))
+    # The order is the index's (its type: the planner uses the index only for that expression); the similarity
+    # returned is always computed in full precision.
+    full = sql.SQL("(e.embedding::{t}) OPERATOR(public.<=>) %s::{t}").format(t=_typed("vector", dim))
+    order = sql.SQL("(e.embedding::{t}) OPERATOR(public.<=>) %s::{t}").format(
+        t=_typed("vector" if exact else storage, dim))
     q = sql.SQL("""SELECT c.concept_id, c.concept_name, c.domain_id, c.vocabulary_id, c.concept_class_id,
-                          c.concept_code, 1 - ({dist}) AS similarity
+                          c.concept_code, 1 - ({full}) AS similarity
                    FROM vocab.concept_embedding e JOIN vocab.concept c ON c.concept_id = e.concept_id
                    WHERE e.model = {model} AND {filters}
-                   ORDER BY {dist} LIMIT {k}""").format(
-        dist=dist, model=sql.Literal(model_key), filters=sql.SQL(" AND ").join(filters), k=sql.Literal(k))
+                   ORDER BY {order} LIMIT {k}""").format(
+        full=full, order=order, model=sql.Literal(model_key), filters=sql.SQL(" AND ").join(filters),
+        k=sql.Literal(k))
     lit = vector_literal(query)
     with conn.transaction():
         if exact:
