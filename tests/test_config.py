@@ -88,6 +88,8 @@ def test_every_flat_key_works_as_env_var_override_and_toml_key(tmp_path: Path) -
             value = "bfloat16"
         elif spec.key == "retrieval_lexical_generator":
             value = "bm25"
+        elif spec.key == "hnsw_storage":
+            value = "halfvec"
         expected = spec.coerce(value, "test")
         from_env = load_settings(env={"HARMONIA_CONFIG": "", spec.env: value})
         assert getattr(getattr(from_env, spec.section), spec.name) == expected, spec.key
