@@ -49,7 +49,7 @@ from _common import percentile  # sibling module: python puts the script's folde
 from harmonia import db
 from harmonia.config import Settings, load_settings
 from harmonia.paths import sample_dir
-from harmonia.store import sizes
+from harmonia.store import server, sizes
 from harmonia.store.server import ensure_database
 
 SYN_BASE = 1_000_000_000  # synthetic concept ids: SYN_BASE + i (the sample has none there; its local ids are > 2e9)
@@ -273,9 +273,28 @@ def stage_index(keep: Path, s: Settings, conn: psycopg.Connection, a: argparse.N
     from harmonia.store import embeddings as emb_store
 
     emb = Embedder.from_settings(s)
+    t0 = time.perf_counter()
+    moved = emb_store.sync_domains(conn, emb.key)  # rows written before migration 140 get their domain
+    if moved:
+        print(f"domains copied onto {moved:,} embedding rows in {time.perf_counter() - t0:.0f}s", flush=True)
     name = emb_store.index_name(emb.key, a.storage)
-    if sizes.relation_size(conn, f"vocab.{name}") is not None:
-        return
+    if sizes.relation_size(conn, f"vocab.{name}") is None:
+        build_global(keep, conn, emb, a, name)
+    if a.domain_indexes:
+        t0 = time.perf_counter()
+        with PeakMemory(keep / "pgdata") as pm:
+            made = emb_store.ensure_domain_indexes(
+                conn, emb.key, emb.dim, a.domain_indexes, m=a.m, ef_construction=a.ef_construction,
+                maintenance_work_mem=a.maintenance_work_mem, workers=a.workers, storage=a.storage)
+        dt = time.perf_counter() - t0
+        total = sum(sizes.relation_size(conn, f"vocab.{x}") or 0 for x in made.values())
+        print(f"FIGURE HNSW domain indexes ({a.storage}, {a.domain_indexes}): {', '.join(made)}: {dt / 60:.1f} min, "
+              f"peak server memory {gib(pm.peak)}, indexes {gib(total)} ({load_avg()})", flush=True)
+
+
+def build_global(keep: Path, conn: psycopg.Connection, emb: typing.Any, a: argparse.Namespace, name: str) -> None:
+    from harmonia.store import embeddings as emb_store
+
     n = emb_store.count(conn, emb.key)
     t0 = time.perf_counter()
     with PeakMemory(keep / "pgdata") as pm:
@@ -360,27 +379,39 @@ def stage_measure(s: Settings, conn: psycopg.Connection, a: argparse.Namespace) 
     assert dim
     icd, labs, texts = measured_sets(conn, s, a)
     vecs = emb.encode_queries(texts)
+    print(f"shared_buffers {server.show(conn, 'shared_buffers')}", flush=True)
+    if a.prewarm:
+        t = time.perf_counter()
+        names = [emb_store.index_name(emb.key, a.storage), *emb_store.domain_indexes(conn, emb.key).values()]
+        pages = sum(server.prewarm(conn, f"vocab.{n}") for n in names)
+        print(f"prewarmed {len(names)} indexes: {pages} pages in {time.perf_counter() - t:.0f}s", flush=True)
     # Vector: top-50 by the index against exact search, with no filter and with the query's domain, at each
     # ef_search of --ef-search (the exact top-50 is computed once per query and filter).
     efs = a.ef_search or [s.retrieval.hnsw_ef_search]
     nq = min(len(vecs), a.exact_n)
-    for label, domains in (("no filter", None), ("domain filter", ["Measurement"])):
+    indexed = set(emb_store.domain_indexes(conn, emb.key))
+    filters: list[tuple[str, list[str] | None]] = [("no filter", None), ("Measurement (labs)", ["Measurement"]),
+                                                   ("Drug+Observation+Device (drugs)", ["Drug", "Observation",
+                                                                                        "Device"])]
+    for label, domains in filters:
         exact_ids = [{c.concept_id for c in emb_store.vector_search(conn, emb.key, dim, v, 50, exact=True,
                                                                     domains=domains)} for v in vecs[:nq]]
-        for ef in efs:
+        ways = [False] + ([True] if domains and set(domains) <= indexed else [])
+        for ef, by_domain in ((ef, b) for b in ways for ef in efs):
             lat, hit, short = [], 0, 0
             for v in vecs[:10]:
                 emb_store.vector_search(conn, emb.key, dim, v, 50, ef_search=ef, domains=domains,
-                                        storage=a.storage)
+                                        storage=a.storage, by_domain=by_domain)
             for j, v in enumerate(vecs):
                 t = time.perf_counter()
                 got = emb_store.vector_search(conn, emb.key, dim, v, 50, ef_search=ef, domains=domains,
-                                              storage=a.storage)
+                                              storage=a.storage, by_domain=by_domain)
                 lat.append((time.perf_counter() - t) * 1000)
                 short += len(got) < 50
                 if j < nq:
                     hit += len({c.concept_id for c in got} & exact_ids[j])
-            print(f"FIGURE vector top-50 ({a.storage}), {label}, ef_search={ef}: p50 {percentile(lat, 50):.1f} "
+            how = ", per-domain graphs" if by_domain else (", whole index" if domains else "")
+            print(f"FIGURE vector top-50 ({a.storage}), {label}{how}, ef_search={ef}: p50 {percentile(lat, 50):.1f} "
                   f"ms, p95 {percentile(lat, 95):.1f} ms (n={len(lat)}); recall vs exact {hit / (50 * nq):.4f} "
                   f"(n={nq}); queries with < 50 rows: {short}", flush=True)
     if "vector-only" in a.skip:
@@ -434,6 +465,8 @@ def main() -> None:
     ap.add_argument("--ef-construction", type=int, default=64)
     ap.add_argument("--maintenance-work-mem", default="4GB")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--domain-indexes", default=["auto"], type=lambda v: [x for x in v.split(",") if x],
+                    help="index stage: partial HNSW indexes per domain (auto, a list, or '' for none)")
     ap.add_argument("--storage", default="vector", choices=["vector", "halfvec"],
                     help="what the HNSW index keeps (index stage builds it, dropping the other; measure uses it)")
     ap.add_argument("--generators", default="trigram,bm25", type=lambda v: v.split(","),
@@ -449,6 +482,10 @@ def main() -> None:
                          "the hnsw_ef_search setting)")
     ap.add_argument("--skip", type=lambda v: v.split(","), default=[],
                     help="vector-only: the measure stage stops after the vector figures")
+    ap.add_argument("--shared-buffers", default="", help="set the embedded server's shared_buffers (e.g. 4GB; "
+                    "restarts it) before the stages")
+    ap.add_argument("--prewarm", action="store_true", help="measure: load the HNSW index into shared_buffers "
+                    "first (pg_prewarm)")
     ap.add_argument("--stop", action="store_true", help="stop the embedded server at the end")
     a = ap.parse_args()
     stages = a.stages.split(",")
@@ -461,12 +498,23 @@ def main() -> None:
         t = time.perf_counter()
         info = make_release(keep / "release", a.concepts, s.embedding.vocabularies, a.seed)
         print(f"release written in {time.perf_counter() - t:.0f}s: {info}", flush=True)
-    server = db.start_embedded(keep / "pgdata")
-    with psycopg.connect(server.uri("postgres"), autocommit=True) as c:
+    pg = db.start_embedded(keep / "pgdata")
+    with psycopg.connect(pg.uri("postgres"), autocommit=True) as c:
         ensure_database(c, "bench")
-    url = server.uri("bench")
+        now = server.show(c, "shared_buffers")
+        if a.shared_buffers and now.lower() != a.shared_buffers.lower():
+            # shared_buffers takes a restart; the server's own default (128MB) holds a fraction of a 1M index
+            server.set_system(c, "shared_buffers", a.shared_buffers)
+    if a.shared_buffers and now.lower() != a.shared_buffers.lower():
+        db.stop_embedded(keep / "pgdata")
+        pg = db.start_embedded(keep / "pgdata")
+        print(f"shared_buffers {now} -> {a.shared_buffers} (server restarted)", flush=True)
+    url = pg.uri("bench")
     s = load_settings({"data_dir": str(data), "database_url": url, "hnsw_storage": a.storage})
     with psycopg.connect(url, autocommit=True) as conn:
+        from harmonia.store import migrations
+
+        migrations.migrate(conn)
         loaded = sizes.has_concepts_in(conn, SYN_BASE, SYN_END)
         if "load" in stages and not loaded:
             stage_load(keep, s, conn)

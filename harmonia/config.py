@@ -101,6 +101,11 @@ class RetrievalSettings:
                                           "(halfvec: half the index's size and memory; the table keeps full "
                                           "precision, and exact search uses it). A change rebuilds the index at "
                                           "the next `harmonia embed`.", key="hnsw_storage")
+    hnsw_domain_indexes: list[str] = setting(
+        ["auto"], "Domains that get a partial HNSW index of their own, so a search filtered to them (a kind's "
+                  "domains: labs -> Measurement) walks only their graph: [\"auto\"] every domain holding under "
+                  "a quarter of the model's vectors, a list of domain_ids, or [] none (filtered searches then "
+                  "scan the whole index iteratively).", key="hnsw_domain_indexes")
     maintenance_work_mem: str = setting("1GB", "maintenance_work_mem for index builds.", key="maintenance_work_mem")
     hnsw_workers: int = setting(2, "max_parallel_maintenance_workers for HNSW builds (the build's extra processes).",
                                 key="hnsw_workers")

@@ -81,7 +81,11 @@ def drop_database(server: db.EmbeddedServer, name: str) -> None:
 def _embedding_cache(conn: psycopg.Connection, model_key: str) -> Path:
     vocab_hash = conn.execute("SELECT md5(string_agg(concept_id::text || concept_name, ',' ORDER BY concept_id)) "
                               "FROM vocab.concept WHERE standard_concept = 'S'").fetchone()[0]
-    key = hashlib.sha1(f"{model_key}|{vocab_hash}".encode()).hexdigest()[:16]
+    # the table's columns are in the key: a cache of an older layout is never copied into a newer table
+    columns = conn.execute("SELECT string_agg(column_name, ',' ORDER BY ordinal_position) FROM "
+                           "information_schema.columns WHERE table_schema = 'vocab' AND "
+                           "table_name = 'concept_embedding'").fetchone()[0]
+    key = hashlib.sha1(f"{model_key}|{vocab_hash}|{columns}".encode()).hexdigest()[:16]
     d = REPO / ".pytest_cache" / "harmonia"
     d.mkdir(parents=True, exist_ok=True)
     return d / f"embeddings-{key}.copy"

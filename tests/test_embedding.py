@@ -171,6 +171,50 @@ def test_a_halfvec_index_replaces_the_float_one_and_keeps_its_results(conn, sett
     assert emb_store.index_name(embedder.key, "halfvec") in plan
 
 
+def test_a_small_domain_searches_its_own_graph_and_follows_a_concept_that_moves(conn, settings,
+                                                                               embedder: Embedder) -> None:
+    import dataclasses
+
+    indexed = emb_store.domain_indexes(conn, embedder.key)
+    counts = dict(conn.execute("SELECT domain_id, count(*) FROM vocab.concept_embedding WHERE model = %s "
+                               "GROUP BY 1", (embedder.key,)).fetchall())
+    total = sum(counts.values())
+    # "auto": every domain under a quarter of the vectors, and no other
+    assert set(indexed) == {d for d, n in counts.items() if n < 0.25 * total} and "Measurement" in indexed
+    r = VectorRetriever.from_settings(conn, embedder, settings)
+    assert "Measurement" in r.indexed_domains
+    for q, domains in (("Glucose [Mass/volume] in Serum or Plasma", ["Measurement"]),
+                       ("Potassium in urine", ["Measurement", "Drug"]), ("amoxicillin 500 MG", ["Drug"])):
+        got = r.search(q, 50, domains=domains)
+        exact = r.search(q, 50, domains=domains, exact=True)
+        assert len(got) == 50 and {c.domain_id for c in got} <= set(domains)
+        assert [c.similarity for c in got] == sorted((c.similarity for c in got), reverse=True)
+        assert len({c.concept_id for c in got} & {c.concept_id for c in exact}) >= 48
+    lit = emb_store.vector_literal(embedder.encode_queries(["Sodium"])[0])
+    plan = "\n".join(x[0] for x in conn.execute(
+        f"""EXPLAIN SELECT e.concept_id FROM vocab.concept_embedding e WHERE e.model = '{embedder.key}'
+            AND e.domain_id = 'Measurement' ORDER BY (e.embedding::public.vector(384)) OPERATOR(public.<=>)
+            '{lit}'::public.vector(384) LIMIT 50"""))
+    assert emb_store.domain_index_name(embedder.key, "vector", "Measurement") in plan
+    # a new release moves a drug into Measurement: `harmonia embed` moves its row, the Measurement graph finds it
+    cid, name = conn.execute("SELECT c.concept_id, c.concept_name FROM vocab.concept c JOIN vocab.concept_embedding e "
+                             "ON e.concept_id = c.concept_id AND e.model = %s WHERE c.domain_id = 'Drug' "
+                             "ORDER BY c.concept_id LIMIT 1", (embedder.key,)).fetchone()
+    conn.execute("UPDATE vocab.concept SET domain_id = 'Measurement' WHERE concept_id = %s", (cid,))
+    assert cid not in {c.concept_id for c in r.search(name, 10, domains=["Measurement"])}
+    embed_concepts(conn, embedder, vocabularies=settings.embedding.vocabularies, progress=False,
+                   retrieval=settings.retrieval)
+    assert cid in {c.concept_id for c in r.search(name, 10, domains=["Measurement"])}
+    # [] : no domain index; filtered searches fall back to the whole index and still return K rows
+    none = dataclasses.replace(settings.retrieval, hnsw_domain_indexes=[])
+    embed_concepts(conn, embedder, vocabularies=settings.embedding.vocabularies, progress=False, retrieval=none)
+    assert emb_store.domain_indexes(conn, embedder.key) == {}
+    names = {x[0] for x in conn.execute("SELECT indexname FROM pg_indexes WHERE schemaname = 'vocab'")}
+    assert emb_store.domain_index_name(embedder.key, "vector", "Measurement") not in names
+    r = VectorRetriever.from_settings(conn, embedder, settings)
+    assert not r.indexed_domains and len(r.search("Sodium", 50, domains=["Measurement"])) == 50
+
+
 def test_an_unknown_index_storage_is_refused() -> None:
     from harmonia.config import ConfigError, load_settings
 

@@ -64,8 +64,14 @@ def embed_concepts(conn: psycopg.Connection, embedder: Embedder, *, vocabularies
             bar.update(len(chunk))
     s = retrieval or RetrievalSettings()  # the HNSW build parameters
     t_index = time.perf_counter()
+    # a release may have moved concepts to another domain: their rows (and so the domain indexes) follow
+    emb_store.sync_domains(conn, embedder.key)
     emb_store.ensure_index(conn, embedder.key, embedder.dim, m=s.hnsw_m, ef_construction=s.hnsw_ef_construction,
                            maintenance_work_mem=s.maintenance_work_mem, workers=s.hnsw_workers, storage=s.hnsw_storage)
+    emb_store.ensure_domain_indexes(conn, embedder.key, embedder.dim, s.hnsw_domain_indexes, m=s.hnsw_m,
+                                    ef_construction=s.hnsw_ef_construction,
+                                    maintenance_work_mem=s.maintenance_work_mem, workers=s.hnsw_workers,
+                                    storage=s.hnsw_storage)
     t_end = time.perf_counter()
     changed = sum(1 for r in todo if r[2])
     return EmbedReport(model=embedder.key, dim=embedder.dim, todo=len(todo), written=written, batches=batches,

@@ -26,6 +26,10 @@ class VectorRetriever(Retriever):
         if dim is None or emb_store.count(conn, embedder.key) == 0:
             raise RetrievalError(f"no embeddings for model {embedder.key}: run `harmonia embed` first")
         self.dim = dim
+        # domains with a partial index of the configured storage: a search filtered to only those walks their graphs
+        self.indexed_domains = frozenset(
+            d for d, name in emb_store.domain_indexes(conn, embedder.key).items()
+            if name == emb_store.domain_index_name(embedder.key, cfg.hnsw_storage, d))
 
     @classmethod
     def from_settings(cls, conn: psycopg.Connection, embedder: Embedder, settings: Settings) -> VectorRetriever:
@@ -46,4 +50,5 @@ class VectorRetriever(Retriever):
         """The top-k for an already encoded query."""
         return emb_store.vector_search(self.conn, self.embedder.key, self.dim, vector, k,
                                        ef_search=self.cfg.hnsw_ef_search, domains=domains,
-                                       vocabularies=vocabularies, exact=exact, storage=self.cfg.hnsw_storage)
+                                       vocabularies=vocabularies, exact=exact, storage=self.cfg.hnsw_storage,
+                                       by_domain=bool(domains) and set(domains or ()) <= self.indexed_domains)

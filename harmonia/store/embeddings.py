@@ -10,6 +10,7 @@ import numpy as np
 import psycopg
 from pgvector import Vector
 from psycopg import sql
+from psycopg.types.json import Jsonb
 
 from harmonia.domain import Candidate
 from harmonia.store.common import scalar
@@ -83,10 +84,13 @@ def write_batch(conn: psycopg.Connection, model_key: str, ids: Sequence[int], te
     vectors = np.asarray(vectors, dtype=np.float32)
     with conn.transaction():
         if fresh:
-            with conn.cursor().copy("COPY vocab.concept_embedding (concept_id, model, text_md5, embedding) "
-                                    "FROM STDIN (FORMAT BINARY)") as copy:
-                copy.set_types(["int4", "text", "text", "bytea"])
-                copy_rows(copy, [(cid, model_key, h, v) for cid, h, v in zip(ids, md5s, vectors, strict=True)])
+            domain: dict[int, str] = dict(conn.execute(
+                "SELECT concept_id, domain_id FROM vocab.concept WHERE concept_id = ANY(%s)", (list(ids),)).fetchall())
+            with conn.cursor().copy("COPY vocab.concept_embedding (concept_id, model, text_md5, domain_id, "
+                                    "embedding) FROM STDIN (FORMAT BINARY)") as copy:
+                copy.set_types(["int4", "text", "text", "text", "bytea"])
+                copy_rows(copy, [(cid, model_key, h, domain.get(cid), v)
+                                 for cid, h, v in zip(ids, md5s, vectors, strict=True)])
             return len(ids)
         conn.execute("CREATE TEMP TABLE IF NOT EXISTS _emb_in (concept_id integer, text_md5 text, "
                      "embedding public.vector) ON COMMIT DELETE ROWS")
@@ -94,10 +98,12 @@ def write_batch(conn: psycopg.Connection, model_key: str, ids: Sequence[int], te
             copy.set_types(["int4", "text", "bytea"])
             copy_rows(copy, list(zip(ids, md5s, vectors, strict=True)))
         cur = conn.execute(
-            """INSERT INTO vocab.concept_embedding (concept_id, model, text_md5, embedding)
-               SELECT concept_id, %s, text_md5, embedding FROM _emb_in
+            """INSERT INTO vocab.concept_embedding (concept_id, model, text_md5, domain_id, embedding)
+               SELECT i.concept_id, %s, i.text_md5, c.domain_id, i.embedding
+               FROM _emb_in i LEFT JOIN vocab.concept c ON c.concept_id = i.concept_id
                ON CONFLICT (concept_id, model) DO UPDATE
-               SET text_md5 = EXCLUDED.text_md5, embedding = EXCLUDED.embedding""", (model_key,))
+               SET text_md5 = EXCLUDED.text_md5, domain_id = EXCLUDED.domain_id, embedding = EXCLUDED.embedding""",
+            (model_key,))
         return cur.rowcount
 
 
@@ -147,6 +153,84 @@ def ensure_index(conn: psycopg.Connection, model_key: str, dim: int, *, m: int =
     return name
 
 
+AUTO_DOMAIN_SHARE = 0.25  # "auto": a domain below this share of the model's vectors gets a partial index
+
+
+def domain_index_name(model_key: str, storage: str, domain: str) -> str:
+    return f"{index_name(model_key, storage)}_d{hashlib.sha1(domain.encode()).hexdigest()[:8]}"
+
+
+REBUILD_SHARE = 0.1  # sync_domains: above this share of a model's rows changing, drop its indexes and rebuild
+
+
+def sync_domains(conn: psycopg.Connection, model_key: str) -> int:
+    """Copy each concept's domain onto the model's embedding rows where it changed (a new release may move a
+    concept; rows written before migration 140 have none); the partial domain indexes follow the rows. When many
+    rows change, the model's HNSW indexes are dropped first (the caller, embed_concepts, rebuilds them): an
+    updated row is inserted into each graph again, and a million of those take longer than one build.
+    Returns the rows changed."""
+    stale = """FROM vocab.concept c WHERE e.model = %s AND c.concept_id = e.concept_id
+               AND e.domain_id IS DISTINCT FROM c.domain_id"""
+    n = scalar(conn.execute("""SELECT count(*) FROM vocab.concept_embedding e JOIN vocab.concept c
+                               ON c.concept_id = e.concept_id
+                               WHERE e.model = %s AND e.domain_id IS DISTINCT FROM c.domain_id""", (model_key,)))
+    if not n:
+        return 0
+    with conn.transaction():
+        if n > REBUILD_SHARE * count(conn, model_key):
+            names = [index_name(model_key, st) for st in ("vector", "halfvec")]
+            names += list(domain_indexes(conn, model_key).values())
+            for name in names:
+                conn.execute(sql.SQL("DROP INDEX IF EXISTS {}").format(sql.Identifier("vocab", name)))
+            conn.execute("UPDATE vocab.embedding_model SET domain_indexes = '{}'::jsonb WHERE model = %s",
+                         (model_key,))
+        return conn.execute(f"UPDATE vocab.concept_embedding e SET domain_id = c.domain_id {stale}",
+                            (model_key,)).rowcount
+
+
+def ensure_domain_indexes(conn: psycopg.Connection, model_key: str, dim: int, domains: Sequence[str], *,
+                          m: int = 16, ef_construction: int = 128, maintenance_work_mem: str = "1GB",
+                          workers: int = 2, storage: str = "vector") -> dict[str, str]:
+    """The model's partial HNSW indexes, one per domain of `domains` (["auto"]: each domain under
+    AUTO_DOMAIN_SHARE of its vectors); indexes of domains no longer chosen, or of another storage, are dropped.
+    Returns domain -> index name, also recorded in vocab.embedding_model.domain_indexes."""
+    counts: dict[str, int] = dict(conn.execute(
+        "SELECT domain_id, count(*) FROM vocab.concept_embedding WHERE model = %s AND domain_id IS NOT NULL "
+        "GROUP BY domain_id", (model_key,)).fetchall())
+    total = sum(counts.values())
+    if list(domains) == ["auto"]:
+        chosen = sorted(d for d, n in counts.items() if total and n < AUTO_DOMAIN_SHARE * total)
+    else:
+        chosen = sorted(d for d in domains if d in counts)
+    row = conn.execute("SELECT domain_indexes FROM vocab.embedding_model WHERE model = %s", (model_key,)).fetchone()
+    before: dict[str, str] = dict(row[0]) if row and row[0] else {}
+    out = {d: domain_index_name(model_key, storage, d) for d in chosen}
+    for d, name in before.items():
+        if out.get(d) != name:
+            with conn.transaction():
+                conn.execute(sql.SQL("DROP INDEX IF EXISTS {}").format(sql.Identifier("vocab", name)))
+    for d, name in out.items():
+        with conn.transaction():
+            conn.execute(sql.SQL("SET LOCAL maintenance_work_mem = {}").format(sql.Literal(maintenance_work_mem)))
+            conn.execute(sql.SQL("SET LOCAL max_parallel_maintenance_workers = {}").format(sql.Literal(workers)))
+            conn.execute(sql.SQL(
+                "CREATE INDEX IF NOT EXISTS {} ON vocab.concept_embedding USING hnsw ((embedding::{}) {}) "
+                "WITH (m = {}, ef_construction = {}) WHERE model = {} AND domain_id = {}").format(
+                sql.Identifier(name), _typed(storage, dim),
+                sql.SQL("public.{}").format(sql.Identifier(f"{storage}_cosine_ops")), sql.Literal(m),
+                sql.Literal(ef_construction), sql.Literal(model_key), sql.Literal(d)))
+    with conn.transaction():
+        conn.execute("UPDATE vocab.embedding_model SET domain_indexes = %s WHERE model = %s",
+                     (Jsonb(out), model_key))
+    return out
+
+
+def domain_indexes(conn: psycopg.Connection, model_key: str) -> dict[str, str]:
+    """domain -> the model's partial index of it (empty: none built)."""
+    row = conn.execute("SELECT domain_indexes FROM vocab.embedding_model WHERE model = %s", (model_key,)).fetchone()
+    return dict(row[0]) if row and row[0] else {}
+
+
 def count(conn: psycopg.Connection, model_key: str) -> int:
     return scalar(conn.execute("SELECT count(*) FROM vocab.concept_embedding WHERE model = %s",
                         (model_key,)))
@@ -155,10 +239,12 @@ def count(conn: psycopg.Connection, model_key: str) -> int:
 def vector_search(conn: psycopg.Connection, model_key: str, dim: int, query: np.ndarray, k: int, *,
                   ef_search: int = 200, domains: Sequence[str] | None = None,
                   vocabularies: Sequence[str] | None = None, exact: bool = False,
-                  storage: str = "vector") -> list[Candidate]:
+                  storage: str = "vector", by_domain: bool = False) -> list[Candidate]:
     """Top-k valid standard concepts by cosine similarity (best first; scores["vector"] is the similarity too).
     `storage`: the type the model's index keeps (the query is cast to it, or the index goes unused); `exact` skips
-    the index and compares in full precision (for recall checks)."""
+    the index and compares in full precision (for recall checks). `by_domain` (every domain of `domains` has a
+    partial index, see ensure_domain_indexes): one top-k search per domain on its own graph, merged, instead of
+    an iterative scan of the model's whole index."""
     filters = [sql.SQL("c.standard_concept = 'S'"), sql.SQL("c.invalid_reason IS NULL")]
     params: list = []
     if domains:
@@ -172,14 +258,24 @@ def vector_search(conn: psycopg.Connection, model_key: str, dim: int, query: np.
     full = sql.SQL("(e.embedding::{t}) OPERATOR(public.<=>) %s::{t}").format(t=_typed("vector", dim))
     order = sql.SQL("(e.embedding::{t}) OPERATOR(public.<=>) %s::{t}").format(
         t=_typed("vector" if exact else storage, dim))
-    q = sql.SQL("""SELECT c.concept_id, c.concept_name, c.domain_id, c.vocabulary_id, c.concept_class_id,
-                          c.concept_code, 1 - ({full}) AS similarity
-                   FROM vocab.concept_embedding e JOIN vocab.concept c ON c.concept_id = e.concept_id
-                   WHERE e.model = {model} AND {filters}
-                   ORDER BY {order} LIMIT {k}""").format(
-        full=full, order=order, model=sql.Literal(model_key), filters=sql.SQL(" AND ").join(filters),
-        k=sql.Literal(k))
+    one = sql.SQL("""SELECT c.concept_id, c.concept_name, c.domain_id, c.vocabulary_id, c.concept_class_id,
+                            c.concept_code, 1 - ({full}) AS similarity
+                     FROM vocab.concept_embedding e JOIN vocab.concept c ON c.concept_id = e.concept_id
+                     WHERE e.model = {model} AND {filters}{domain}
+                     ORDER BY {order} LIMIT {k}""")
+    args = dict(full=full, order=order, model=sql.Literal(model_key), filters=sql.SQL(" AND ").join(filters),
+                k=sql.Literal(k))
     lit = vector_literal(query)
+    if by_domain and domains and not exact:
+        # e.domain_id = '<literal>': the planner matches each branch to that domain's partial index
+        parts = [sql.SQL("({})").format(one.format(**args, domain=sql.SQL(" AND e.domain_id = {}").format(
+            sql.Literal(d)))) for d in sorted(set(domains))]
+        q = sql.SQL("SELECT * FROM ({}) u ORDER BY similarity DESC LIMIT {}").format(
+            sql.SQL(" UNION ALL ").join(parts), sql.Literal(k))
+        qparams = [v for _ in parts for v in (lit, *params, lit)]
+    else:
+        q = one.format(**args, domain=sql.SQL(""))
+        qparams = [lit, *params, lit]
     with conn.transaction():
         if exact:
             conn.execute("SET LOCAL enable_indexscan = off")
@@ -190,7 +286,7 @@ def vector_search(conn: psycopg.Connection, model_key: str, dim: int, query: np.
             conn.execute("SET LOCAL hnsw.iterative_scan = relaxed_order")
         # prepare=False: psycopg prepares a statement after 5 runs and would reuse that plan even where the
         # settings above call for another (an exact search silently served by the index).
-        rows = conn.execute(q, [lit, *params, lit], prepare=False).fetchall()
+        rows = conn.execute(q, qparams, prepare=False).fetchall()
     if not exact:
         # relaxed_order may return slightly out of order; order by the exact similarity it computed.
         rows.sort(key=lambda r: -r[6])
