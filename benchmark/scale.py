@@ -332,11 +332,55 @@ def lexical_retriever(s: Settings, conn: psycopg.Connection, gen: str) -> typing
 
 
 def variant(lex: typing.Any, conn: psycopg.Connection, gen: str) -> typing.Any:
-    if gen == "bm25-words":
+    """bm25-words: without the trigram field (before 3 Dec); bm25-deep: every filter, the configured vocabularies
+    included, reads twice as deep (before 4 Dec; in the hybrid also no lexical scoring of the vector candidates
+    while the lexical query runs)."""
+    from harmonia.retrieval import bm25
+
+    if gen in ("bm25-words", "bm25-deep"):
         ix = lex.bm25.index_for(conn) if lex.bm25 is not None else None
         assert ix is not None, "no BM25 index of this release"
-        ix.use_grams = False
+        ix.use_grams = gen != "bm25-words"
+        ix.loose_filter = 1.1 if gen == "bm25-deep" else bm25.LOOSE_FILTER
     return lex
+
+
+def bm25_parts(lex: typing.Any, conn: psycopg.Connection, texts: list[str], k: int, sets: typing.Any) -> None:
+    """Where a BM25 lexical query's time goes, at each depth (index documents read per query, in multiples of k;
+    6 is what every search read before 4 Dec, when the configured-vocabulary filter doubled the default 3): the
+    Tantivy read alone, then the SQL re-score of what it found; and what the depth does to recall@50 and top-1."""
+    from harmonia.metrics import aggregate, score_row
+    from harmonia.store import lexical as lex_store
+
+    ix = lex.bm25.index_for(conn)
+    if ix is None:
+        return
+    vocabularies = lex.vocabularies(None)
+
+    def run(t: str, factor: int) -> list[int]:
+        ids = ix.search(t, factor * k)
+        return [c.concept_id for c in lex_store.rescore(conn, t, ids, k, vocabularies=vocabularies,
+                                                        boost_name=lex.cfg.boost_name,
+                                                        boost_synonym=lex.cfg.boost_synonym)]
+
+    for factor in (1, 2, 3, 6):
+        tl, rl = [], []
+        for t in texts:
+            t0 = time.perf_counter()
+            ids = ix.search(t, factor * k)
+            t1 = time.perf_counter()
+            lex_store.rescore(conn, t, ids, k, vocabularies=vocabularies, boost_name=lex.cfg.boost_name,
+                              boost_synonym=lex.cfg.boost_synonym)
+            tl.append((t1 - t0) * 1000)
+            rl.append((time.perf_counter() - t1) * 1000)
+        quality = []
+        for set_name, rows in sets:
+            m = aggregate([score_row(g, g, r.targets) for r, g in
+                           zip(rows, [run(r.source_text, factor)[:50] for r in rows], strict=True)])
+            quality.append(f"{set_name} recall@50 {m.recall:.3f} top-1 {m.top1:.3f}")
+        print(f"FIGURE bm25 parts, depth {factor}x{k}: index p50 {percentile(tl, 50):.1f} / p95 "
+              f"{percentile(tl, 95):.1f} ms, SQL re-score p50 {percentile(rl, 50):.1f} / p95 {percentile(rl, 95):.1f} "
+              f"ms; {'; '.join(quality)}", flush=True)
 
 
 def stage_lexical(s: Settings, conn: psycopg.Connection, a: argparse.Namespace) -> None:
@@ -357,6 +401,8 @@ def stage_lexical(s: Settings, conn: psycopg.Connection, a: argparse.Namespace) 
         print(f"FIGURE {gen}: lexical top-{k} p50 {percentile(ll, 50):.1f} ms, p95 {percentile(ll, 95):.1f} ms, "
               f"max {max(ll):.0f} ms (n={len(ll)}: {len(texts) // 2} ICD10 + {len(texts) - len(texts) // 2} lab "
               "names)", flush=True)
+        if lex.bm25 is not None:
+            bm25_parts(lex, conn, texts, k, (("ICD10", icd), ("labs", labs)))
         for set_name, rows in (("ICD10->SNOMED test", icd), ("labs (test)", labs)):
             got = [[c.concept_id for c in lex.rows(r.source_text, k)][:50] for r in rows]
             m = aggregate([score_row(g, g, r.targets) for r, g in zip(rows, got, strict=True)])
@@ -422,6 +468,7 @@ def stage_measure(s: Settings, conn: psycopg.Connection, a: argparse.Namespace) 
         sg = dataclasses.replace(s, retrieval=dataclasses.replace(s.retrieval, lexical_generator=gen.split("-")[0]))
         with HybridRetriever.from_settings(conn, emb, sg) as r:
             lex = variant(r.lexical_retriever, conn, gen)
+            r.early_lexical = gen != "bm25-deep"
             for t in texts[:10]:
                 lex.rows(t, s.retrieval.lexical_k)
             ll = []

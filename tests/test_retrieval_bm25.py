@@ -93,6 +93,24 @@ def test_filters_by_domain_and_vocabulary_and_validity(conn, fresh_db, tmp_path)
     assert cands[0].concept_id not in [c.concept_id for c in r.search("hemoglobin", 50)]
 
 
+def test_a_filter_that_keeps_nearly_everything_does_not_read_deeper(conn, bm25_settings) -> None:
+    """Filters apply after the index, so a narrow one reads twice as deep; the configured vocabularies, named on
+    every search, keep nearly every document and must not double the re-score's work."""
+    report = bm25.build_index(conn, bm25_settings)
+    ix = bm25.Bm25Index(report.path)
+    everything = [r[0] for r in conn.execute("SELECT DISTINCT vocabulary_id FROM vocab.concept WHERE "
+                                             "standard_concept = 'S' AND invalid_reason IS NULL")]
+    assert ix.share("vocabulary", everything) == pytest.approx(1.0)
+    loinc = ix.share("vocabulary", ["LOINC"])
+    assert 0 < loinc < bm25.LOOSE_FILTER
+    assert ix.share("domain", ["Measurement", "Condition"]) == pytest.approx(
+        ix.share("domain", ["Measurement"]) + ix.share("domain", ["Condition"]))
+    assert len(ix.search("fracture", 7)) == 7
+    assert len(ix.search("fracture", 7, vocabularies=everything)) == 7
+    assert len(ix.search("fracture", 7, vocabularies=["LOINC"])) == 7 * bm25.FILTERED_DEPTH
+    assert len(ix.search("fracture", 7, domains=["Condition"], vocabularies=everything)) == 7 * bm25.FILTERED_DEPTH
+
+
 def test_no_index_falls_back_to_trigram(conn, bm25_settings, caplog) -> None:
     r = LexicalRetriever.from_settings(conn, None, bm25_settings)
     with caplog.at_level(logging.WARNING, logger="harmonia.retrieval.bm25"):

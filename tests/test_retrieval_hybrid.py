@@ -104,6 +104,24 @@ def test_hybrid_is_deterministic_fuses_and_respects_filters(conn, fresh_db, tmp_
     assert [c.concept_id for c in lex_only.search("diabetis melitus type 2", 5)] == [c.concept_id for c in lex]
 
 
+def test_the_lexical_query_on_a_second_connection_changes_no_score(conn, fresh_db, tmp_path, embedder) -> None:
+    """retrieval_parallel runs the lexical query on a side connection and scores the vector candidates lexically
+    meanwhile; every pool must hold exactly the numbers the sequential path computes."""
+    queries = ["diabetis melitus type 2", "P -Alaninaminotransferase", "fracture of neck of femur"]
+    pools = {}
+    for parallel in (True, False):
+        s = make_settings(fresh_db, tmp_path, retrieval_mode="hybrid", retrieval_parallel=parallel)
+        with HybridRetriever.from_settings(conn, embedder, s) as r:
+            pools[parallel] = r.pools(queries)
+            assert (r._side is not None) == parallel  # the parallel path did run
+    for a, b in zip(pools[True], pools[False], strict=True):
+        assert a.ids.tolist() == b.ids.tolist()
+        for field in ("vector", "name", "synonym", "memory"):
+            assert getattr(a, field).tolist() == pytest.approx(getattr(b, field).tolist(), abs=1e-9), field
+        assert a.lexical_order == b.lexical_order and a.vector_order == b.vector_order
+    assert any(p.name.max() > 0.5 for p in pools[True])
+
+
 def test_fuse_breaks_ties_by_concept_id_and_weights_move_the_order() -> None:
     pool = Pool(ids=np.array([5, 7, 9, 11]), vector=np.array([0.9, 0.9, 0.2, 0.5]),
                 name=np.array([0.1, 0.1, 0.9, 0.5]), synonym=np.zeros(4))

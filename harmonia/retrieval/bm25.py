@@ -38,6 +38,9 @@ STAMP = "release.json"
 # trigram score rank somewhat differently.
 DEPTH_FACTOR = 3
 FILTERED_DEPTH = 2  # a filtered search reads this many times deeper (filters apply after the index)
+# ... unless the filter keeps nearly every document: the configured vocabularies (every search names them) usually
+# hold all but a few percent of the index, and reading twice as deep for them doubled the SQL re-score for nothing.
+LOOSE_FILTER = 0.9
 _TOKENIZER = "en_stem"  # lower case, split on non-alphanumerics, English stemming (fractures -> fractur)
 # Index format: 2 added the `grams` field. An index of another format is never searched (rebuilt by
 # `harmonia vocab index`), so a new version never reads an old folder wrongly.
@@ -147,6 +150,8 @@ class Bm25Index:
         self.searcher = self.index.searcher()
         self.filter_in_index = False
         self.use_grams = True  # benchmark/scale.py measures without (generator "bm25-words")
+        self._shares: dict[tuple[str, tuple[str, ...]], float] = {}
+        self.loose_filter = LOOSE_FILTER  # benchmark/scale.py measures above 1 (every filter deepens: before 4 Dec)
         self._stem = tantivy.TextAnalyzerBuilder(tantivy.Tokenizer.simple()).filter(
             tantivy.Filter.lowercase()).filter(tantivy.Filter.stemmer("english")).build()  # what en_stem does
 
@@ -165,6 +170,14 @@ class Bm25Index:
             raise IndexMissing(f"the BM25 index in {path} has format {fmt}, this version reads {FORMAT}: run "
                                "`harmonia vocab index`")
         return cls(path)
+
+    def share(self, field: str, values: Sequence[str]) -> float:
+        """The share of the index's documents whose `field` is one of `values` (cached: an index never changes)."""
+        key = (field, tuple(sorted(set(values))))
+        if key not in self._shares:
+            n = self.searcher.num_docs
+            self._shares[key] = sum(self.searcher.doc_freq(field, v) for v in key[1]) / n if n else 1.0
+        return self._shares[key]
 
     def _any_of(self, field: str, values: Sequence[str]) -> tantivy.Query:
         return tantivy.Query.boolean_query(
@@ -200,7 +213,8 @@ class Bm25Index:
                 if vocabularies:
                     parts.append((tantivy.Occur.Must, self._any_of("vocabulary", vocabularies)))
                 query = tantivy.Query.boolean_query(parts)
-            else:
+            elif ((self.share("domain", domains) if domains else 1.0)
+                  * (self.share("vocabulary", vocabularies) if vocabularies else 1.0)) < self.loose_filter:
                 depth *= FILTERED_DEPTH
         hits = self.searcher.search(query, limit=depth, count=False).hits
         ids = self.searcher.fast_field_values("concept_id", [addr for _, addr in hits])

@@ -189,6 +189,7 @@ class HybridRetriever(Retriever):
         self._side: psycopg.Connection | None = None
         self._side_thread: ThreadPoolExecutor | None = None
         self._parallel = cfg.parallel
+        self.early_lexical = True  # see pool(); benchmark/scale.py measures without (before 4 Dec)
 
     @classmethod
     def from_settings(cls, conn: psycopg.Connection, embedder: Embedder, settings: Settings, *,
@@ -252,11 +253,16 @@ class HybridRetriever(Retriever):
                                                   vocabularies=vocabularies, exact=exact)
         recall = self.memory(vector, source_key)
         mscore, msource = recall.score, recall.text
+        # While the lexical query still runs on the side connection, score the vector candidates lexically here:
+        # most of them are not among the lexical ones, and afterwards this would be on the critical path.
+        early = (lex_store.lexical_scores(self.conn, text, [c.concept_id for c in vec])
+                 if lex_job is not None and self.early_lexical else {})
         lex = (lex_job.result() if lex_job is not None else
                self.lexical_retriever.rows(text, self.cfg.lexical_k, domains=domains, vocabularies=vocabularies))
         rows = {c.concept_id: c for c in vec}
         vscore = {c.concept_id: c.similarity for c in vec}
         lscore = {c.concept_id: (c.scores["name"], c.scores["synonym"]) for c in lex}
+        lscore.update({i: v for i, v in early.items() if i not in lscore})  # the same score either way
         for c in lex:
             rows.setdefault(c.concept_id, c)
         # Remembered targets pass the same filters as the generators' own candidates (valid standard, domains,
