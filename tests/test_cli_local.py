@@ -21,7 +21,7 @@ runner = CliRunner()
 @pytest.mark.slow
 def test_train_local_builds_and_configures_the_recommended_pair(fresh_db: str, tmp_path: Path) -> None:
     cfg = tmp_path / "harmonia.toml"
-    cfg.write_text('retrieval_mode = "hybrid"\n')
+    cfg.write_text('retrieval_mode = "vector"\n')  # left at vector: the command sets the retrieval it trains on
     data = tmp_path / "data"
     env = {"HARMONIA_DATABASE_URL": fresh_db, "HARMONIA_DATA_DIR": str(data), "HARMONIA_CONFIG": str(cfg)}
     lab = sample_dir() / "benchmark" / "finomop_lab.usagi.csv.gz"
@@ -36,6 +36,7 @@ def test_train_local_builds_and_configures_the_recommended_pair(fresh_db: str, t
     assert json.loads((embedder / "harmonia_train.json").read_text())["mapping_file_pairs"] > 0  # the lab rows
     card = json.loads((ce / "model_card.json").read_text())
     assert card["options"]["layers"] == 1 and card["options"]["pairs_kind"] == "labs"
+    assert card["retrieval_mode"] == "hybrid"  # its negatives and stacker come from the retrieval it will rerank
     # the cross-encoder mined its candidates with the new embedder, which has vectors and a memory of its own
     assert card["embedding_model_for_negatives"] == str(embedder)
     with psycopg.connect(fresh_db) as conn:

@@ -750,13 +750,12 @@ def test_status_lists_a_running_worker(fresh_db: str, tmp_path: Path, conn: psyc
 
 def restart_server(pgdata: Path, down_s: float) -> None:
     """Stop the embedded server (fast shutdown: every session gets AdminShutdown), keep it down `down_s`, start it
-    again from a fresh process (this one caches the old server's handle)."""
+    again in this process (stop_embedded forgets the cached handle, so the start is a real one)."""
     from harmonia import db
 
     db.stop_embedded(pgdata)
     time.sleep(down_s)
-    subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; from harmonia import db; "
-                    "db.start_embedded(Path(sys.argv[1]))", str(pgdata)], check=True, cwd=REPO, timeout=60)
+    db.start_embedded(pgdata)
 
 
 @pytest.mark.slow

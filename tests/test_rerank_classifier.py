@@ -92,6 +92,23 @@ def test_no_test_part_source_in_training_pairs(conn: psycopg.Connection, tiny_ru
     assert trained == {f"{pool[sid].source_vocab}:{pool[sid].source_code}" for sid in sources}
 
 
+@pytest.mark.slow
+def test_a_checkpoint_used_on_another_retrieval_than_it_learnt_says_so(
+        tiny_run: tuple[Settings, Path], caplog: pytest.LogCaptureFixture) -> None:
+    s, run_dir = tiny_run
+    learnt = json.loads((run_dir / "model_card.json").read_text())["retrieval_mode"]
+    assert learnt == s.retrieval.mode
+    other = "hybrid" if learnt != "hybrid" else "vector"
+    for mode, warned in ((learnt, False), (other, True)):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="harmonia.rerank.classifier.reranker"):
+            r = ClassifierReranker.from_settings(make_settings(s.database.url, s.data_path, reranker="classifier",
+                                                               classifier_checkpoint=str(run_dir),
+                                                               retrieval_mode=mode))
+        assert r.retrieval_mode == learnt
+        assert (f"trained on {learnt} retrieval, this run retrieves with {mode}" in caplog.text) is warned
+
+
 def test_calibration_is_monotone_into_unit_interval() -> None:
     rng = np.random.default_rng(0)
     p = rng.uniform(0, 1, 400)

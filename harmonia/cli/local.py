@@ -9,7 +9,8 @@ and resumed when it was interrupted, so a second run after a crash carries on ra
 3. the vocabulary embedded with it (`embed`) and its mapping memory (`memory build`);
 4. the 4-layer cross-encoder trained on that retriever's candidates (`reranker train`), so its hard negatives and
    its stacker come from the retrieval it will rerank;
-5. the configuration pointed at both (embedding_model, reranker = classifier, classifier_checkpoint).
+5. the configuration pointed at both (embedding_model, reranker = classifier, classifier_checkpoint) and at the
+   retrieval it was trained on (retrieval_mode, hybrid unless `--retrieval` says otherwise).
 
 The new model_version has no calibrated threshold, so nothing is auto-approved until `harmonia bench calibrate`
 (or a calibration from reviews) certifies one: the command says so last.
@@ -74,6 +75,9 @@ def train_local(
                                            "classifier_base_model, else the bundled all-MiniLM-L6-v2)."),
     reranker_max_steps: int = typer.Option(0, "--reranker-max-steps", help="0: one epoch."),
     reranker_max_sources: int = typer.Option(0, "--reranker-max-sources", help="0: every development source."),
+    retrieval: str = typer.Option("hybrid", "--retrieval", help="The retrieval the cross-encoder is trained on "
+                                  "and the configuration is set to (hybrid: vector + lexical + mapping memory, "
+                                  "the measured best; vector; lexical)."),
     name: str = typer.Option(None, "--name", help="Embedder folder <data_dir>/embedder/NAME (default "
                                                   "<base>-harmonia); the cross-encoder goes to reranker/NAME-ce."),
     progress: bool = typer.Option(True),
@@ -89,7 +93,9 @@ def train_local(
     from harmonia.rerank.classifier.checkpoint import reranker_root
     from harmonia.retrieval.memory import build_memory
 
-    s = settings()
+    # The cross-encoder learns from the candidates of the retrieval it will rerank: the mode is fixed up front and
+    # written with the rest, or a configuration left at `vector` would train on (and then rerank) other candidates.
+    s = settings(retrieval_mode=retrieval)
     label, base = _embedder_base(embedder_base, s.database.data_path, wheels)
     name = name or f"{label}-harmonia"
     out = default_out(s, name)
@@ -114,7 +120,7 @@ def train_local(
         console.print(f"      {r.steps} steps in {r.seconds:.0f}s (from step {r.resumed_from})")
 
     # 3. its vectors and its memory: every later step retrieves with it
-    s = settings(embedding_model=str(out))
+    s = settings(embedding_model=str(out), retrieval_mode=retrieval)
     embedder = Embedder.from_settings(s)
     with connect(s) as conn:
         er = embed_concepts(conn, embedder, vocabularies=s.embedding.vocabularies, batch_size=s.embedding.batch_size,
@@ -155,11 +161,9 @@ def train_local(
                           f"({f.wins} won / {f.losses} lost, p={f.p_value:.3g})")
 
     # 5. the configuration
-    path = write_settings({"embedding_model": str(out), "reranker": "classifier",
-                           "classifier_checkpoint": str(run_dir)}, Path(s.config_file) if s.config_file else None)
+    path = write_settings({"embedding_model": str(out), "reranker": "classifier", "classifier_checkpoint": str(run_dir),
+                           "retrieval_mode": s.retrieval.mode}, Path(s.config_file) if s.config_file else None)
     console.print(f"[5/5] {path}: embedding_model = {out}, reranker = classifier, classifier_checkpoint = "
-                  f"{run_dir} (classifier:{digest or '?'})")
-    if s.retrieval.mode != "hybrid":
-        console.print("      the memory is used by hybrid retrieval: set retrieval_mode = \"hybrid\"")
+                  f"{run_dir} (classifier:{digest or '?'}), retrieval_mode = {s.retrieval.mode}")
     console.print("next: `harmonia bench calibrate` (or `harmonia calibrate sample`): a new model_version has no "
                   "threshold yet, so until then every decision goes to review")

@@ -11,6 +11,7 @@ probability is what the router compares with auto_approve_threshold, as for ever
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,6 +39,8 @@ if TYPE_CHECKING:
 
     from harmonia.config import Settings
     from harmonia.kinds import KindRegistry
+
+log = logging.getLogger(__name__)
 
 
 def _memory_note(c: Candidate) -> str:
@@ -83,6 +86,7 @@ class ClassifierReranker(Reranker):
         meta = json.loads(card.read_text()) if card.exists() else {}
         self.hash = meta.get("checkpoint_hash") or weights_hash(self.checkpoint / "model", st, tf)
         self.base_model = meta.get("base_model", "")
+        self.retrieval_mode = str(meta.get("retrieval_mode", ""))  # the retrieval whose scores the stacker learnt
         self.top_n = top_n
         self._trained = trained_sources(self.checkpoint)
 
@@ -98,11 +102,18 @@ class ClassifierReranker(Reranker):
         from harmonia.embedding.model import resolve_device
         from harmonia.kinds import KindRegistry
 
-        return cls(checkpoint_from_settings(settings), top_n=settings.rerank.top_n,
-                   batch_size=settings.classifier.batch_size, max_length=settings.classifier.max_length,
-                   device=resolve_device(settings.embedding.device), dtype=settings.classifier.dtype,
-                   kinds=kinds or KindRegistry.from_settings(settings, conn),
-                   rank_kinds=settings.classifier.kinds)
+        r = cls(checkpoint_from_settings(settings), top_n=settings.rerank.top_n,
+                batch_size=settings.classifier.batch_size, max_length=settings.classifier.max_length,
+                device=resolve_device(settings.embedding.device), dtype=settings.classifier.dtype,
+                kinds=kinds or KindRegistry.from_settings(settings, conn),
+                rank_kinds=settings.classifier.kinds)
+        if r.retrieval_mode and r.retrieval_mode != settings.retrieval.mode:
+            # Its stacker weighs evidence (lexical rank, memory votes) that another retrieval does not give: it
+            # still ranks, but below what its held-out figures say; the calibration keeps approvals honest.
+            log.warning("classifier %s was trained on %s retrieval, this run retrieves with %s: set "
+                        "retrieval_mode = %r (or retrain on this retrieval)", r.checkpoint, r.retrieval_mode,
+                        settings.retrieval.mode, r.retrieval_mode)
+        return r
 
     @property
     def model_version(self) -> str:
